@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+# Re-installs when pyproject.toml changes; the editable install keeps src/ live.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,demo]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/iqpir demo --out demo-output
+
+# The default suite: offline, CPU, well under 3 minutes on 2 cores.
+test: $(STAMP)
+	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# Everything, the slow tests included.
+test-all: $(STAMP)
+	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,3 @@
+from iqpir.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,260 @@
+"""Command line: each subcommand parses its flags and makes one library call.
+
+    iqpir model-info --preset paper
+    iqpir score IMAGES... --metrics niqe,piqe --out scores.csv
+    iqpir degrade IMAGES... --out DIR --preset bfr --seed 0
+    iqpir train CONFIG --data DIR --out RUN [--steps N] [--resume] [--set key=value ...]
+    iqpir restore IMAGES... --checkpoint RUN --out DIR [--quality 1.0]
+    iqpir evaluate RESTORED_DIR [--reference DIR] --out results.csv
+    iqpir demo [--out DIR]
+
+Library modules are imported inside the handlers so that `iqpir --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from iqpir import __version__
+from iqpir.config import ConfigError
+
+
+def _split_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# --------------------------------------------------------------------------------------
+# model-info
+# --------------------------------------------------------------------------------------
+
+
+def _add_model_info(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", default=None, help="a built-in preset: paper (default) or tiny")
+    g.add_argument("--config", default=None, help="a YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _run_model_info(args: argparse.Namespace) -> int:
+    from iqpir import config as C
+    from iqpir.models import parameter_counts
+
+    cfg = C.load(args.config, args.overrides, preset=args.preset if args.config is None else None)
+    print(json.dumps(parameter_counts(cfg.model), indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# score
+# --------------------------------------------------------------------------------------
+
+
+def _add_score(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
+    p.add_argument("--metrics", default="niqe,piqe", help="comma-separated metric names (default: niqe,piqe)")
+    p.add_argument("--out", required=True, help="output CSV (resumed when it exists)")
+    p.add_argument("--normalization", choices=["fixed", "minmax"], default="fixed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--weights-dir", default=None, help="local folder of learned-metric weights (pyiqa models)")
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from iqpir.iqa.table import score_files
+
+    report = score_files(
+        args.inputs,
+        metrics=_split_list(args.metrics),
+        out=args.out,
+        normalization=args.normalization,
+        batch_size=args.batch_size,
+        device=args.device,
+        weights_dir=args.weights_dir,
+    )
+    return 1 if report.failed else 0
+
+
+# --------------------------------------------------------------------------------------
+# degrade
+# --------------------------------------------------------------------------------------
+
+
+def _add_degrade(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
+    p.add_argument("--out", required=True, help="output folder (must not be an input folder)")
+    p.add_argument("--preset", choices=["bfr", "lowlight", "underwater", "backlit"], default="bfr")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None, help="YAML config whose data.degradation section is used")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _run_degrade(args: argparse.Namespace) -> int:
+    from iqpir import config as C
+    from iqpir.data.degradations import degrade_files
+
+    cfg = C.load(args.config, args.overrides)
+    report = degrade_files(args.inputs, args.out, cfg.data.degradation, preset=args.preset, seed=args.seed)
+    return 1 if report.failed else 0
+
+
+# --------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (configs/tiny-stage1.yaml, configs/paper-stage2.yaml, ...)")
+    p.add_argument("--data", required=True, help="folder of high-quality training images")
+    p.add_argument("--lq-data", default=None, help="folder of real LQ images matched by name (paired tasks)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--steps", type=int, default=None, help="total steps (overrides train.steps)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--stage1", default=None, help="stage-1 run folder or checkpoint (stage 2)")
+    p.add_argument("--scores", default=None, help="score table from `iqpir score` (default: scored once here)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from iqpir import config as C
+    from iqpir.training.loop import train
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = C.load(args.config, overrides)
+    result = train(
+        cfg,
+        data=args.data,
+        out=args.out,
+        lq_data=args.lq_data,
+        resume=args.resume,
+        stage1=args.stage1,
+        scores=args.scores,
+        device=args.device,
+    )
+    return 0 if result.completed else 1
+
+
+# --------------------------------------------------------------------------------------
+# restore
+# --------------------------------------------------------------------------------------
+
+
+def _add_restore(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
+    p.add_argument("--checkpoint", required=True, help="stage-2 run folder (its latest checkpoint) or checkpoint")
+    p.add_argument("--out", required=True, help="output folder (must not be an input folder)")
+    p.add_argument("--quality", type=float, default=1.0, help="target quality S in [0, 1] (default 1.0)")
+    p.add_argument("--alpha", type=float, default=None, help="HQ+ fusion weight (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def _run_restore(args: argparse.Namespace) -> int:
+    from iqpir.restore import restore_files
+
+    report = restore_files(
+        args.inputs,
+        checkpoint=args.checkpoint,
+        out=args.out,
+        quality=args.quality,
+        alpha=args.alpha,
+        device=args.device,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    return 1 if report.failed else 0
+
+
+# --------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("restored", help="folder of restored images")
+    p.add_argument("--reference", default=None, help="folder of reference images matched by file name")
+    p.add_argument("--metrics", default=None, help="comma-separated (default: psnr,ssim with --reference; niqe,piqe)")
+    p.add_argument("--name", default=None, help="method name for the table row (default: folder name)")
+    p.add_argument("--dataset", default=None, help="dataset name for the table row")
+    p.add_argument("--out", required=True, help="results CSV; one row is appended per call")
+    p.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the Y channel (BT.601) instead of RGB")
+    p.add_argument("--device", default="auto")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from iqpir.metrics import evaluate_folder
+
+    report = evaluate_folder(
+        args.restored,
+        reference=args.reference,
+        metrics=_split_list(args.metrics) if args.metrics else None,
+        name=args.name,
+        dataset=args.dataset,
+        out=args.out,
+        y_channel=args.y_channel,
+        device=args.device,
+    )
+    return 1 if report.failed else 0
+
+
+# --------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few steps only (a smoke run, not a result)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from iqpir.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, quick=args.quick)
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "model-info": ("parameter counts per module, as JSON", _add_model_info, _run_model_info),
+    "score": ("score images with an NR-IQA ensemble (the quality prior)", _add_score, _run_score),
+    "degrade": ("make low-quality images with a degradation pipeline", _add_degrade, _run_degrade),
+    "train": ("train stage 1 or stage 2 (also under torchrun)", _add_train, _run_train),
+    "restore": ("restore images at a target quality", _add_restore, _run_restore),
+    "evaluate": ("evaluate restored images; append a row to a results table", _add_evaluate, _run_evaluate),
+    "demo": ("the end-to-end run on images that ship with installed packages", _add_demo, _run_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iqpir", description="Image restoration guided by image quality priors.")
+    parser.add_argument("--version", action="version", version=f"iqpir {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        p.set_defaults(handler=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"iqpir {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"iqpir {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:
+        print(f"iqpir {args.command}: error: {exc}", file=sys.stderr)
+        return 2

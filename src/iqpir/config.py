@@ -1,0 +1,427 @@
+"""Typed configuration: dataclasses hold every setting with the paper's default.
+
+YAML files only override the defaults. Loading is strict: unknown keys, duplicated keys and
+values of the wrong type are errors that name the dotted key. `--set section.key=value`
+overrides on the command line go through the same checks.
+
+A YAML file may start from a preset (`preset: tiny`); the defaults are the `paper` preset
+(IQPIR section 4 / the official configs: 512x512 input, 16x16x256 latent, two 1024x256
+codebooks, a 9-layer width-512 Transformer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, duplicated or has the wrong type or value."""
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TransformerConfig:
+    """Code-prediction Transformer T (paper 3.2; CodeFormer's sizes)."""
+
+    layers: int = 9
+    width: int = 512
+    heads: int = 8
+    mlp: int = 1024
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    """Networks of stage 1 (dual-codebook VQ autoencoder) and stage 2 (restorer)."""
+
+    image_size: int = 512  # training crop / aligned-face size; restore tiles at this size
+    base_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4, 4, 8])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    latent_channels: int = 256
+    codebook_size: int = 1024
+    dual_codebook: bool = True  # False: the single-codebook ablation (Table 5 a/b)
+    hq_threshold: float = 0.70  # S_thr (official): HQ+ branch used when S > S_thr
+    alpha: float = 0.8  # fusion weight Zq = Zq1 + alpha * Zq2 (official)
+    beta: float = 0.25  # VQ commitment weight (VQ-VAE)
+    # Where beta goes: "commitment" -> ||sg(z_q) - z||^2 * beta + ||z_q - sg(z)||^2 (VQ-VAE paper,
+    # taming's legacy=False); "codebook" -> ||sg(z_q) - z||^2 + beta * ||z_q - sg(z)||^2 (the code
+    # of taming's legacy quantizer that CodeFormer inherits, which disagrees with its comment).
+    beta_on: Literal["commitment", "codebook"] = "commitment"
+    quality_embedding: Literal["binned", "continuous", "none"] = "binned"
+    quality_bins: int = 10  # official: floor(10 * S), S = 1.0 clamped into the top bin
+    fourier_features: int = 16  # continuous embedding: sin/cos pairs of S
+    # Gradient through the discrete lookup in stage 2: "straight_through" (official; reaches E and
+    # the embedding) or "soft" (softmax-weighted codebook; reaches T's logits as well).
+    gradient_path: Literal["straight_through", "soft"] = "straight_through"
+    soft_temperature: float = 1.0
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    disc_channels: int = 64
+    disc_layers: int = 4
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass
+class BFRDegradation:
+    """CodeFormer stage-II degradation (blind face restoration)."""
+
+    kernel_size: int = 41
+    blur_sigma: list[float] = field(default_factory=lambda: [1.0, 15.0])
+    downsample: list[float] = field(default_factory=lambda: [4.0, 30.0])
+    noise: list[float] = field(default_factory=lambda: [0.0, 20.0])  # sigma in /255 units
+    jpeg_quality: list[int] = field(default_factory=lambda: [30, 80])
+
+
+@dataclass
+class LowLightDegradation:
+    """Exposure / gamma darkening with shot and read noise."""
+
+    exposure: list[float] = field(default_factory=lambda: [0.05, 0.3])  # multiplicative gain
+    gamma: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    shot_noise: list[float] = field(default_factory=lambda: [0.0005, 0.005])  # Poisson-like variance per unit signal
+    read_noise: list[float] = field(default_factory=lambda: [0.002, 0.02])  # Gaussian sigma
+
+
+@dataclass
+class UnderwaterDegradation:
+    """Underwater image formation: I = J * t + B * (1 - t), t = exp(-beta_c * d)."""
+
+    depth: list[float] = field(default_factory=lambda: [1.0, 6.0])  # metres
+    # attenuation coefficients (1/m) for R, G, B; red is absorbed fastest
+    beta_red: list[float] = field(default_factory=lambda: [0.3, 0.6])
+    beta_green: list[float] = field(default_factory=lambda: [0.05, 0.15])
+    beta_blue: list[float] = field(default_factory=lambda: [0.03, 0.12])
+    backscatter: list[float] = field(default_factory=lambda: [0.1, 0.4])  # veiling-light brightness
+
+
+@dataclass
+class BacklitDegradation:
+    """A bright background with an under-exposed subject (tone curve over a smooth mask)."""
+
+    subject_gain: list[float] = field(default_factory=lambda: [0.15, 0.45])
+    background_gain: list[float] = field(default_factory=lambda: [1.1, 1.6])
+    mask_smoothness: list[float] = field(default_factory=lambda: [0.1, 0.3])  # fraction of image size
+
+
+@dataclass
+class DegradationConfig:
+    preset: Literal["bfr", "lowlight", "underwater", "backlit"] = "bfr"
+    bfr: BFRDegradation = field(default_factory=BFRDegradation)
+    lowlight: LowLightDegradation = field(default_factory=LowLightDegradation)
+    underwater: UnderwaterDegradation = field(default_factory=UnderwaterDegradation)
+    backlit: BacklitDegradation = field(default_factory=BacklitDegradation)
+
+
+@dataclass
+class DataConfig:
+    # "crop": random crops of model.image_size (general images); "resize": whole image
+    # resized to model.image_size (aligned faces, FFHQ).
+    mode: Literal["crop", "resize"] = "resize"
+    hflip: bool = True
+    num_workers: int = 0
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+
+
+@dataclass
+class IQAConfig:
+    """Quality prior (paper 3.2, Eq. 4): S is the mean of the members' normalised scores."""
+
+    metrics: list[str] = field(default_factory=lambda: ["niqe", "piqe"])
+    normalization: Literal["fixed", "minmax"] = "fixed"
+    # Differentiable members of the stage-2 quality loss (L_quality = 1 - Q(x_res)).
+    loss_metrics: list[str] = field(default_factory=lambda: ["niqe_diff"])
+    weights_dir: str = ""  # local weights for learned (pyiqa) models; "" = pyiqa's cache
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    steps: int = 200_000
+    batch_size: int = 4  # per device
+    grad_accum: int = 1
+    lr: float = 7e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "multistep"] = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 6e-5  # cosine floor (official stage 1: 7e-5 -> 6e-5)
+    milestones: list[int] = field(default_factory=lambda: [400_000, 450_000])
+    gamma: float = 0.5
+    grad_clip: float = 0.0  # 0 = off
+    ema_decay: float = 0.995  # 0 = no EMA
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    # stage 1 (paper 3.1; official weights)
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0  # needs local VGG/LPIPS weights; off with a message when absent
+    gan_weight: float = 0.8  # scale of the adaptive GAN weight
+    gan_start_step: int = 30_001
+    disc_lr: float = 7e-5
+    codebook_weight: float = 1.0
+    # stage 2 (paper Eq. 10)
+    feat_weight: float = 1.0
+    index_weight: float = 0.5
+    quality_weight: float = 0.1
+    quality_start_step: int = 100_000  # the quality loss starts after a warm-up (official)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    iqa: IQAConfig = field(default_factory=IQAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# --------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------
+
+# Overrides over the paper defaults. `tiny` makes a training step take well under a second
+# on 2 CPU cores: 64x64 input, 16x16x64 latent, two 256x64 codebooks, a 2-layer Transformer.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "tiny": {
+        "model": {
+            "image_size": 64,
+            "base_channels": 32,
+            "channel_mult": [1, 2, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [16],
+            "latent_channels": 64,
+            "codebook_size": 256,
+            "transformer": {"layers": 2, "width": 128, "heads": 4, "mlp": 256},
+            "disc_channels": 32,
+            "disc_layers": 2,
+        },
+        "data": {"mode": "crop"},
+        "train": {
+            "steps": 200,
+            "batch_size": 4,
+            "lr": 2e-4,
+            "disc_lr": 2e-4,
+            "lr_schedule": "constant",
+            "gan_start_step": 100,
+            "quality_start_step": 50,
+            "ckpt_every": 100,
+            "ema_decay": 0.0,
+            "log_every": 10,
+        },
+    },
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field rules that a type check cannot express."""
+    m = cfg.model
+    if m.image_size % 2 ** (len(m.channel_mult) - 1):
+        raise ConfigError(
+            f"model.image_size={m.image_size} must be divisible by 2**(len(model.channel_mult)-1)"
+        )
+    if not 0.0 <= m.hq_threshold <= 1.0:
+        raise ConfigError(f"model.hq_threshold={m.hq_threshold} must be in [0, 1]")
+    if m.transformer.width % m.transformer.heads:
+        raise ConfigError("model.transformer.width must be divisible by model.transformer.heads")
+    if m.quality_bins < 1:
+        raise ConfigError("model.quality_bins must be >= 1")
+    if cfg.train.stage not in (1, 2):
+        raise ConfigError(f"train.stage={cfg.train.stage} must be 1 or 2")
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+        if getattr(cfg.train, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1")
+    if not cfg.iqa.metrics:
+        raise ConfigError("iqa.metrics must name at least one metric")
+    for key in ("betas",):
+        if len(getattr(cfg.train, key)) != 2:
+            raise ConfigError(f"train.{key} must have two values")
+
+
+# --------------------------------------------------------------------------------------
+# Strict loading
+# --------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated within one mapping."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"duplicated key {key!r} (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _merge(obj: Any, overrides: dict, prefix: str = "") -> None:
+    """Apply a nested dict of overrides to dataclass `obj` in place, strictly."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            _check_value(value, tp, dotted)
+            _merge(getattr(obj, key), value, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, _check_value(value, tp, dotted))
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(data: dict) -> RunConfig:
+    """Build a RunConfig from a nested dict (an optional top-level `preset` key first)."""
+    data = dict(data)
+    preset = data.pop("preset", "paper")
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
+    cfg = RunConfig.__new__(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        setattr(cfg, f.name, f.default_factory())  # type: ignore[misc]
+    _merge(cfg, _deep_update(PRESETS[preset], data))
+    validate(cfg)
+    return cfg
+
+
+def from_preset(name: str) -> RunConfig:
+    return from_dict({"preset": name})
+
+
+def parse_yaml(text: str, source: str = "<string>") -> dict:
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['train.lr=2e-4', 'model.alpha=1'] -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is set twice")
+        node[parts[-1]] = value
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None) -> RunConfig:
+    """Load a YAML file (or a preset), then apply dotted `overrides`."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = parse_yaml(p.read_text(), source=str(p))
+    if preset is not None:
+        if "preset" in data and data["preset"] != preset:
+            raise ConfigError(f"preset given twice: {data['preset']!r} in the file and {preset!r}")
+        data["preset"] = preset
+    if overrides:
+        data = _deep_update(data, parse_overrides(overrides))
+    return from_dict(data)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
