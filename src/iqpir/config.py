@@ -335,7 +335,7 @@ def _merge(obj: Any, overrides: dict, prefix: str = "") -> None:
         dotted = f"{prefix}{key}"
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key {dotted!r}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
