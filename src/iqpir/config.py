@@ -107,7 +107,13 @@ class UnderwaterDegradation:
     beta_red: list[float] = field(default_factory=lambda: [0.3, 0.6])
     beta_green: list[float] = field(default_factory=lambda: [0.05, 0.15])
     beta_blue: list[float] = field(default_factory=lambda: [0.03, 0.12])
-    backscatter: list[float] = field(default_factory=lambda: [0.1, 0.4])  # veiling-light brightness
+    # relative change of the depth across the image along a random direction (0 = flat scene)
+    depth_gradient: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    backscatter: list[float] = field(default_factory=lambda: [0.2, 0.6])  # veiling-light brightness
+    # colour of the veiling light (times backscatter): blue-green, little red
+    veil_red: list[float] = field(default_factory=lambda: [0.05, 0.3])
+    veil_green: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    veil_blue: list[float] = field(default_factory=lambda: [0.6, 1.0])
 
 
 @dataclass
@@ -117,6 +123,7 @@ class BacklitDegradation:
     subject_gain: list[float] = field(default_factory=lambda: [0.15, 0.45])
     background_gain: list[float] = field(default_factory=lambda: [1.1, 1.6])
     mask_smoothness: list[float] = field(default_factory=lambda: [0.1, 0.3])  # fraction of image size
+    subject_size: list[float] = field(default_factory=lambda: [0.2, 0.4])  # blob semi-axes, fraction of the shorter side
 
 
 @dataclass
