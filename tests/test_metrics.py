@@ -73,7 +73,7 @@ def test_psnr_constant_offset_closed_form():
 def test_psnr_matches_skimage(astronaut):
     b = _noisy(astronaut)
     ours = M.psnr(_to_tensor(b), _to_tensor(astronaut)).item()
-    ref = skmetrics.peak_signal_noise_ratio(astronaut.astype(np.float64), b.astype(np.float64), data_range=1.0)
+    ref = skmetrics.peak_signal_noise_ratio(astronaut.astype(np.float64), b.astype(np.float64), data_range=1)
     assert abs(ours - ref) < 1e-4, (ours, ref)
     # crop_border removes the same pixels as slicing the arrays.
     ours_c = M.psnr(_to_tensor(b), _to_tensor(astronaut), crop_border=4).item()
@@ -117,8 +117,10 @@ def test_batched_equals_per_image_loop(astronaut, coffee):
     a = astronaut[:128, :128]
     c = coffee[:128, :128]
     x = torch.cat([_to_tensor(a), _to_tensor(c), _to_tensor(a[::-1].copy())])
-    y = torch.cat([_to_tensor(_noisy(a, seed=1)), _to_tensor(_noisy(c, seed=2)), _to_tensor(_noisy(a, seed=3))])
-    for fn in (M.psnr, M.ssim, lambda u, v: M.psnr(u, v, y_channel=True), lambda u, v: M.ssim(u, v, y_channel=True)):
+    y = torch.cat([_to_tensor(_noisy(arr, seed=i)) for i, arr in enumerate((a, c, a))])
+    psnr_y = lambda u, v: M.psnr(u, v, y_channel=True)  # noqa: E731
+    ssim_y = lambda u, v: M.ssim(u, v, y_channel=True)  # noqa: E731
+    for fn in (M.psnr, M.ssim, psnr_y, ssim_y):
         batched = fn(x, y)
         loop = torch.cat([fn(x[i : i + 1], y[i : i + 1]) for i in range(3)])
         assert batched.shape == (3,)
@@ -133,7 +135,8 @@ def test_y_channel_matches_hand_computed_y(astronaut):
     b = _noisy(astronaut)
 
     def y_of(arr):  # MATLAB rgb2ycbcr luma on [0, 1] input, back to [0, 1]
-        return (16.0 + 65.481 * arr[..., 0] + 128.553 * arr[..., 1] + 24.966 * arr[..., 2]).astype(np.float64) / 255.0
+        arr = arr.astype(np.float64)
+        return (16.0 + 65.481 * arr[..., 0] + 128.553 * arr[..., 1] + 24.966 * arr[..., 2]) / 255.0
 
     ya, yb = y_of(astronaut), y_of(b)
     ours_p = M.psnr(_to_tensor(b), _to_tensor(astronaut), y_channel=True).item()
@@ -242,7 +245,8 @@ def test_frechet_distance_against_scipy():
     scipy_linalg = pytest.importorskip("scipy.linalg")
     g = torch.Generator().manual_seed(0)
     a = torch.randn(200, 6, generator=g, dtype=torch.float64)
-    b = torch.randn(150, 6, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(0.5, 2, 6, dtype=torch.float64)) + 0.3
+    scale = torch.diag(torch.linspace(0.5, 2, 6, dtype=torch.float64))
+    b = torch.randn(150, 6, generator=g, dtype=torch.float64) @ scale + 0.3
     ca, cb = np.cov(a.numpy().T), np.cov(b.numpy().T)
     covmean = scipy_linalg.sqrtm(ca @ cb).real
     ref = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + np.trace(ca + cb - 2 * covmean)
@@ -336,7 +340,8 @@ def test_evaluate_folder_with_reference(tmp_path, astronaut, coffee, fake_iqa, c
         if p.stem != "small":
             (res_b / p.name).parent.mkdir(exist_ok=True)
             (res_b / p.name).write_bytes(p.read_bytes())  # perfect restorations: psnr = inf
-    rep_b = M.evaluate_folder(res_b, reference=ref, metrics=["psnr", "ssim", "fakeiqa"], dataset="toy", out=out)
+    rep_b = M.evaluate_folder(res_b, reference=ref, metrics=["psnr", "ssim", "fakeiqa"], 
+                              dataset="toy", out=out)
     assert rep_b.failed == [] and rep_b.row["psnr"] == math.inf
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -447,7 +452,8 @@ def test_unknown_metric_is_an_error(tmp_path, astronaut, coffee, fake_iqa):
 def test_cli_evaluate_exit_codes(tmp_path, astronaut, coffee, capsys):
     res, ref = _folders(tmp_path, astronaut, coffee, extra=False)
     out = tmp_path / "cli.csv"
-    args = ["evaluate", str(res), "--reference", str(ref), "--metrics", "psnr,ssim", "--name", "m1", "--out", str(out)]
+    args = ["evaluate", str(res), "--reference", str(ref), "--metrics", "psnr,ssim", "--name", "m1"]
+    args += ["--out", str(out)]
     assert cli_main(args) == 0
     assert "| m1 |" in capsys.readouterr().out
     assert cli_main(args + ["--y-channel"]) == 0
@@ -464,7 +470,8 @@ def test_cli_evaluate_exit_codes(tmp_path, astronaut, coffee, capsys):
 def test_import_keeps_optional_dependencies_out():
     code = (
         "import sys, iqpir.metrics; "
-        "print(','.join(m for m in ('torchvision', 'lpips', 'pyiqa', 'cv2', 'scipy', 'torch_fidelity') if m in sys.modules))"
+        "print(','.join(m for m in ('torchvision', 'lpips', 'pyiqa', 'cv2', 'scipy', 'torch_fidelity')"
+        " if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -237,7 +237,8 @@ def rgb_to_lab(images: torch.Tensor) -> torch.Tensor:
     linear RGB -> XYZ with the sRGB/D65 matrix; white point D65 (0.95047, 1, 1.08883);
     f(t) = t^(1/3) for t > (6/29)^3, else t / (3 (6/29)^2) + 4/29 (CIE 15:2004).
     L* = 116 f(Y) - 16, a* = 500 (f(X) - f(Y)), b* = 200 (f(Y) - f(Z)). The constants are the
-    ones scikit-image's rgb2lab uses, so the two agree to float precision.
+    ones scikit-image's rgb2lab uses; the two agree to ~2e-4 (skimage rounds the CIE
+    breakpoint constants to 0.008856 and 7.787).
 
     Args:
         images: (N, 3, H, W) in [0, 1].
@@ -278,25 +279,28 @@ def uciqe(x: torch.Tensor) -> torch.Tensor:
     """Underwater Colour Image Quality Evaluation (higher is better), per image.
 
     UCIQE = 0.4680 sigma_c + 0.2745 con_l + 0.2576 mu_s  (Yang & Sowmya, "An Underwater
-    Color Image Quality Evaluation Metric", IEEE TIP 24(12):6062-6071, 2015, eq. 1-2 and the
-    coefficients of section IV), computed in CIELab. Published implementations disagree on
-    the Lab encoding and on each term (see notes/iqa-ecosystem.md section 4.1); this one
-    follows the paper's words with one consistent scale:
+    Color Image Quality Evaluation Metric", IEEE TIP 24(12):6062-6071, 2015, doi
+    10.1109/TIP.2015.2491020; the coefficients are the paper's fitted ones), in CIELab.
+    Published implementations disagree on the Lab encoding and on each term (see
+    notes/iqa-ecosystem.md section 4.1); this one follows the paper's words with one
+    consistent scale:
 
     - Lab: exact sRGB/D65 CIELab (`rgb_to_lab`), then L = L*/100 in [0, 1] and
       a = a*/100, b = b*/100 (one common factor, so Lab distances keep their meaning).
       Not OpenCV's or MATLAB's 8-bit Lab encodings (those offset a*, b* by 128).
     - sigma_c: the (population) standard deviation of chroma C = sqrt(a^2 + b^2) over the
-      image's pixels ("the standard deviation of chroma").
-    - con_l: the 99th minus the 1st percentile of L ("the contrast of luminance ... the
-      difference between the bottom 1% and the top 1% of all pixels"), percentiles with
-      linear interpolation.
+      image's pixels, as the paper defines it (MATLAB code in circulation computes
+      sqrt(mean(|1 - (mean(C)/C)^2|)) instead; not used).
+    - con_l: the contrast of luminance as the difference between the top 1% and the bottom
+      1% of L, taken as the 99th minus the 1st percentile (linear interpolation), like
+      MATLAB's stretchlim limits; not the difference of the means of those 1% tails.
     - mu_s: the mean of saturation S = C / L (the paper's definition), with S = 0 where
       L = 0 (black, where C = 0 too). S is scale-free; for very dark strongly coloured
       pixels it can exceed 1 (up to ~20 for near-black pure blue).
 
-    On natural images the value is around 0.4-0.7 (the range of the paper's Table 3, which
-    came from other code); compare numbers only when they come from the same implementation.
+    On natural photos the value is about 0.3-0.7 (astronaut 0.56, coffee 0.69, chelsea 0.35;
+    the paper's Table 3 values, ~0.6, came from other code): compare numbers only when they
+    come from the same implementation.
 
     Args:
         x: (N, 3, H, W) in [0, 1].
@@ -319,12 +323,16 @@ def uciqe(x: torch.Tensor) -> torch.Tensor:
 # UIQM (Panetta, Gao & Agaian 2016)
 # --------------------------------------------------------------------------------------
 
-_PLIP_GAMMA = 1026.0  # PLIP constants gamma = k = 1026 (Panetta, Wharton & Agaian 2008; as in UIQM's paper)
+# PLIP (parameterized logarithmic image processing) constants gamma = k = 1026: Panetta,
+# Wharton & Agaian, IEEE TSMC-B 38(1), 2008, the values UIQM's authors use for 8-bit images.
+_PLIP_GAMMA = 1026.0
 _UIQM_BLOCK = 8
 
 
-def _alpha_trimmed_stats(v: torch.Tensor, alpha_l: float = 0.1, alpha_r: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric alpha-trimmed mean and the variance about it (Panetta et al. 2016, eq. 2-3).
+def _alpha_trimmed_stats(
+    v: torch.Tensor, alpha_l: float = 0.1, alpha_r: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric alpha-trimmed mean and the variance about it (Panetta et al. 2016, UICM).
 
     mu = mean of the sorted values with the lowest ceil(alpha_l K) and highest floor(alpha_r K)
     removed; sigma^2 = (1/K) sum over all K values of (v - mu)^2.
@@ -363,7 +371,7 @@ def _uicm(rgb255: torch.Tensor) -> torch.Tensor:
     yb = (r + g) / 2 - b
     mu_rg, var_rg = _alpha_trimmed_stats(rg)
     mu_yb, var_yb = _alpha_trimmed_stats(yb)
-    # Panetta et al. 2016, eq. 4.
+    # Panetta et al. 2016: UICM = -0.0268 sqrt(mu_RG^2 + mu_YB^2) + 0.1586 sqrt(s2_RG + s2_YB).
     return -0.0268 * torch.sqrt(mu_rg**2 + mu_yb**2) + 0.1586 * torch.sqrt(var_rg + var_yb)
 
 
@@ -372,10 +380,10 @@ def _uism(rgb255: torch.Tensor, block: int) -> torch.Tensor:
     # on the 8-bit scale: the magnitude of the [0, 1] channel (<= ~1.4) times the channel in [0, 255].
     edges = _sobel_magnitude(rgb255 / 255.0) * rgb255
     mx, mn = _block_max_min(edges, block)
-    # EME = 2/(k1 k2) sum log(I_max / I_min) (paper eq. 7). Values below one grey level are
+    # EME = 2/(k1 k2) sum log(I_max / I_min) (Panetta et al. 2016, UISM). Values below one grey level are
     # floored at 1, so flat blocks (I_max = I_min = 0) add 0 instead of log(0/0).
     eme = (2.0 * torch.log(mx.clamp_min(1.0) / mn.clamp_min(1.0))).flatten(2).mean(dim=2)  # (N, 3)
-    return eme @ eme.new_tensor([0.299, 0.587, 0.114])  # paper eq. 6 (lambda_B = 0.114)
+    return eme @ eme.new_tensor([0.299, 0.587, 0.114])  # lambda_R, lambda_G, lambda_B of the paper
 
 
 def _uiconm(rgb255: torch.Tensor, block: int) -> torch.Tensor:
@@ -389,7 +397,7 @@ def _uiconm(rgb255: torch.Tensor, block: int) -> torch.Tensor:
     terms = torch.where(m > 0, m * torch.log(m.clamp_min(1e-300)), torch.zeros_like(m)).flatten(1)
     s = terms.sum(dim=1)  # <= 0
     c = 1.0 / terms.shape[1]
-    # PLIP scalar multiplication c (x) s = gamma - gamma (1 - s / gamma)^c (paper eq. 9).
+    # PLIP scalar multiplication c (x) s = gamma - gamma (1 - s / gamma)^c (Panetta et al. 2008).
     log_amee = gamma - gamma * (1.0 - s / gamma) ** c
     return -log_amee
 
@@ -399,24 +407,26 @@ def uiqm(x: torch.Tensor, block: int = _UIQM_BLOCK) -> torch.Tensor:
 
     UIQM = 0.0282 UICM + 0.2953 UISM + 3.5753 UIConM (Panetta, Gao & Agaian,
     "Human-Visual-System-Inspired Underwater Image Quality Measures", IEEE J. Oceanic Eng.
-    41(3):541-551, 2016, eq. 13). The paper's coefficients were fitted on 8-bit values, so
-    the terms are computed on R, G, B in [0, 255]. Choices (published code differs, see
-    notes/iqa-ecosystem.md section 4.2):
+    41(3):541-551, 2016, doi 10.1109/JOE.2015.2469915). The paper's coefficients were
+    fitted on 8-bit values, so the terms are computed on R, G, B in [0, 255]. Choices
+    (published code differs, see notes/iqa-ecosystem.md section 4.2):
 
-    - UICM (colourfulness, eq. 2-4): RG = R - G, YB = (R + G)/2 - B; asymmetric
+    - UICM (colourfulness): RG = R - G, YB = (R + G)/2 - B; asymmetric
       alpha-trimmed mean with alpha_L = alpha_R = 0.1 (drop the lowest ceil(0.1 K) and the
       highest floor(0.1 K) values); variance about that mean over all K pixels;
       UICM = -0.0268 sqrt(mu_RG^2 + mu_YB^2) + 0.1586 sqrt(s2_RG + s2_YB).
-    - UISM (sharpness, eq. 5-7): per channel, edge map = Sobel magnitude (kernels / 4,
+    - UISM (sharpness): per channel, edge map = Sobel magnitude (kernels / 4,
       replicate padding) of the [0, 1] channel times the channel on [0, 255]; EME over
       `block` x `block` tiles (8 x 8 by default; partial edge tiles kept) =
       2/(#tiles) sum ln(I_max / I_min), with values below 1 floored at 1 (a flat tile adds 0);
       UISM = 0.299 EME_R + 0.587 EME_G + 0.114 EME_B (the 0.144 in widely copied code is a typo).
-    - UIConM (contrast, eq. 8-9): logAMEE on the intensity 0.299 R + 0.587 G + 0.114 B with
+    - UIConM (contrast): logAMEE on the intensity 0.299 R + 0.587 G + 0.114 B with
       PLIP arithmetic (gamma = k = 1026): per tile m = (I_max (-) I_min) / (I_max (+) I_min),
       logAMEE = (1/#tiles) (x) sum m ln m. Every m ln m is <= 0, so logAMEE <= 0; UIConM is
       its negation, so that more local contrast (m up to 1/e) raises UIQM, the direction the
-      paper's positive coefficient and published positive UIQM values imply.
+      paper's positive coefficient and published positive UIQM values imply. m ln m is
+      smallest at m = 1/e, so UIConM is not monotone in contrast: a tile with m near 1
+      (I_min near 0) adds about as little as a flat one. That is the measure as published.
 
     No resizing: the value depends somewhat on image size (tile counts), so compare images
     of the same size or dataset.
@@ -624,7 +634,8 @@ def markdown_table(
     for m in metric_cols:
         arrow = {"higher": " ↑", "lower": " ↓"}.get(dirs.get(m, ""), "")
         header.append(display_name(m) + arrow)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(id_cols) + ["---:"] * len(metric_cols)) + "|"]
+    rule = "|" + "|".join(["---"] * len(id_cols) + ["---:"] * len(metric_cols)) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule]
     for i, r in enumerate(rows):
         cells = [str(r.get(c, "") if r.get(c) is not None else "") for c in id_cols]
         for m in metric_cols:
@@ -659,7 +670,8 @@ def append_result(path: str | os.PathLike, row: Mapping[str, object]) -> list[di
     file lacks (or lacks columns the file has), the file is rewritten with the union of the
     columns (existing order first, then new ones; missing cells empty), so nothing is lost.
     Every write is atomic (temporary file + rename), under an advisory lock where the
-    platform has one, so concurrent runs do not drop each other's rows.
+    platform has one (a hidden `.NAME.lock` file next to the CSV, left in place), so
+    concurrent runs do not drop each other's rows.
     """
     from iqpir.io import atomic_write_text
 
@@ -804,7 +816,7 @@ def _build_nr_scorer(name: str, device: torch.device):
     try:
         from iqpir.iqa import build_scorer
     except ImportError as exc:
-        raise MetricUnavailable(f"{name} skipped: the NR-IQA module iqpir.iqa is not available ({exc})") from exc
+        raise MetricUnavailable(f"{name} skipped: NR-IQA module iqpir.iqa not available ({exc})") from exc
     try:
         return build_scorer(name, device=device, weights_dir=None)
     except (KeyError, ValueError) as exc:
@@ -838,9 +850,9 @@ def evaluate_folder(
     same matched images. Images are scored one at a time, so sizes may differ.
 
     Metrics (default: psnr, ssim, niqe, piqe with a reference; niqe, piqe without):
-    psnr, ssim (RGB; with y_channel, BT.601 Y in columns psnr_y, ssim_y), lpips and fid (when their weights are
-    present; else a one-line note and no column), uciqe, uiqm, and any NR-IQA model name
-    that `iqpir.iqa.build_scorer` knows. The row holds the mean over images per metric
+    psnr, ssim (RGB; with y_channel, BT.601 Y in columns psnr_y, ssim_y), lpips and fid
+    (when their weights are present; else a one-line note and no column), uciqe, uiqm, and
+    any NR-IQA model name that `iqpir.iqa.build_scorer` knows. The row holds the mean over images per metric
     (fid: one value for the whole set, restored vs reference).
 
     Args:
@@ -916,7 +928,8 @@ def evaluate_folder(
     values: dict[str, list[float]] = {m: [] for m in per_image_fns}
     feats_restored: list[torch.Tensor] = []
     feats_reference: list[torch.Tensor] = []
-    bar = tqdm(files, desc="evaluate", unit="img", disable=None if not quiet else True, file=sys.stderr)
+    # disable=None: a progress bar on a terminal, none in logs and CI.
+    bar = tqdm(files, desc="evaluate", unit="img", disable=True if quiet else None, file=sys.stderr)
     for path in bar:
         ref_img = None
         # Read first: an unreadable file is a failure even when it has no reference.
