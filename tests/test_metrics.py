@@ -74,7 +74,7 @@ def test_psnr_matches_skimage(astronaut):
     b = _noisy(astronaut)
     ours = M.psnr(_to_tensor(b), _to_tensor(astronaut)).item()
     ref = skmetrics.peak_signal_noise_ratio(astronaut.astype(np.float64), b.astype(np.float64), data_range=1)
-    assert abs(ours - ref) < 1e-4, (ours, ref)
+    assert abs(ours - ref) < 1e-5, (ours, ref)  # float64 inside; the rest is the float32 result
     # crop_border removes the same pixels as slicing the arrays.
     ours_c = M.psnr(_to_tensor(b), _to_tensor(astronaut), crop_border=4).item()
     ref_c = skmetrics.peak_signal_noise_ratio(astronaut[4:-4, 4:-4], b[4:-4, 4:-4], data_range=1.0)
