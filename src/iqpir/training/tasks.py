@@ -1,0 +1,199 @@
+"""Stage tasks: each maps a batch to a dict of named, weighted loss terms.
+
+The loop sums the terms and runs one backward; the optimisers own disjoint parameter sets
+(generator, discriminator), so the discriminator's hinge loss and the generator's terms can
+share that backward: the discriminator is frozen while it judges the generator's output and
+sees only a detached reconstruction when it is trained.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from iqpir import config as C
+from iqpir.models import build_discriminator, build_restorer, build_vqgan
+
+
+def build_task(cfg: C.RunConfig, device: torch.device, stage1: str | Path | None = None):
+    if cfg.train.stage == 1:
+        return Stage1Task(cfg, device)
+    return Stage2Task(cfg, device, stage1)
+
+
+def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor) -> Tensor:
+    """lambda = ||grad rec|| / (||grad gan|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4].
+
+    Esser et al., "Taming Transformers for High-Resolution Image Synthesis" (CVPR 2021), Eq. 7;
+    CodeFormer stage 1 uses the same rule with a further scale (train.gan_weight, 0.8).
+    """
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+class Stage1Task:
+    """Dual-codebook VQ autoencoder (paper 3.1).
+
+    Terms: l1, perceptual (when VGG weights are present), gan (hinge, adaptive weight, from
+    train.gan_start_step), codebook_common, codebook_hq (masked per sample by S <= S_thr);
+    disc: the discriminator's hinge loss (its own optimiser).
+    """
+
+    arch = "vqgan"
+
+    def __init__(self, cfg: C.RunConfig, device: torch.device):
+        self.cfg = cfg
+        self.generator = build_vqgan(cfg.model).to(device).train()
+        self.discriminator = build_discriminator(cfg.model).to(device).train() if cfg.train.gan_weight > 0 else None
+        self.perceptual = None
+        if cfg.train.perceptual_weight > 0:
+            from iqpir.training.perceptual import build_perceptual
+
+            self.perceptual, note = build_perceptual(device)
+            if self.perceptual is None:
+                print(f"iqpir train: perceptual loss off: {note}", file=sys.stderr)
+        self.loss_names = ["l1"] + (["perceptual"] if self.perceptual is not None else [])
+        self.loss_names += ["codebook_common", "codebook_hq"]
+        self.aux_names: list[str] = []
+        if self.discriminator is not None:
+            self.loss_names.append("gan")
+            self.aux_names.append("disc")
+
+    def losses(self, batch: dict, step: int) -> dict[str, Tensor]:
+        tc = self.cfg.train
+        hq, quality = batch["hq"], batch["quality"]
+        out = self.generator(hq, quality)
+        rec = out.reconstruction
+        terms: dict[str, Tensor] = {"l1": tc.l1_weight * (rec - hq).abs().mean()}
+        rec_loss = terms["l1"]
+        if self.perceptual is not None:
+            terms["perceptual"] = tc.perceptual_weight * self.perceptual(rec, hq).mean()
+            rec_loss = rec_loss + terms["perceptual"]
+        hq_loss = out.quant.hq.loss if out.quant.hq is not None else torch.zeros_like(out.quant.common.loss)
+        terms["codebook_common"] = tc.codebook_weight * out.quant.common.loss.mean()
+        terms["codebook_hq"] = tc.codebook_weight * hq_loss.mean()
+        if self.discriminator is None:
+            return terms
+        zero = rec.new_zeros(())
+        if step + 1 < tc.gan_start_step:  # steps are counted from 1 in the config, like the official one
+            terms["gan"], terms["disc"] = zero, zero
+            return terms
+        self.discriminator.requires_grad_(False)
+        gan = -self.discriminator(rec).mean()
+        self.discriminator.requires_grad_(True)
+        weight = adaptive_gan_weight(rec_loss, gan, self.generator.last_layer) if self.generator.training else 1.0
+        terms["gan"] = tc.gan_weight * weight * gan
+        real = self.discriminator(hq)
+        fake = self.discriminator(rec.detach())
+        terms["disc"] = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+        return terms
+
+    def extra_state(self) -> dict[str, dict[str, Tensor]]:
+        return {"discriminator": self.discriminator.state_dict()} if self.discriminator is not None else {}
+
+    def load_extra_state(self, state: dict[str, dict[str, Tensor]]) -> None:
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+
+    def meta(self) -> dict:
+        return {}
+
+
+QUALITY_MIN_SIDE = 192  # NIQE's 96-pixel blocks at two scales need two blocks at half size
+
+
+def quality_input(images: Tensor, min_side: int = QUALITY_MIN_SIDE) -> Tensor:
+    """Upsample (bicubic, differentiable) so the shorter side is at least `min_side`.
+
+    The built-in quality models work on 96x96 blocks; tiny-preset crops (64x64) are scored
+    after upsampling. Paper-sized crops (512) pass unchanged.
+    """
+    side = min(images.shape[-2:])
+    if side >= min_side:
+        return images
+    scale = min_side / side
+    size = (round(images.shape[-2] * scale), round(images.shape[-1] * scale))
+    return F.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+class Stage2Task:
+    """Quality-conditioned code prediction (paper 3.2-3.3, Eq. 10).
+
+    Terms: feat = ||Z_l' - sg(Z_q)||^2 (Eq. 5), index_common + index_hq (cross-entropy to the
+    frozen stage-1 codes of the HQ image, Eq. 6, each x index_weight), quality = 1 - Q(x_res)
+    (Eq. 9 with the normalised differentiable ensemble Q, after train.quality_start_step).
+    """
+
+    arch = "restorer"
+
+    def __init__(self, cfg: C.RunConfig, device: torch.device, stage1: str | Path | None):
+        self.cfg = cfg
+        self.stage1 = str(stage1) if stage1 is not None else None
+        self.generator = build_restorer(cfg.model).to(device)
+        # The frozen stage-1 autoencoder provides both code targets of each HQ image on the fly.
+        self.target = build_vqgan(cfg.model).to(device)
+        if stage1 is not None:
+            self._init_from_stage1(stage1)
+        self.generator.freeze_for_stage2().train()
+        self.target.requires_grad_(False).eval()
+        self.discriminator = None
+        self.quality_model = None
+        if cfg.train.quality_weight > 0:
+            from iqpir.iqa import QualityEnsemble
+
+            self.quality_model = QualityEnsemble(cfg.iqa.loss_metrics, normalization="fixed", device=str(device))
+            if not self.quality_model.differentiable:
+                raise ValueError(f"iqa.loss_metrics {cfg.iqa.loss_metrics}: every member of the quality loss must be differentiable")
+        self.loss_names = ["feat", "index_common"] + (["index_hq"] if cfg.model.dual_codebook else [])
+        if self.quality_model is not None:
+            self.loss_names.append("quality")
+        self.aux_names = []
+
+    def _init_from_stage1(self, stage1: str | Path) -> None:
+        from iqpir.checkpoint import load_checkpoint
+
+        tensors, meta = load_checkpoint(stage1)
+        saved = C.from_dict(meta["config"])
+        if meta.get("arch", "vqgan") != "vqgan":
+            raise ValueError(f"--stage1 {stage1} is not a stage-1 (vqgan) checkpoint")
+        if saved.model != self.cfg.model:
+            diff = [k for k in C.to_dict(saved)["model"] if C.to_dict(saved)["model"][k] != C.to_dict(self.cfg)["model"][k]]
+            raise ValueError(f"--stage1 {stage1}: model settings differ from this config: {', '.join('model.' + d for d in diff)}")
+        state = tensors.get("ema") or tensors["model"]
+        self.target.load_state_dict(state)
+        self.generator.load_stage1(state)
+
+    def losses(self, batch: dict, step: int) -> dict[str, Tensor]:
+        tc = self.cfg.train
+        hq, lq, quality = batch["hq"], batch["lq"], batch["quality"]
+        with torch.no_grad():
+            targets = self.target.code_targets(hq)  # both codes for every image (official)
+        use_quality = self.quality_model is not None and step + 1 >= tc.quality_start_step
+        out = self.generator(lq, quality, decode=use_quality)
+        terms = {"feat": tc.feat_weight * F.mse_loss(out.z_lq.float(), targets.z_q.float())}
+        terms["index_common"] = tc.index_weight * F.cross_entropy(
+            out.logits_common.flatten(0, 1).float(), targets.indices_common.flatten())
+        if out.logits_hq is not None:
+            terms["index_hq"] = tc.index_weight * F.cross_entropy(
+                out.logits_hq.flatten(0, 1).float(), targets.indices_hq.flatten())
+        if self.quality_model is not None:
+            if use_quality:
+                q = self.quality_model(quality_input(out.restored.float().clamp(0, 1)))
+                terms["quality"] = tc.quality_weight * (1.0 - q).mean()
+            else:
+                terms["quality"] = out.z_lq.new_zeros((), dtype=torch.float32)
+        return terms
+
+    def extra_state(self) -> dict[str, dict[str, Tensor]]:
+        return {"target": self.target.state_dict()}
+
+    def load_extra_state(self, state: dict[str, dict[str, Tensor]]) -> None:
+        self.target.load_state_dict(state["target"])
+
+    def meta(self) -> dict:
+        return {"stage1": self.stage1}
