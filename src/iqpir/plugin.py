@@ -1,0 +1,299 @@
+"""Plug-and-play quality conditioning for any restoration network (paper 4.3, Tables 7-9).
+
+The paper adds its quality prior to other restorers ("WaveFace+", "CIDNet+", ...): the
+restorer is conditioned on the quality S of its training target, optionally trained with the
+NR-IQA loss 1 - Q(x), and asked for S = 1 at test time. This module offers that for any
+``nn.Module``:
+
+    unet = UNet()                                            # or your own network
+    model = QualityConditioned(unet, feature="bottleneck", channels=unet.feature_channels("bottleneck"))
+    restored = model(lq, quality=1.0)                        # (B,3,H,W) -> network's output
+    recipe = PluginRecipe(model, quality=QualityEnsemble(["niqe_diff"]), quality_weight=0.1)
+    terms = recipe.losses(batch, step)                      # {"l1": ..., "quality": ...}
+
+The contract (what is conditioned, and how)
+-------------------------------------------
+- ``feature`` is the dotted name of a submodule of ``network`` (as in
+  ``network.named_modules()``). Its forward OUTPUT must be one tensor of shape
+  (B, channels, h, w), with B the batch of ``lq``.
+- A forward hook replaces that output by ``output + s(S)`` (paper Eq. 2, Z_l' = Z_l + s),
+  every time the submodule runs inside ``QualityConditioned.forward``. Outside it (calling
+  ``network`` directly) the hook does nothing, so the plain network stays usable.
+- s(S) comes from :class:`iqpir.models.embedding.QualityEmbedding` (binned, official
+  floor(10 S) bins, or continuous Fourier features -> MLP):
+  * ``size=None`` (default): one learned C-vector per bin, broadcast over (h, w): works at any
+    input size (a U-Net on whole photos) and is what a fully convolutional network needs;
+  * ``size=k``: one learned (C, k, k) map per bin, as in the paper's restorer; when the
+    feature map is not k x k (another input size) the map is resized bilinearly to (h, w).
+- ``zero_init=True`` (default) starts the embedding at zero, so at initialisation the
+  wrapped network computes exactly the plain network's function (the "+" variant starts
+  from the baseline, and a pretrained network is not disturbed); the binned maps still get
+  gradients from the first step. ``zero_init=False`` keeps QualityEmbedding's small random
+  start (std 0.02), as the stage-2 restorer does.
+
+Training recipe
+---------------
+:class:`PluginRecipe` maps a batch {"lq", "hq", "quality"} to named loss terms: ``l1`` to the
+HQ image and, with a differentiable quality model, ``quality = 1 - Q(x_res)`` (paper Eq. 9,
+weight 0.1 as in Eq. 10) from ``quality_start_step`` on. The network is conditioned on the
+batch's S (the quality of the HQ target, from the score table), so at test time S = 1 asks
+for the best quality it learnt (paper 3.2). A plain network (no wrapper) goes through the
+same recipe without the condition: that is the baseline of the comparison. :func:`fit` is a
+small deterministic loop over an ``iqpir.data`` dataset for the benchmarks; real projects
+plug the recipe into their own trainer.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from iqpir.models.embedding import QualityEmbedding, check_quality
+
+# --------------------------------------------------------------------------------------
+# Networks
+# --------------------------------------------------------------------------------------
+
+
+class QualityConditioned(nn.Module):
+    """Wrap ``network`` so that ``s(S)`` is added to the output of its submodule ``feature``.
+
+    Args:
+        network: any restoration network, called as ``network(lq)``.
+        feature: dotted submodule name whose output (B, channels, h, w) receives s(S).
+        channels: C of that feature map.
+        size: None (per-channel vector, any h, w) or k (a (C, k, k) map per bin, resized to
+            (h, w) when needed).
+        kind: "binned" | "continuous" (see QualityEmbedding).
+        bins: bins (binned) or basis maps (continuous); the paper uses 10 bins.
+        zero_init: start s(S) at zero (the wrapped network then equals the plain one).
+
+    forward(lq, quality) -> whatever ``network(lq)`` returns, with the condition added.
+    ``quality`` is a number or a (B,) tensor in [0, 1] (higher = better).
+    """
+
+    def __init__(self, network: nn.Module, feature: str, channels: int, size: int | None = None,
+                 kind: str = "binned", bins: int = 10, zero_init: bool = True) -> None:
+        super().__init__()
+        if kind not in ("binned", "continuous"):
+            raise ValueError(f"kind must be 'binned' or 'continuous', got {kind!r}")
+        modules = dict(network.named_modules())
+        if feature not in modules or feature == "":
+            close = difflib.get_close_matches(feature, [n for n in modules if n], n=5)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(
+                f"feature {feature!r} is not a submodule of {type(network).__name__}{hint} "
+                "(use a name from network.named_modules())")
+        self.network = network
+        self.feature = feature
+        self.channels = channels
+        self.size = size
+        self.embedding = QualityEmbedding(kind=kind, bins=bins, channels=channels, size=size or 1)
+        if zero_init:
+            with torch.no_grad():
+                self.embedding.maps.zero_()
+        self._condition: Tensor | None = None
+        self._calls = 0
+        self._hook = modules[feature].register_forward_hook(self._add_condition)
+
+    def condition(self, quality: Tensor | float, batch: int, height: int, width: int) -> Tensor:
+        """s(S) at a feature map of shape (batch, channels, height, width)."""
+        q = check_quality(quality, batch, device=self.embedding.maps.device)
+        s = self.embedding(q)  # (B, C, k, k)
+        if s.shape[-2:] != (height, width):
+            if self.size is None:
+                s = s.expand(-1, -1, height, width)
+            else:
+                s = F.interpolate(s, size=(height, width), mode="bilinear", align_corners=False)
+        return s
+
+    def _add_condition(self, module: nn.Module, args, output):
+        if self._condition is None:
+            return output  # the network called outside QualityConditioned.forward: unchanged
+        if not isinstance(output, Tensor) or output.ndim != 4:
+            raise TypeError(f"feature {self.feature!r} must output one (B, C, h, w) tensor, got "
+                            f"{type(output).__name__}{'' if not isinstance(output, Tensor) else tuple(output.shape)}")
+        b, c, h, w = output.shape
+        q = self._condition
+        if c != self.channels or b != q.shape[0]:
+            raise ValueError(f"feature {self.feature!r} output has shape {tuple(output.shape)}; the embedding "
+                             f"expects ({q.shape[0]}, {self.channels}, h, w)")
+        self._calls += 1
+        return output + self.condition(q, b, h, w).to(output.dtype)
+
+    def forward(self, lq: Tensor, quality: Tensor | float):
+        self._condition = check_quality(quality, lq.shape[0], device=lq.device)
+        self._calls = 0
+        try:
+            out = self.network(lq)
+        finally:
+            self._condition = None
+        if self._calls == 0:
+            raise RuntimeError(f"feature {self.feature!r} did not run in the network's forward; "
+                               "the condition was not applied")
+        return out
+
+
+class _Block(nn.Sequential):
+    """Two 3x3 convolutions with GroupNorm and SiLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(min(8, cout), cout), nn.SiLU(),
+            nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(min(8, cout), cout), nn.SiLU(),
+        )
+
+
+class UNet(nn.Module):
+    """A small reference U-Net restorer: (B, 3, H, W) in [0, 1] -> (B, 3, H, W), residual output.
+
+    ``levels`` resolutions with ``channels * 2**i`` channels; stride-2 convolutions down,
+    nearest upsampling + conv up, skip connections by concatenation. Any H, W (reflect-padded
+    to a multiple of 2**(levels-1) and cropped back). Named stages for conditioning:
+    ``enc0..enc{L-2}``, ``bottleneck`` (C * 2**(L-1) channels at 1/2**(L-1) size),
+    ``dec{L-2}..dec0``. The last conv starts at zero, so the untrained network is the identity.
+    """
+
+    def __init__(self, channels: int = 32, levels: int = 3) -> None:
+        super().__init__()
+        if levels < 2:
+            raise ValueError("a U-Net needs at least 2 levels")
+        self.levels = levels
+        widths = [channels * 2**i for i in range(levels)]
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.encoders = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        for i in range(levels - 1):
+            self.encoders.append(_Block(widths[i], widths[i]))
+            self.downs.append(nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1))
+        self.bottleneck = _Block(widths[-1], widths[-1])
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for i in reversed(range(levels - 1)):
+            self.ups.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                          nn.Conv2d(widths[i + 1], widths[i], 3, padding=1)))
+            self.decoders.append(_Block(2 * widths[i], widths[i]))
+        self.head = nn.Conv2d(widths[0], 3, 3, padding=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self._widths = widths
+
+    def feature_channels(self, name: str) -> int:
+        """Channels of a named stage's output ("bottleneck", "encoders.0", "decoders.1", ...)."""
+        if name == "bottleneck":
+            return self._widths[-1]
+        kind, _, idx = name.partition(".")
+        if kind == "encoders":
+            return self._widths[int(idx)]
+        if kind == "decoders":
+            return self._widths[self.levels - 2 - int(idx)]
+        raise ValueError(f"unknown stage {name!r}: use bottleneck, encoders.i or decoders.i")
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        m = 2 ** (self.levels - 1)
+        ph, pw = (-h) % m, (-w) % m
+        xp = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate") if ph or pw else x
+        f = self.stem(xp)
+        skips = []
+        for enc, down in zip(self.encoders, self.downs):
+            f = enc(f)
+            skips.append(f)
+            f = down(f)
+        f = self.bottleneck(f)
+        for up, dec in zip(self.ups, self.decoders):
+            f = dec(torch.cat([up(f), skips.pop()], dim=1))
+        return (xp + self.head(f))[..., :h, :w]
+
+
+# --------------------------------------------------------------------------------------
+# Training recipe (kept apart from the networks above)
+# --------------------------------------------------------------------------------------
+
+
+def quality_input(images: Tensor, min_side: int = 192) -> Tensor:
+    """Upsample so the shorter side is >= min_side (the built-in NR-IQA models' 96-px blocks)."""
+    from iqpir.training.tasks import quality_input as upsample
+
+    return upsample(images, min_side)
+
+
+class PluginRecipe:
+    """Batch -> named loss terms for a (possibly quality-conditioned) restoration network.
+
+    Args:
+        model: a QualityConditioned network (called with the batch's S) or a plain network
+            (called on lq alone: the baseline).
+        quality: a differentiable quality model (e.g. ``QualityEnsemble(["niqe_diff"])``,
+            images (N,3,H,W) -> (N,) in [0, 1], higher = better) or None for no quality loss.
+        l1_weight, quality_weight: term weights (paper Eq. 10 uses 0.1 for the quality term).
+        quality_start_step: the quality term is 0 before this step (official warm-up).
+
+    losses(batch, step) -> {"l1": ..., "quality": ...} ("quality" only with a quality model).
+    """
+
+    def __init__(self, model: nn.Module, quality: Callable[[Tensor], Tensor] | None = None,
+                 l1_weight: float = 1.0, quality_weight: float = 0.1, quality_start_step: int = 0) -> None:
+        self.model = model
+        self.quality = quality
+        if quality is not None and getattr(quality, "differentiable", True) is False:
+            raise ValueError("the quality loss needs a differentiable quality model (e.g. niqe_diff)")
+        self.conditioned = isinstance(model, QualityConditioned)
+        self.l1_weight = l1_weight
+        self.quality_weight = quality_weight
+        self.quality_start_step = quality_start_step
+
+    def restore(self, lq: Tensor, quality: Tensor | float = 1.0) -> Tensor:
+        return self.model(lq, quality) if self.conditioned else self.model(lq)
+
+    def losses(self, batch: dict, step: int) -> dict[str, Tensor]:
+        lq, hq = batch["lq"], batch["hq"]
+        out = self.restore(lq, batch["quality"])
+        terms = {"l1": self.l1_weight * (out - hq).abs().mean()}
+        if self.quality is not None:
+            if step >= self.quality_start_step:
+                q = self.quality(quality_input(out.float().clamp(0, 1)))
+                terms["quality"] = self.quality_weight * (1.0 - q).mean()
+            else:
+                terms["quality"] = out.new_zeros(())
+        return terms
+
+
+def fit(recipe: PluginRecipe, dataset, steps: int, batch_size: int = 4, lr: float = 2e-4, seed: int = 0,
+        log: Callable[[int, dict[str, float]], None] | None = None, log_every: int = 50) -> list[dict[str, float]]:
+    """Train ``recipe.model`` for ``steps`` Adam steps on ``dataset`` (an iqpir.data dataset).
+
+    Sample k of the run is item perm_epoch[k % n] with epoch_seed k (deterministic in seed).
+    Returns one {term: value, "loss": total} dict per step.
+    """
+    from iqpir.data import collate
+
+    torch.manual_seed(seed)
+    params = [p for p in recipe.model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
+    n = len(dataset)
+    history = []
+    recipe.model.train()
+    for step in range(steps):
+        samples = []
+        for k in range(step * batch_size, (step + 1) * batch_size):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + k // n)
+            samples.append(dataset.sample(int(torch.randperm(n, generator=g)[k % n]), epoch_seed=k))
+        terms = recipe.losses(collate(samples), step)
+        loss = sum(terms.values())
+        row = {k: v.item() for k, v in terms.items()} | {"loss": loss.item()}
+        if not math.isfinite(row["loss"]):
+            raise RuntimeError(f"non-finite loss at step {step}: {row}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(row)
+        if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+            log(step + 1, row)
+    recipe.model.eval()
+    return history
