@@ -1,0 +1,170 @@
+"""NIQE throughput on 512x384 images: the batched implementation against per-image calls.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_niqe.py [--images 16] [--batch-sizes 4,16]
+        [--repeats 3] [--device cpu|cuda] [--no-pyiqa]
+
+Prints a Markdown table of images/s. Rows:
+- iqpir `niqe`, per image: a Python loop over the images, one (1, 3, H, W) call each;
+- iqpir `niqe`, batched: (B, 3, H, W) at once;
+- iqpir `niqe_diff` forward + backward, batched (the stage-2 loss's cost);
+- pyiqa `niqe` (when pyiqa is importable), per image and batched, with LIVE's parameters
+  passed as a local .mat file written from the package's own (needs scipy); offline.
+
+Images: TID2013 I04/I06 from tests/assets and noisy/blurred/flipped variants, 384x512.
+Timing: one warm-up pass, then the median of ``--repeats`` passes over all images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from iqpir.io import load_rgb  # noqa: E402
+from iqpir.iqa import build_scorer, resolve_device  # noqa: E402
+
+
+def make_images(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, 384, 512) in [0, 1]: the two TID2013 assets and variants of them."""
+    base = [load_rgb(ROOT / "tests" / "assets" / f"{k}.png") for k in ("I04", "I06")]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        x = base[i % 2]
+        kind = (i // 2) % 4
+        if kind == 1:
+            x = (x + 0.03 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        elif kind == 2:
+            x = F.avg_pool2d(F.pad(x[None], (1, 1, 1, 1), mode="replicate"), 3, stride=1)[0]
+        elif kind == 3:
+            x = x.flip(-1)
+        out.append(x)
+    return torch.stack(out)
+
+
+def timed(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    result = fn()  # warm-up (tables, caches, kernels)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def per_image(scorer, images: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: torch.cat([scorer(images[i : i + 1]).reshape(1).cpu() for i in range(images.shape[0])])
+
+
+def batched(scorer, images: torch.Tensor, bs: int) -> Callable[[], torch.Tensor]:
+    return lambda: torch.cat(
+        [scorer(images[i : i + bs]).reshape(-1).cpu() for i in range(0, images.shape[0], bs)]
+    )
+
+
+def diff_fwd_bwd(scorer, images: torch.Tensor, bs: int) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        vals = []
+        for i in range(0, images.shape[0], bs):
+            x = images[i : i + bs].clone().requires_grad_(True)
+            v = scorer(x)
+            v.sum().backward()
+            vals.append(v.detach().cpu())
+        return torch.cat(vals)
+
+    return run
+
+
+def pyiqa_scorer(device: torch.device):
+    """pyiqa's NIQE with LIVE's parameters from a local .mat; None (and why) when unavailable."""
+    try:
+        import pyiqa  # noqa: F401
+        import scipy.io
+    except ImportError as exc:
+        return None, f"pyiqa/scipy not importable ({exc.name})"
+    from iqpir.iqa.niqe import load_pristine_params
+
+    mu, cov = load_pristine_params()
+    folder = tempfile.mkdtemp(prefix="bench-niqe-")
+    path = os.path.join(folder, "niqe_modelparameters.mat")
+    scipy.io.savemat(path, {"mu_prisparam": mu.numpy()[None], "cov_prisparam": cov.numpy()})
+    try:
+        scorer = build_scorer("pyiqa:niqe", device=device, weights_dir=folder)
+    except Exception as exc:  # noqa: BLE001 - report and go on without it
+        return None, f"pyiqa niqe failed to build: {exc}"
+    return scorer, ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--batch-sizes", default="4,16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-pyiqa", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = resolve_device(args.device)
+    images = make_images(args.images).to(device)
+    sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
+    niqe = build_scorer("niqe", device=device)
+    rows: list[tuple[str, int, float, torch.Tensor]] = []
+
+    t, ref = timed(per_image(niqe, images), args.repeats, device)
+    rows.append(("iqpir niqe, per image", 1, t, ref))
+    for bs in sizes:
+        t, r = timed(batched(niqe, images, bs), args.repeats, device)
+        rows.append(("iqpir niqe, batched", bs, t, r))
+    diff = build_scorer("niqe_diff", device=device)
+    for bs in sizes[-1:]:
+        t, r = timed(diff_fwd_bwd(diff, images, bs), args.repeats, device)
+        rows.append(("iqpir niqe_diff, forward+backward", bs, t, r))
+
+    note = "skipped (--no-pyiqa)"
+    if not args.no_pyiqa:
+        peer, note = pyiqa_scorer(device)
+        if peer is not None:
+            t, r = timed(per_image(peer, images), args.repeats, device)
+            rows.append(("pyiqa niqe (same LIVE parameters), per image", 1, t, r))
+            for bs in sizes:
+                t, r = timed(batched(peer, images, bs), args.repeats, device)
+                rows.append(("pyiqa niqe (same LIVE parameters), batched", bs, t, r))
+
+    n = images.shape[0]
+    threads = torch.get_num_threads() if device.type == "cpu" else "-"
+    print(
+        f"NIQE on {n} images of 512x384, device {device}, torch {torch.__version__}, threads {threads}, "
+        f"median of {args.repeats}"
+    )
+    if hasattr(os, "getloadavg"):
+        print(f"load average before the run: {os.getloadavg()[0]:.2f}")
+    print()
+    print("| implementation | batch | images/s | ms/image | max abs diff vs iqpir per image |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, bs, t, r in rows:
+        dev = (r.double() - ref.double()).abs().max().item()
+        print(f"| {name} | {bs} | {n / t:.1f} | {1000 * t / n:.1f} | {dev:.2e} |")
+    if note:
+        print(f"\npyiqa: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
