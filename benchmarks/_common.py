@@ -261,3 +261,14 @@ def arm_run(name: str, work: Path, data, s1_steps: int, s2_steps: int, seed: int
     run = work / "runs" / f"stage2-{name}-{s1_steps}-{s2_steps}-seed{seed}"
     view = stage1_view(s1, cfg2, work / "runs" / "views" / run.name)
     return cached_train(cfg2, train_dir, scores, run, stage1=view), cfg2
+
+
+def md_table(rows: list[dict[str, str]]) -> str:
+    """A plain Markdown table of preformatted cells (iqpir.metrics.markdown_table takes numbers
+    only; these cells hold 'mean ± std' over seeds)."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
+    lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)

@@ -46,17 +46,15 @@ def main() -> None:
             results[arm].append(r)
             B.log(f"arm {arm} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
 
-    from iqpir.metrics import markdown_table
-
     keys = ("psnr", "ssim", "piqe", "niqe", "sec_per_image")
-    rows = [{"method": "degraded input", **{k: f"{lq_scores[k]:.3f}" for k in keys[:4]}}]
+    rows = [{"method": "degraded input", **{k: f"{lq_scores[k]:.3f}" for k in keys[:4]}, "sec_per_image": "-"}]
     for arm, rs in results.items():
         rows.append({"method": B.ARM_LABELS[arm],
                      **{k: B.fmt_ms([r[k] for r in rs], 3) for k in keys}})
     print(f"\nTable 5 in small: stage 1 {args.s1_steps} steps, stage 2 {args.s2_steps} steps, "
           f"seeds {args.seeds} (mean ± std over seeds); S = 1.0; PIQE judges, NIQE conditioned, "
           f"differentiable NIQE optimised in (d); {B.machine()}\n")
-    print(markdown_table(rows, directions={"sec_per_image": "lower"}, group_by=None))
+    print(B.md_table(rows))
     print(f"\nwall time {time.perf_counter() - t0:.0f} s")
     (out / "ablation.json").write_text(json.dumps({"lq": lq_scores, "arms": results, "args": vars(args)}, indent=2))
 

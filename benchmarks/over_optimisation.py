@@ -12,7 +12,7 @@ Reported: Q gain (what was optimised), change of PIQE (the judge, lower = better
 optimised) and of PSNR to the clean reference, per step count. Writes image strips
 (degraded | start | continuous | discrete | reference) and a score-vs-judge plot.
 
-    python benchmarks/over_optimisation.py --work /tmp/iqpir-bench --steps 100
+    python benchmarks/over_optimisation.py --work /tmp/iqpir-bench --steps 40
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ def main() -> None:
     p = B.base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--s1-steps", type=int, default=100, help="of the ablation's stage-1 run (reused)")
     p.add_argument("--s2-steps", type=int, default=60, help="of the ablation's stage-2 run (reused)")
-    p.add_argument("--steps", type=int, default=100, help="optimisation steps in each space")
+    p.add_argument("--steps", type=int, default=40, help="optimisation steps in each space")
     p.add_argument("--lr-continuous", type=float, default=0.02)
     p.add_argument("--lr-discrete", type=float, default=0.2)
-    p.add_argument("--every", type=int, default=20, help="evaluate the judge every this many steps")
+    p.add_argument("--every", type=int, default=10, help="evaluate the judge every this many steps")
     args = p.parse_args()
     work, out = B.folders(args)
     t0 = time.perf_counter()
@@ -96,7 +96,7 @@ def main() -> None:
                 q = q_model(img[None])[0]
                 if step % args.every == 0 or step == args.steps:
                     m = judge(img.detach(), ref)
-                    curve.append({"step": step, "q": float(q), **m})
+                    curve.append({"step": step, "q": q.item(), **m})
                 if step == args.steps:
                     break
                 opt.zero_grad()
@@ -111,20 +111,17 @@ def main() -> None:
         strip = torch.cat([lq, start, finals["continuous"], finals["discrete"], ref], dim=2)
         io.write_image(out / "over_optimisation" / f"{name}.png", strip)
 
-    from iqpir.metrics import markdown_table
-
     table = []
     for space in ("continuous", "discrete"):
         def delta(k):
             return [results[n][space][k] - results[n]["start"][k] for n in results]
         table.append({"method": f"{space} ({args.steps} steps, lr {getattr(args, 'lr_' + space)})",
-                      "ΔQ (optimised)": B.fmt_ms(delta("q"), 3), "ΔPIQE (judge)": B.fmt_ms(delta("piqe"), 2),
-                      "ΔNIQE": B.fmt_ms(delta("niqe"), 2), "ΔPSNR": B.fmt_ms(delta("psnr"), 2),
-                      "ΔSSIM": B.fmt_ms(delta("ssim"), 3)})
+                      "ΔQ (optimised) ↑": B.fmt_ms(delta("q"), 3), "ΔPIQE (judge) ↓": B.fmt_ms(delta("piqe"), 2),
+                      "ΔNIQE ↓": B.fmt_ms(delta("niqe"), 2), "ΔPSNR ↑": B.fmt_ms(delta("psnr"), 2),
+                      "ΔSSIM ↑": B.fmt_ms(delta("ssim"), 3)})
     print(f"\nFig. 7 in small: mean ± std over {len(results)} held-out images; Q = normalised differentiable "
           f"NIQE (higher better); PIQE/NIQE lower better; {B.machine()}\n")
-    print(markdown_table(table, directions={"ΔQ (optimised)": "higher", "ΔPIQE (judge)": "lower", "ΔNIQE": "lower",
-                                            "ΔPSNR": "higher", "ΔSSIM": "higher"}, group_by=None))
+    print(B.md_table(table))
     print(f"\nwall time {time.perf_counter() - t0:.0f} s")
     (out / "over_optimisation.json").write_text(json.dumps({"results": results, "curves": curves,
                                                             "args": vars(args)}, indent=2))

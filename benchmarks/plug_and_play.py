@@ -9,7 +9,7 @@ Degradations: the demo's mild BFR and the low-light preset. Judged on the held-o
 PSNR, SSIM and PIQE (used in neither training nor conditioning). Prints a Markdown table,
 writes plug_and_play.png.
 
-    python benchmarks/plug_and_play.py --work /tmp/iqpir-bench --steps 300 --seeds 0 1
+    python benchmarks/plug_and_play.py --work /tmp/iqpir-bench --steps 250 --seeds 0 1
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import _common as B
 ARM_NAMES = ("U-Net", "U-Net + S", "U-Net +")
 
 
-def build(arm: str, seed: int, steps: int):
+def build(arm: str, seed: int, steps: int, channels: int):
     from iqpir.iqa import QualityEnsemble
     from iqpir.plugin import PluginRecipe, QualityConditioned, UNet
 
     torch.manual_seed(seed)
-    net = UNet(channels=32, levels=3)
+    net = UNet(channels=channels, levels=3)
     if arm == "U-Net":
         return PluginRecipe(net)
     model = QualityConditioned(net, feature="bottleneck", channels=net.feature_channels("bottleneck"))
@@ -43,6 +43,7 @@ def main() -> None:
     p = B.base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--channels", type=int, default=16, help="U-Net base channels")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--degradations", nargs="+", default=["bfr", "lowlight"])
     args = p.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
             for seed in args.seeds:
                 ds = HQFolderDataset(train_dir, size=cfg.model.image_size, mode="crop", hflip=True,
                                      degradation=cfg.data.degradation, preset=deg, quality=quality, seed=seed)
-                recipe = build(arm, seed, args.steps)
+                recipe = build(arm, seed, args.steps, args.channels)
                 t1 = time.perf_counter()
                 fit(recipe, ds, args.steps, batch_size=cfg.train.batch_size, lr=args.lr, seed=seed)
                 train_s = time.perf_counter() - t1
@@ -76,17 +77,15 @@ def main() -> None:
                 results[deg][arm].append(r)
                 B.log(f"{deg} {arm} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
 
-    from iqpir.metrics import markdown_table
-
     rows = []
     for deg, arms in results.items():
         for arm, rs in arms.items():
             rows.append({"dataset": deg, "method": arm,
                          **{k: B.fmt_ms([r[k] for r in rs], 3) for k in ("psnr", "ssim", "piqe")},
                          "train_s": B.fmt_ms([r.get("train_s", 0.0) for r in rs], 0) if arm != "degraded input" else "-"})
-    print(f"\nTables 7-9 in small: {args.steps} steps, lr {args.lr}, seeds {args.seeds} (mean ± std); "
+    print(f"\nTables 7-9 in small: U-Net base {args.channels} channels, {args.steps} steps, lr {args.lr}, seeds {args.seeds} (mean ± std); "
           f"S = 1.0 at test; {B.machine()}\n")
-    print(markdown_table(rows, directions={"train_s": "lower"}))
+    print(B.md_table(rows))
     print(f"\nwall time {time.perf_counter() - t0:.0f} s")
     (out / "plug_and_play.json").write_text(json.dumps({"results": results, "args": vars(args)}, indent=2))
 
