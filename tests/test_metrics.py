@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.machinery
 import math
-import subprocess
 import sys
 import types
 
@@ -465,13 +464,3 @@ def test_cli_evaluate_exit_codes(tmp_path, astronaut, coffee, capsys):
     assert cli_main(["evaluate", str(res), "--metrics", "psnr", "--out", str(out)]) == 2  # no reference
     with open(out, newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 3
-
-
-def test_import_keeps_optional_dependencies_out():
-    code = (
-        "import sys, iqpir.metrics; "
-        "print(','.join(m for m in ('torchvision', 'lpips', 'pyiqa', 'cv2', 'scipy', 'torch_fidelity')"
-        " if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
