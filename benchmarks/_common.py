@@ -17,6 +17,7 @@ arms that share a stage-1 model train it once and a script can be re-run to re-e
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -120,17 +121,29 @@ def degraded_heldout(refs: dict[str, torch.Tensor], cfg: C.RunConfig, seed: int 
 
 
 def cached_train(cfg: C.RunConfig, train_dir: Path, scores: Path, run_dir: Path, stage1: Path | None = None) -> Path:
-    """Train into run_dir unless a finished run is already there; -> run_dir."""
+    """Train into run_dir unless a finished run is already there; -> run_dir.
+
+    A run being trained by another live process (its pid in run_dir/OWNER) is waited for, so
+    several invocations can share one --work folder.
+    """
     from iqpir.training.loop import train
 
     done = run_dir / "DONE"
     if done.is_file() and done.read_text() == C.to_yaml(cfg):
         log(f"reusing {run_dir.name}")
         return run_dir
+    owner = run_dir / "OWNER"
+    while owner.is_file() and not done.is_file() and _alive(int(owner.read_text() or 0)):
+        log(f"waiting for process {owner.read_text()} to finish {run_dir.name}")
+        time.sleep(30)
+    if done.is_file() and done.read_text() == C.to_yaml(cfg):
+        return run_dir
     if run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    owner.write_text(str(os.getpid()))
     t0 = time.perf_counter()
     res = train(cfg, train_dir, run_dir, stage1=stage1, scores=scores, device="cpu", progress=False)
     if not res.completed:
@@ -138,6 +151,16 @@ def cached_train(cfg: C.RunConfig, train_dir: Path, scores: Path, run_dir: Path,
     io.atomic_write_text(done, C.to_yaml(cfg))
     log(f"trained {run_dir.name}: {cfg.train.steps} steps in {time.perf_counter() - t0:.0f} s")
     return run_dir
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------
