@@ -5,7 +5,8 @@
 
 Prints a Markdown table of images/s. Rows:
 - iqpir `niqe`, per image: a Python loop over the images, one (1, 3, H, W) call each;
-- iqpir `niqe`, batched: (B, 3, H, W) at once;
+- iqpir `niqe`, batched: (B, 3, H, W) in one vectorised pass (``cpu_chunk=B``, what a GPU
+  runs), and, for larger batches, the same call with the CPU default (``cpu_chunk=4``);
 - iqpir `niqe_diff` forward + backward, batched (the stage-2 loss's cost);
 - pyiqa `niqe` (when pyiqa is importable), per image and batched, with LIVE's parameters
   passed as a local .mat file written from the package's own (needs scipy); offline.
@@ -130,12 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     t, ref = timed(per_image(niqe, images), args.repeats, device)
     rows.append(("iqpir niqe, per image", 1, t, ref))
     for bs in sizes:
-        t, r = timed(batched(niqe, images, bs), args.repeats, device)
-        rows.append(("iqpir niqe, batched", bs, t, r))
-    diff = build_scorer("niqe_diff", device=device)
+        vectorised = build_scorer("niqe", device=device, cpu_chunk=bs)
+        t, r = timed(batched(vectorised, images, bs), args.repeats, device)
+        rows.append(("iqpir niqe, batched (one vectorised pass per batch)", bs, t, r))
+        if device.type == "cpu" and bs > niqe.cpu_chunk:
+            t, r = timed(batched(niqe, images, bs), args.repeats, device)
+            rows.append((f"iqpir niqe, batched call, default cpu_chunk={niqe.cpu_chunk}", bs, t, r))
+    diff = build_scorer("niqe_diff", device=device, cpu_chunk=sizes[-1])
     for bs in sizes[-1:]:
         t, r = timed(diff_fwd_bwd(diff, images, bs), args.repeats, device)
-        rows.append(("iqpir niqe_diff, forward+backward", bs, t, r))
+        rows.append(("iqpir niqe_diff, forward+backward (vectorised)", bs, t, r))
 
     note = "skipped (--no-pyiqa)"
     if not args.no_pyiqa:

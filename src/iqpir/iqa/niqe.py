@@ -225,10 +225,12 @@ class NIQE(ScorerModule):
     Args:
         block_size: 96 as in the release (the pristine model was fitted with it).
         dtype: computation dtype (float64 reproduces MATLAB's doubles).
-        cpu_chunk: images per feature pass on CPU (default 1). A 512x384 image needs ~30 MB
-            of float64 intermediates; on CPU larger groups outgrow the caches and run slower
-            per image (measured: 70 ms/image one at a time, 107 ms/image as a batch of 16;
-            benchmarks/bench_niqe.py). On GPUs the whole batch goes at once.
+        cpu_chunk: images per feature pass on CPU (default 4). A 512x384 image needs ~30 MB
+            of float64 intermediates: large groups outgrow the caches (1 thread: 70 ms/image
+            alone, 74 in fours, 107 in a batch of 16), while single images pay the fixed cost
+            of ~150 tensor operations each, which dominates with 2 threads on a busy machine
+            (there: 980 ms/image alone, 300 in fours; benchmarks/bench_niqe.py). On GPUs the
+            whole batch goes at once.
     """
 
     name = "niqe"
@@ -239,7 +241,7 @@ class NIQE(ScorerModule):
     _eps = 0.0
 
     def __init__(
-        self, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float64, cpu_chunk: int = 1
+        self, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float64, cpu_chunk: int = 4
     ) -> None:
         super().__init__()
         mu, cov = load_pristine_params()
@@ -280,7 +282,7 @@ class NIQEDiff(NIQE):
     _smooth = True
 
     def __init__(
-        self, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float64, cpu_chunk: int = 1
+        self, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float64, cpu_chunk: int = 4
     ) -> None:
         super().__init__(block_size, dtype, cpu_chunk)
         self._eps = 1e-12 if dtype == torch.float64 else 1e-6
