@@ -149,6 +149,14 @@ def _resize_matrix_f64(in_len: int, out_len: int, scale: float, antialias: bool)
     return mat
 
 
+@lru_cache(maxsize=32)
+def _resize_matrix(
+    in_len: int, out_len: int, scale: float, antialias: bool, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    # Cached per device and dtype: no host-to-device copy per call on GPUs.
+    return _resize_matrix_f64(in_len, out_len, scale, antialias).to(device=device, dtype=dtype)
+
+
 def imresize(x: torch.Tensor, scale: float, antialias: bool = True) -> torch.Tensor:
     """MATLAB ``imresize(x, scale)`` (bicubic) for (N, H, W) or (N, C, H, W) floats.
 
@@ -156,8 +164,8 @@ def imresize(x: torch.Tensor, scale: float, antialias: bool = True) -> torch.Ten
     """
     h, w = x.shape[-2], x.shape[-1]
     oh, ow = int(math.ceil(scale * h)), int(math.ceil(scale * w))
-    ah = _resize_matrix_f64(h, oh, float(scale), antialias).to(device=x.device, dtype=x.dtype)
-    aw = _resize_matrix_f64(w, ow, float(scale), antialias).to(device=x.device, dtype=x.dtype)
+    ah = _resize_matrix(h, oh, float(scale), antialias, x.device, x.dtype)
+    aw = _resize_matrix(w, ow, float(scale), antialias, x.device, x.dtype)
     return torch.matmul(torch.matmul(ah, x), aw.transpose(0, 1))
 
 
