@@ -221,3 +221,14 @@ def test_cli_train_and_refusals(stage1_run, image_dir, tmp_path, capsys):
     assert main(args) == 2  # the run folder holds a checkpoint and --resume was not given
     assert "--resume" in capsys.readouterr().err
     assert main(["train", str(cfg), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "q")]) == 2
+
+
+def test_quality_coverage_warns_about_untrained_bins():
+    from iqpir.training.loop import quality_coverage
+
+    m = C.from_preset("tiny").model
+    assert quality_coverage(m, [i / 10 + 0.05 for i in range(10)]) == []
+    (msg,) = quality_coverage(m, [0.31, 0.45, 0.52])
+    assert "[0.90, 1.00]" in msg and "S = 1.0" in msg and "[0.30, 0.40)" not in msg
+    m.quality_embedding = "continuous"
+    assert quality_coverage(m, [0.5]) == []

@@ -142,10 +142,10 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
                                             f"train.quality_start_step={stage2_steps // 2}", *thr])
     _log(f"stage 1: {stage1_steps} steps")
     t1 = time.perf_counter()
-    train(cfg1, train_dir, out / "stage1", scores=scores, device="cpu")
+    _check(train(cfg1, train_dir, out / "stage1", scores=scores, device="cpu"))
     t2 = time.perf_counter()
     _log(f"stage 2: {stage2_steps} steps")
-    train(cfg2, train_dir, out / "stage2", stage1=out / "stage1", scores=scores, device="cpu")
+    _check(train(cfg2, train_dir, out / "stage2", stage1=out / "stage1", scores=scores, device="cpu"))
     t3 = time.perf_counter()
 
     # 3. degrade the held-out images, restore at several quality targets, evaluate
@@ -183,6 +183,11 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
     _write_report(out, results)
     _log(f"done in {results['seconds']['total']:.0f} s: {out / 'report.html'}")
     return results
+
+
+def _check(result) -> None:
+    if not result.completed:  # interrupted (the run folder can be resumed) or a non-finite loss
+        raise SystemExit(f"[demo] stopped: {result.reason}")
 
 
 def _scores(img, ref, judge, psnr, ssim) -> dict[str, float]:

@@ -268,6 +268,9 @@ def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, 
 
     table = quality_table(cfg, data, lq_data, run_dir, scores, info)
     dataset = build_dataset(cfg, data, lq_data, table)
+    if info.is_main and tc.stage == 2:
+        for line in quality_coverage(cfg.model, list(table.values())):
+            print(f"iqpir train: {line}", file=sys.stderr)
 
     task = build_task(cfg, info.device, stage1=stage1)
     gen_params = [p for p in task.generator.parameters() if p.requires_grad]
@@ -372,6 +375,28 @@ def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, 
         writer.close()
     return TrainResult(completed=step >= tc.steps and not reason.startswith("non-finite"), step=step,
                        run_dir=run_dir, checkpoint=last_ckpt, reason=reason)
+
+
+def quality_coverage(model: C.ModelConfig, qualities: list[float]) -> list[str]:
+    """Warnings about quality conditions the training set never shows the binned embedding.
+
+    A bin without training images keeps its random initial map, so restoring at such an S
+    (S = 1.0 is the top bin) uses an untrained condition.
+    """
+    if model.quality_embedding != "binned" or not qualities:
+        return []
+    bins = model.quality_bins
+    counts = [0] * bins
+    for q in qualities:
+        counts[min(int(q * bins), bins - 1)] += 1
+    empty = [f"[{i / bins:.2f}, {(i + 1) / bins:.2f}{']' if i == bins - 1 else ')'}" for i, c in enumerate(counts) if c == 0]
+    if not empty:
+        return []
+    msg = f"no training image has a quality S in {', '.join(empty)}: those conditions stay untrained"
+    if counts[-1] == 0:
+        msg += ("; restoring at S = 1.0 uses one of them (score with --normalization minmax, or use "
+                "model.quality_embedding=continuous)")
+    return [msg]
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
