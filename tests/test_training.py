@@ -232,3 +232,12 @@ def test_quality_coverage_warns_about_untrained_bins():
     assert "[0.90, 1.00]" in msg and "S = 1.0" in msg and "[0.30, 0.40)" not in msg
     m.quality_embedding = "continuous"
     assert quality_coverage(m, [0.5]) == []
+
+
+def test_stage2_may_change_stage2_settings_but_not_stage1_ones(stage1_run, image_dir, tmp_path):
+    ok = small_cfg(2, "train.steps=1", "model.quality_embedding=continuous", "model.transformer.layers=1",
+                   "model.gradient_path=soft")
+    assert train(ok, image_dir, tmp_path / "a", stage1=stage1_run, device="cpu", progress=False).completed
+    bad = small_cfg(2, "train.steps=1", "model.codebook_size=32")
+    with pytest.raises(ValueError, match=r"model\.codebook_size"):
+        train(bad, image_dir, tmp_path / "b", stage1=stage1_run, device="cpu", progress=False)

@@ -104,6 +104,11 @@ class Stage1Task:
         return {}
 
 
+# The model settings that stage 1 fixes (the autoencoder, its codebooks and the fusion it was
+# trained with); the rest (embedding, Transformer, gradient path) belong to stage 2 alone.
+STAGE1_MODEL_KEYS = ("image_size", "base_channels", "channel_mult", "num_res_blocks", "attn_resolutions",
+                     "latent_channels", "codebook_size", "dual_codebook", "alpha")
+
 QUALITY_MIN_SIDE = 192  # NIQE's 96-pixel blocks at two scales need two blocks at half size
 
 
@@ -161,9 +166,10 @@ class Stage2Task:
         saved = C.from_dict(meta["config"])
         if meta.get("arch", "vqgan") != "vqgan":
             raise ValueError(f"--stage1 {stage1} is not a stage-1 (vqgan) checkpoint")
-        if saved.model != self.cfg.model:
-            diff = [k for k in C.to_dict(saved)["model"] if C.to_dict(saved)["model"][k] != C.to_dict(self.cfg)["model"][k]]
-            raise ValueError(f"--stage1 {stage1}: model settings differ from this config: {', '.join('model.' + d for d in diff)}")
+        diff = [k for k in STAGE1_MODEL_KEYS if getattr(saved.model, k) != getattr(self.cfg.model, k)]
+        if diff:
+            raise ValueError(f"--stage1 {stage1}: stage-1 settings differ from this config: "
+                             + ", ".join(f"model.{k} ({getattr(saved.model, k)!r} there)" for k in diff))
         state = tensors.get("ema") or tensors["model"]
         self.target.load_state_dict(state)
         self.generator.load_stage1(state)
