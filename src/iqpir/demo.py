@@ -48,6 +48,7 @@ DEMO_OVERRIDES = [
 ]
 
 
+
 def _bundled_images() -> dict[str, torch.Tensor]:
     """name -> (3, H, W) in [0, 1], from scikit-image's bundled data and matplotlib's sample data."""
     try:
@@ -97,7 +98,7 @@ def _log(msg: str) -> None:
 
 
 def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False,
-             stage1_steps: int = 1500, stage2_steps: int = 1500) -> dict:
+             stage1_steps: int = 500, stage2_steps: int = 500) -> dict:
     """Run the demo into `out`; return the results dict (also written to out/results.json)."""
     from iqpir.data import degrade
     from iqpir.iqa import QualityEnsemble
@@ -139,7 +140,7 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
                                             f"train.ckpt_every={stage1_steps}", *thr])
     cfg2 = C.load(preset="tiny", overrides=[*DEMO_OVERRIDES, "train.stage=2", f"train.steps={stage2_steps}",
                                             f"train.ckpt_every={stage2_steps}", "train.lr=5e-4",
-                                            f"train.quality_start_step={stage2_steps // 2}", *thr])
+                                            f"train.quality_start_step={stage2_steps * 4 // 5}", *thr])
     _log(f"stage 1: {stage1_steps} steps")
     t1 = time.perf_counter()
     _check(train(cfg1, train_dir, out / "stage1", scores=scores, device="cpu"))
@@ -221,6 +222,28 @@ def _sweep_figure(out: Path, results: dict) -> str | None:
     return "sweep.png"
 
 
+def _strip(out: Path, results: dict, height: int = 160) -> str:
+    """strip.png: one row per held-out image: degraded | restored at S = 1.0 | reference."""
+    from PIL import Image
+
+    rows = []
+    for e in results["per_image"]:
+        tiles = [Image.open(out / p / f"{e['name']}.png").convert("RGB") for p in
+                 ("data/heldout/degraded", "restored/S1.00", "data/heldout/reference")]
+        tiles = [t.resize((round(t.width * height / t.height), height), Image.BICUBIC) for t in tiles]
+        row = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), height), "white")
+        x = 0
+        for t in tiles:
+            row.paste(t, (x, 0))
+            x += t.width + 8
+        rows.append(row)
+    strip = Image.new("RGB", (max(r.width for r in rows), len(rows) * (height + 8) - 8), "white")
+    for i, r in enumerate(rows):
+        strip.paste(r, (0, i * (height + 8)))
+    strip.save(out / "strip.png", optimize=True)
+    return "strip.png"
+
+
 def _write_report(out: Path, results: dict) -> None:
     lq, best = results["lq"], results["restored"]
     better = [m for m in ("psnr", "ssim", "quality") if best[m] > lq[m]]
@@ -251,6 +274,7 @@ def _write_report(out: Path, results: dict) -> None:
         for s in results["sweep"]
     )
     fig = _sweep_figure(out, results)
+    _strip(out, results)
     fig_html = f"<img src='{fig}' alt='quality sweep'>" if fig else "<p>(matplotlib not installed: no plot)</p>"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>iqpir demo</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} img{{max-width:320px}}

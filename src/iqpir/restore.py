@@ -91,11 +91,14 @@ class Restorer:
         s = self.image_size
         if h == s and w == s:
             return self._run(image[None], quality, alpha)[0]
-        # pad images smaller than a tile (reflect where possible) and crop back afterwards
-        ph, pw = max(0, s - h), max(0, s - w)
-        if ph or pw:
-            mode = "reflect" if ph < h and pw < w else "replicate"
-            image = torch.nn.functional.pad(image[None], (0, pw, 0, ph), mode=mode)[0]
+        # A margin of overlap/2 mirrored pixels keeps the image border away from the tile
+        # borders, where a convolutional network sees zero padding and does worst; images
+        # smaller than a tile are padded up to one. Both are cropped off afterwards.
+        m = self.overlap // 2
+        top = left = m
+        bottom, right = m + max(0, s - h - 2 * m), m + max(0, s - w - 2 * m)
+        mode = "reflect" if max(top, bottom) < h and max(left, right) < w else "replicate"
+        image = torch.nn.functional.pad(image[None], (left, right, top, bottom), mode=mode)[0]
         H, W = image.shape[1:]
         boxes = [(y, x) for y in tile_starts(H, s, self.overlap) for x in tile_starts(W, s, self.overlap)]
         acc = torch.zeros(3, H, W)
@@ -107,7 +110,7 @@ class Restorer:
             for (y, x), t in zip(chunk, out):
                 acc[:, y : y + s, x : x + s] += t * self._window
                 weight[:, y : y + s, x : x + s] += self._window
-        return (acc / weight)[:, :h, :w]
+        return (acc / weight)[:, top : top + h, left : left + w]
 
     def restore(self, images, quality: float = 1.0, alpha: float | None = None):
         """Restore tensors ((3,H,W) or (N,3,H,W) in [0,1]) or PIL images (one or a list).
