@@ -229,10 +229,6 @@ def pyplot():
 # The Table 5 arms (shared by ablation.py, quality_control.py, over_optimisation.py)
 # --------------------------------------------------------------------------------------
 
-# Model settings that only stage 2 uses: a stage-1 run is valid for any values of these.
-STAGE2_ONLY = {"quality_embedding", "quality_bins", "fourier_features", "gradient_path", "soft_temperature",
-               "transformer"}
-
 ARMS = {
     # name: (dual codebook, quality embedding, quality loss, gradient path)
     "a": (False, "none", False, "straight_through"),
@@ -250,27 +246,6 @@ ARM_LABELS = {
 }
 
 
-def stage1_view(stage1: Path, cfg2: C.RunConfig, dest: Path) -> Path:
-    """A copy of a stage-1 checkpoint whose stored config carries cfg2's stage-2-only settings.
-
-    Stage2Task refuses a stage-1 run whose model config differs in any key, including keys that
-    stage 1 never uses (embedding, Transformer, gradient path); the weights are the same, so one
-    stage-1 run serves every arm through such a view.
-    """
-    from iqpir.checkpoint import load_checkpoint, save_checkpoint
-
-    tensors, meta = load_checkpoint(stage1)
-    saved = meta["config"]["model"]
-    new = C.to_dict(cfg2)["model"]
-    differ = {k for k in saved if saved[k] != new[k]}
-    if differ - STAGE2_ONLY:
-        raise ValueError(f"stage-1 run {stage1} differs in stage-1 settings {sorted(differ - STAGE2_ONLY)}")
-    meta["config"]["model"] = new
-    dest.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(dest / "stage1", tensors, meta)
-    return dest / "stage1.safetensors"
-
-
 def arm_run(name: str, work: Path, data, s1_steps: int, s2_steps: int, seed: int = 0) -> tuple[Path, C.RunConfig]:
     """Train (or reuse) the stage-1 and stage-2 runs of arm `name`; -> (stage-2 run dir, cfg2)."""
     train_dir, scores, _, median = data
@@ -282,8 +257,7 @@ def arm_run(name: str, work: Path, data, s1_steps: int, s2_steps: int, seed: int
              f"train.quality_weight={0.1 if qloss else 0.0}", f"train.quality_start_step={s2_steps // 2}"]
     cfg2 = make_config(2, s2_steps, extra, median, seed=seed)
     run = work / "runs" / f"stage2-{name}-{s1_steps}-{s2_steps}-seed{seed}"
-    view = stage1_view(s1, cfg2, work / "runs" / "views" / run.name)
-    return cached_train(cfg2, train_dir, scores, run, stage1=view), cfg2
+    return cached_train(cfg2, train_dir, scores, run, stage1=s1), cfg2
 
 
 def md_table(rows: list[dict[str, str]]) -> str:
