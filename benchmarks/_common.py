@@ -42,7 +42,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--work", default=None, help="cache folder for data and runs (default: a new temp folder)")
     p.add_argument("--out", default=None, help="folder for the figure and images (default: WORK/out)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on busy shared cores, 2 OpenMP threads wait at barriers and "
+                        "small convolutions run up to 50x slower)")
     return p
 
 
