@@ -41,7 +41,7 @@ def main() -> None:
             if lq_scores is None:
                 lq_scores = B.evaluate(lambda x: x, lq, refs, judge)
             restorer = load_restorer(run, device="cpu")
-            r = B.evaluate(lambda x: restorer.restore(x, quality=1.0), lq, refs, judge,
+            r = B.evaluate(lambda x, r=restorer: r.restore(x, quality=1.0), lq, refs, judge,
                            save=out / "ablation" / f"{arm}-seed{seed}")
             results[arm].append(r)
             B.log(f"arm {arm} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))

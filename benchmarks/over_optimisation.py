@@ -20,19 +20,19 @@ from __future__ import annotations
 import json
 import time
 
+import _common as B
 import torch
 
-import _common as B
 from iqpir import io
 
 
 def tiles_of(img: torch.Tensor, s: int) -> torch.Tensor:
-    c, h, w = img.shape
+    c = img.shape[0]
     return img.unfold(1, s, s).unfold(2, s, s).permute(1, 2, 0, 3, 4).reshape(-1, c, s, s)
 
 
 def assemble(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    n, c, s, _ = t.shape
+    _, c, s, _ = t.shape
     return t.view(rows, cols, c, s, s).permute(2, 0, 3, 1, 4).reshape(c, rows * s, cols * s)
 
 
@@ -70,10 +70,10 @@ def main() -> None:
             o = model(tiles_of(lq, s), 1.0)
         start = assemble(o.restored, rows, cols).clamp(0, 1)
 
-        def decode_continuous(z):
+        def decode_continuous(z, rows=rows, cols=cols):
             return assemble(model.decoder(z), rows, cols).clamp(0, 1)
 
-        def decode_discrete(logits):
+        def decode_discrete(logits, rows=rows, cols=cols, o=o):
             lc, lh = logits
             size = o.z_f.shape[-2:]
             hard = model.quantizer.lookup(lc.argmax(-1).view(-1, *size), lh.argmax(-1).view(-1, *size), alpha=alpha)
@@ -113,7 +113,7 @@ def main() -> None:
 
     table = []
     for space in ("continuous", "discrete"):
-        def delta(k):
+        def delta(k, space=space):
             return [results[n][space][k] - results[n]["start"][k] for n in results]
         table.append({"method": f"{space} ({args.steps} steps, lr {getattr(args, 'lr_' + space)})",
                       "ΔQ (optimised) ↑": B.fmt_ms(delta("q"), 3), "ΔPIQE (judge) ↓": B.fmt_ms(delta("piqe"), 2),

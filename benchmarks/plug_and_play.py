@@ -17,9 +17,8 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
 import _common as B
+import torch
 
 ARM_NAMES = ("U-Net", "U-Net + S", "U-Net +")
 
@@ -71,7 +70,7 @@ def main() -> None:
                 fit(recipe, ds, args.steps, batch_size=cfg.train.batch_size, lr=args.lr, seed=seed)
                 train_s = time.perf_counter() - t1
                 with torch.no_grad():
-                    r = B.evaluate(lambda x: recipe.restore(x[None], 1.0)[0], lq, refs, judge,
+                    r = B.evaluate(lambda x, r=recipe: r.restore(x[None], 1.0)[0], lq, refs, judge,
                                    save=out / "plug_and_play" / deg / f"{arm.replace(' ', '')}-seed{seed}")
                 r["train_s"] = train_s
                 results[deg][arm].append(r)

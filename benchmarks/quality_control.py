@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
 import _common as B
+import torch
 
 SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -49,7 +48,7 @@ def main() -> None:
         restorer = load_restorer(run, device="cpu")
         results[arm] = {}
         for s in SWEEP:
-            results[arm][s] = B.evaluate(lambda x: restorer.restore(x, quality=s), lq, refs, judge,
+            results[arm][s] = B.evaluate(lambda x, r=restorer, s=s: r.restore(x, quality=s), lq, refs, judge,
                                          save=out / "quality_control" / arm / f"S{s:.2f}")
             B.log(f"arm {arm} S={s}: PIQE {results[arm][s]['piqe']:.2f} NIQE {results[arm][s]['niqe']:.2f}")
 
