@@ -149,3 +149,29 @@ def test_recipe_rejects_a_non_differentiable_quality_model():
 
     with pytest.raises(ValueError, match="differentiable"):
         PluginRecipe(UNet(channels=8), quality=NotDiff())
+
+
+def test_any_network_with_a_named_feature():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 3, 3, padding=1))
+    model = QualityConditioned(net, feature="0", channels=6, kind="continuous", zero_init=False)
+    x = torch.rand(2, 3, 12, 12)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, 0.1), model(x, 0.9))
+        assert model(x, 0.5).shape == x.shape
+
+
+def test_feature_that_is_not_a_feature_map_raises():
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x, x
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+
+        def forward(self, x):
+            return self.pair(x)[0]
+
+    with pytest.raises(TypeError, match="one \\(B, C, h, w\\) tensor"):
+        QualityConditioned(Net(), feature="pair", channels=3)(torch.rand(1, 3, 8, 8), 0.5)
