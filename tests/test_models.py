@@ -411,3 +411,16 @@ def test_model_info_cli_prints_json():
     assert code == 0
     counts = json.loads(buf.getvalue())
     assert counts["total_params"] > 0 and counts["quality_embedding"] > 0
+
+
+def test_codebook_init_from_data_puts_every_code_near_an_encoder_output():
+    from iqpir.models.quantizer import DualCodebookQuantizer
+
+    q = DualCodebookQuantizer(num_codes=32, dim=8)
+    z = torch.randn(2, 8, 4, 4) * 3 + 5
+    q.init_from(z, generator=torch.Generator().manual_seed(0))
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 8)
+    for vq in (q.common, q.hq):
+        nearest = torch.cdist(vq.codebook.detach(), flat).min(dim=1).values
+        assert nearest.max() < 0.2 * z.std()
+        assert not torch.equal(q.common.codebook, torch.zeros_like(q.common.codebook))

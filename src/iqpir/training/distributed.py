@@ -83,6 +83,14 @@ def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         offset += n
 
 
+def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's parameters and buffers to every rank."""
+    if not info.enabled:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
 def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     """True on every rank when `flag` is True on any rank (stop requests, non-finite losses)."""
     if not info.enabled:

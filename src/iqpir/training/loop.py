@@ -301,6 +301,12 @@ def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, 
         pin_memory=info.device.type == "cuda",
     )
     batches = iter(loader)
+    if not resume:
+        # Data-dependent set-up from the first global batch, made on rank 0 and broadcast so
+        # every rank (and a one-process run) starts from the same weights.
+        first = PlannedSamples(dataset, tc.seed)
+        task.prepare(_to_device(collate([first[p] for p in range(tc.batch_size * info.world_size)]), info.device))
+        D.broadcast_module(task.generator, info)
     last_ckpt: Path | None = existing[-1] if existing else None
     reason = ""
     bar = None

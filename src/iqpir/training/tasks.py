@@ -64,6 +64,12 @@ class Stage1Task:
             self.loss_names.append("gan")
             self.aux_names.append("disc")
 
+    @torch.no_grad()
+    def prepare(self, batch: dict) -> None:
+        """Before the first step of a new run: codebooks from the first batch's encoder outputs."""
+        g = torch.Generator().manual_seed(self.cfg.train.seed)
+        self.generator.quantizer.init_from(self.generator.encoder(batch["hq"]), generator=g)
+
     def losses(self, batch: dict, step: int) -> dict[str, Tensor]:
         tc = self.cfg.train
         hq, quality = batch["hq"], batch["quality"]
@@ -194,6 +200,9 @@ class Stage2Task:
             else:
                 terms["quality"] = out.z_lq.new_zeros((), dtype=torch.float32)
         return terms
+
+    def prepare(self, batch: dict) -> None:
+        """Stage 2 starts from stage 1's codebooks: nothing to prepare."""
 
     def extra_state(self) -> dict[str, dict[str, Tensor]]:
         return {"target": self.target.state_dict()}
