@@ -98,7 +98,7 @@ def _log(msg: str) -> None:
 
 
 def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False,
-             stage1_steps: int = 500, stage2_steps: int = 500) -> dict:
+             stage1_steps: int = 1000, stage2_steps: int = 400) -> dict:
     """Run the demo into `out`; return the results dict (also written to out/results.json)."""
     from iqpir.data import degrade
     from iqpir.iqa import QualityEnsemble
