@@ -45,3 +45,10 @@ def test_import_keeps_optional_dependencies_out():
 def test_python_dash_m_runs():
     out = subprocess.run([sys.executable, "-m", "iqpir", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("iqpir ")
+
+
+def test_allocator_setting_can_be_turned_off(monkeypatch):
+    from iqpir.cli import keep_freed_memory
+
+    monkeypatch.setenv("IQPIR_DEFAULT_MALLOC", "1")
+    assert keep_freed_memory() is False
