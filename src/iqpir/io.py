@@ -206,15 +206,18 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
-def check_batch(images: torch.Tensor, name: str = "images") -> torch.Tensor:
-    """Validate a batch in the package convention: (N, 3, H, W) floating in [0, 1]."""
+def check_batch(images: torch.Tensor, name: str = "images", check_range: bool = True) -> torch.Tensor:
+    """Validate a batch in the package convention: (N, 3, H, W) floating in [0, 1].
+
+    check_range=False skips the value check (a device sync), for hot paths such as losses.
+    """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"{name}: expected shape (N, 3, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"{name}: expected a floating tensor in [0, 1], got {images.dtype}")
-    if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+    if check_range and images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
         raise ValueError(
             f"{name}: values must be in [0, 1], got [{images.min().item():.3f}, {images.max().item():.3f}]"
         )

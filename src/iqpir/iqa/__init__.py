@@ -16,8 +16,8 @@ Importing this package imports neither pyiqa, torchvision nor cv2.
 
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -85,14 +85,3 @@ def normalize(
         s = 1.0 - s
     s = torch.nan_to_num(s, nan=0.0)
     return s.clamp(0.0, 1.0)
-
-
-def check_images(images: torch.Tensor, name: str) -> torch.Tensor:
-    """Validate (N, 3, H, W) floating input in [0, 1] (a small tolerance for round-off)."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name}: expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"{name}: expected a floating tensor in [0, 1], got {images.dtype}")
-    return images

@@ -46,7 +46,8 @@ from importlib import resources
 
 import torch
 
-from iqpir.iqa.base import ScorerModule, check_images
+from iqpir.io import check_batch
+from iqpir.iqa.base import ScorerModule
 from iqpir.iqa.matlab import blocks, imresize, mscn, rgb2gray
 
 # Fixed-normalisation range of NIQE (lower = better). NIQE has no upper bound. 0 is the
@@ -253,7 +254,7 @@ class NIQE(ScorerModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1], H, W >= 96 -> (N,) NIQE (float32)."""
-        check_images(images, self.name)
+        check_batch(images, self.name, check_range=False)
         x = images.to(self.mu_prisparam.device)
         if x.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float32, device=x.device)

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from iqpir.iqa.base import ScorerModule, check_images
+from iqpir.io import check_batch
+from iqpir.iqa.base import ScorerModule
 from iqpir.iqa.matlab import blocks, mscn, rgb2gray
 
 PIQE_RANGE = (0.0, 100.0)
@@ -94,7 +95,7 @@ class PIQE(ScorerModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> (N,) PIQE (float32)."""
-        check_images(images, self.name)
+        check_batch(images, self.name, check_range=False)
         x = images.to(self._device_anchor.device)
         step = self.cpu_chunk if x.device.type == "cpu" else max(1, x.shape[0])
         with torch.no_grad():

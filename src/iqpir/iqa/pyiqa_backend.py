@@ -22,15 +22,16 @@ import contextlib
 import io
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import torch
 
-from iqpir.iqa.base import ScorerModule, check_images
+from iqpir.io import check_batch
+from iqpir.iqa.base import ScorerModule
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -267,7 +268,7 @@ class PyiqaScorer(ScorerModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> (N,) native scores (float32)."""
-        check_images(images, self.name)
+        check_batch(images, self.name, check_range=False)
         device = next((b.device for b in self.model.buffers()), None) or next(
             (p.device for p in self.model.parameters()), images.device
         )
