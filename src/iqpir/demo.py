@@ -88,9 +88,10 @@ def _resize_long_side(img: torch.Tensor, side: int) -> torch.Tensor:
                                            align_corners=False)[0].clamp(0, 1)
 
 
-def demo_config(stage: int, steps: int) -> C.RunConfig:
+def demo_config(stage: int, steps: int, *overrides: str) -> C.RunConfig:
+    """The demo's tiny-preset config for one stage (checkpoint at the end only)."""
     return C.load(preset="tiny", overrides=[*DEMO_OVERRIDES, f"train.stage={stage}", f"train.steps={steps}",
-                                            f"train.ckpt_every={steps}"])
+                                            f"train.ckpt_every={steps}", *overrides])
 
 
 def _log(msg: str) -> None:
@@ -136,11 +137,8 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
     # images at all; the demo puts the threshold at the median S so that half the images use it.
     median = float(torch.tensor(sorted(table.quality.values())).median())
     thr = [f"model.hq_threshold={median:.4f}"]
-    cfg1 = C.load(preset="tiny", overrides=[*DEMO_OVERRIDES, "train.stage=1", f"train.steps={stage1_steps}",
-                                            f"train.ckpt_every={stage1_steps}", *thr])
-    cfg2 = C.load(preset="tiny", overrides=[*DEMO_OVERRIDES, "train.stage=2", f"train.steps={stage2_steps}",
-                                            f"train.ckpt_every={stage2_steps}", "train.lr=5e-4",
-                                            f"train.quality_start_step={stage2_steps * 4 // 5}", *thr])
+    cfg1 = demo_config(1, stage1_steps, *thr)
+    cfg2 = demo_config(2, stage2_steps, "train.lr=5e-4", f"train.quality_start_step={stage2_steps * 4 // 5}", *thr)
     _log(f"stage 1: {stage1_steps} steps")
     t1 = time.perf_counter()
     _check(train(cfg1, train_dir, out / "stage1", scores=scores, device="cpu"))
