@@ -8,6 +8,7 @@ sees only a detached reconstruction when it is trained.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class Stage1Task:
             from iqpir.training.perceptual import build_perceptual
 
             self.perceptual, note = build_perceptual(device)
-            if self.perceptual is None:
+            if self.perceptual is None and os.environ.get("RANK", "0") == "0":  # once, not per rank
                 print(f"iqpir train: perceptual loss off: {note}", file=sys.stderr)
         self.loss_names = ["l1"] + (["perceptual"] if self.perceptual is not None else [])
         self.loss_names += ["codebook_common", "codebook_hq"]
