@@ -7,7 +7,6 @@ When either is missing the caller gets None and a one-line reason, and trains wi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -29,8 +28,7 @@ def build_perceptual(device: torch.device):
         return None, "needs the `perceptual` extra (pip install 'iqpir[perceptual]') and VGG16 weights at " + str(path)
     if not path.is_file():
         return None, f"VGG16 weights not found at {path} (put {VGG16_FILE} there; TORCH_HOME moves the folder)"
-    os.environ.setdefault("TORCH_HOME", str(Path(torch.hub.get_dir()).parent))
-    import lpips
+    import lpips  # torchvision finds the VGG16 file in torch.hub's cache, the folder checked above
 
     net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
 
