@@ -377,19 +377,18 @@ def test_single_codebook_restorer():
 
 def test_paper_parameter_counts():
     counts = parameter_counts(C.from_preset("paper").model)
-    # CodeFormer at the same sizes (computed in notes/restoration-anchors.md 2.5): encoder
-    # 29.42M, decoder 34.06M, one 1024x256 codebook 0.26M, Transformer with its 1024-way head
-    # 19.71M, CFT 10.66M, total 94.11M. We have no CFT (IQPIR's released model runs with w=0)
-    # and add a second codebook (0.26M), the 10-bin 16x16x256 quality embedding (0.66M) and a
-    # second head (0.52M): 94.11 - 10.66 + 1.44 = 84.89M.
+    # The official IQPIR network, tensor for tensor: the sum over assets/official/manifest-iqpir.json
+    # is 95,554,499 (CodeFormer's 94.11M with CFT 10.66M, plus a second codebook 0.26M, the
+    # 10-bin 16x16x256 score embedding 0.66M and a second 1024-way head 0.52M).
     assert counts["encoder"] == pytest.approx(29.42e6, rel=1e-3)
     assert counts["decoder"] == pytest.approx(34.06e6, rel=1e-3)
     assert counts["transformer"] + counts["heads"] == pytest.approx(19.71e6 + 0.52e6, rel=1e-3)
     assert counts["codebook_common"] == counts["codebook_hq"] == 1024 * 256
     assert counts["quality_embedding"] == 10 * 16 * 16 * 256
-    assert 84.5e6 < counts["total_params"] < 85.5e6
+    assert counts["cft"] == pytest.approx(10.66e6, rel=1e-3)
+    assert counts["total_params"] == 95_554_499
     parts = (
-        "encoder", "quality_embedding", "transformer", "heads", "codebook_common", "codebook_hq", "decoder"
+        "encoder", "quality_embedding", "transformer", "heads", "codebook_common", "codebook_hq", "decoder", "cft"
     )
     assert counts["total_params"] == sum(counts[k] for k in parts)
     assert counts["discriminator"] == pytest.approx(6.96e6, rel=1e-3)

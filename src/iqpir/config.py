@@ -70,6 +70,18 @@ class ModelConfig:
     gradient_path: Literal["straight_through", "soft"] = "straight_through"
     soft_temperature: float = 1.0
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    # Initialisation of the stage-2 additions: "official" (PyTorch defaults for the Transformer,
+    # zero position embedding, N(0, 1) quality maps, as CodeFormer/IQPIR) or "small" (N(0, 0.02)).
+    init: Literal["official", "small"] = "official"
+    # CodeFormer's controllable feature transformation (CFT): decoder resolutions that fuse encoder
+    # features with fidelity weight w (official: 32, 64, 128, 256; skipped entirely at w = 0).
+    cft_resolutions: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    # Official inference re-normalises the looked-up code features to the channel statistics of the
+    # (quality-conditioned) encoder features (AdaIN) before decoding: on for official weights.
+    adain: bool = False
+    # What the network restores: "faces" (aligned 512x512 faces: `restore --faces`) or "general"
+    # (any photo, through tiles).
+    task: Literal["faces", "general"] = "faces"
     disc_channels: int = 64
     disc_layers: int = 4
 
@@ -223,6 +235,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "transformer": {"layers": 2, "width": 128, "heads": 4, "mlp": 256},
             "disc_channels": 32,
             "disc_layers": 2,
+            "init": "small",
+            "cft_resolutions": [],
+            "task": "general",
         },
         "data": {"mode": "crop"},
         "train": {
@@ -254,6 +269,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.transformer.width must be divisible by model.transformer.heads")
     if m.quality_bins < 1:
         raise ConfigError("model.quality_bins must be >= 1")
+    sizes = [m.image_size // 2**i for i in range(len(m.channel_mult))]
+    for r in m.cft_resolutions:
+        if r not in sizes:
+            raise ConfigError(f"model.cft_resolutions: {r} is not a decoder resolution ({sorted(sizes)})")
     if cfg.train.stage not in (1, 2):
         raise ConfigError(f"train.stage={cfg.train.stage} must be 1 or 2")
     for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):

@@ -78,7 +78,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts per module of the restorer (and the discriminator, separately).
 
     `total_params` is the inference network: encoder + quality embedding + Transformer +
-    heads + both codebooks + decoder. `vqgan_params` is the stage-1 network (encoder,
+    heads + both codebooks + decoder + CFT blocks (CodeFormer's, when configured). `vqgan_params` is the stage-1 network (encoder,
     codebooks, decoder); `stage2_trainable` what stage 2 trains (encoder, embedding,
     Transformer, heads). The networks are built on the meta device: no memory, no init cost.
     """
@@ -94,6 +94,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
         "codebook_common": _count(restorer.quantizer.common),
         "codebook_hq": _count(restorer.quantizer.hq),
         "decoder": _count(restorer.decoder),
+        "cft": _count(restorer.cft),
     }
     counts["total_params"] = sum(counts.values())
     counts["vqgan_params"] = (

@@ -56,6 +56,8 @@ class QualityEmbedding(nn.Module):
         channels, size: the latent shape C, h = w = size.
         fourier_features: number of sin/cos frequency pairs of the continuous form.
         hidden: width of the continuous form's MLP.
+        init_std: standard deviation of the maps' normal initialisation: 1.0 is the official
+            one (nn.Embedding's default N(0, 1)), 0.02 a small start.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class QualityEmbedding(nn.Module):
         size: int,
         fourier_features: int = 16,
         hidden: int = 128,
+        init_std: float = 1.0,
     ) -> None:
         super().__init__()
         if kind not in QUALITY_EMBEDDINGS:
@@ -79,11 +82,11 @@ class QualityEmbedding(nn.Module):
         self.fourier_features = fourier_features
         if kind == "none":
             return
-        # A small random start (not zeros) so that S changes the Transformer's input, and hence
-        # its logits, from the first step; zero-initialised maps would also work for training
-        # but leave the condition inert until the first update.
+        # A random start (not zeros) so that S changes the Transformer's input, and hence its
+        # logits, from the first step; zero-initialised maps would leave the condition inert
+        # until the first update.
         self.maps = nn.Parameter(torch.empty(bins, channels, size, size))
-        normal_(self.maps, std=0.02)
+        normal_(self.maps, std=init_std)
         if kind == "continuous":
             # Features [S, sin(k*pi*S)/k, cos(k*pi*S)/k] for k = 1..F: a sine/cosine basis on
             # [0, 1], so the MLP sees a smooth, injective code of S. The 1/k damping makes the

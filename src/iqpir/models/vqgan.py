@@ -1,10 +1,13 @@
 """Encoder E, decoder D and the stage-1 dual-codebook VQ autoencoder (paper 3.1).
 
-The shape follows VQGAN/CodeFormer: a 3x3 conv in; per level `num_res_blocks` residual blocks
-(GroupNorm + SiLU), self-attention blocks at the resolutions in `attn_resolutions`, a stride-2
-conv between levels; a middle ResBlock-Attention-ResBlock; GroupNorm, SiLU and a 3x3 conv to
-the latent. The decoder mirrors it with nearest-neighbour x2 upsampling. Paper preset:
-512x512x3 -> 16x16x256 with channels [1, 2, 2, 4, 4, 8] x 64 and attention at 16x16.
+The architecture is CodeFormer's VQGAN (Zhou et al., NeurIPS 2022), which IQPIR keeps: a 3x3
+conv in; per level `num_res_blocks` residual blocks (GroupNorm + SiLU), self-attention after
+each residual block at the resolutions in `attn_resolutions`, a stride-2 conv between levels
+(zero-padded on the right and bottom only); a middle ResBlock-Attention-ResBlock; GroupNorm
+and a 3x3 conv to the latent (no activation between them, unlike taming-transformers). The
+decoder mirrors it with nearest-neighbour x2 upsampling. Paper preset: 512x512x3 -> 16x16x256
+with channels [1, 2, 2, 4, 4, 8] x 64 and attention at 16x16. Official state dicts map onto
+these modules one to one (`iqpir.official`).
 
 Image convention at the boundaries: RGB NCHW in [0, 1]. The encoder maps its input to
 [-1, 1] internally (the range the VQGAN lineage trains in) and the decoder maps back, so
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,14 +67,18 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv: (B, C, H, W) -> (B, C, H/2, W/2) for even H, W."""
+    """Stride-2 3x3 conv: (B, C, H, W) -> (B, C, H/2, W/2) for even H, W.
+
+    As in VQGAN/CodeFormer the input is zero-padded by one pixel on the right and bottom only
+    and the conv has no padding of its own, so output pixel (i, j) sees input rows 2i..2i+2.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -89,6 +97,10 @@ class Encoder(nn.Module):
 
     L = len(channel_mult). Attention blocks are placed where the resolution, counted from
     `image_size`, is in `attn_resolutions`; other input sizes divisible by 2^(L-1) also work.
+
+    `taps` maps a resolution to the index in `blocks` whose output CodeFormer's feature
+    transformation reads: the last residual block of that level (before the attention block at
+    the latent resolution).
     """
 
     def __init__(
@@ -104,11 +116,13 @@ class Encoder(nn.Module):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         blocks: list[nn.Module] = []
+        self.taps: dict[int, int] = {}
         ch, res = base_channels, image_size
         for level, mult in enumerate(channel_mult):
             out_ch = base_channels * mult
             for _ in range(num_res_blocks):
                 blocks.append(ResBlock(ch, out_ch))
+                self.taps[res] = len(blocks) - 1
                 ch = out_ch
                 if res in attn_resolutions:
                     blocks.append(AttnBlock(ch))
@@ -116,20 +130,28 @@ class Encoder(nn.Module):
                 blocks.append(Downsample(ch))
                 res //= 2
         blocks += [ResBlock(ch, ch), AttnBlock(ch), ResBlock(ch, ch)]
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.ModuleList(blocks)
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, latent_channels, 3, padding=1)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, features: dict[int, Tensor] | None = None) -> Tensor:
+        """features: when a dict, filled with {resolution: feature map} at `taps` (see class doc)."""
         h = self.conv_in(images * 2.0 - 1.0)
-        h = self.blocks(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        want = {} if features is None else {i: r for r, i in self.taps.items()}
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i in want:
+                features[want[i]] = h
+        return self.conv_out(self.norm_out(h))
 
 
 class Decoder(nn.Module):
     """D: latent (B, latent_channels, h, w) -> images (B, 3, h*2^(L-1), w*2^(L-1)) in [0, 1] scale.
 
     The output is not clamped (losses want the raw values); clamp to [0, 1] for display.
+    `fuse_points` maps an index in `blocks` to the resolution at which CodeFormer's feature
+    transformation modulates the decoder after that block: the first residual block of each
+    level, the last one at the latent resolution (before its attention block).
     """
 
     def __init__(
@@ -147,23 +169,32 @@ class Decoder(nn.Module):
         res = image_size // 2 ** (len(channel_mult) - 1)
         self.conv_in = nn.Conv2d(latent_channels, ch, 3, padding=1)
         blocks: list[nn.Module] = [ResBlock(ch, ch), AttnBlock(ch), ResBlock(ch, ch)]
+        self.fuse_points: dict[int, int] = {}
+        latent_res = res
         for level in reversed(range(len(channel_mult))):
             out_ch = base_channels * channel_mult[level]
-            for _ in range(num_res_blocks):
+            for j in range(num_res_blocks):
                 blocks.append(ResBlock(ch, out_ch))
+                if (res == latent_res and j == num_res_blocks - 1) or (res != latent_res and j == 0):
+                    self.fuse_points[len(blocks) - 1] = res
                 ch = out_ch
                 if res in attn_resolutions:
                     blocks.append(AttnBlock(ch))
             if level != 0:
                 blocks.append(Upsample(ch))
                 res *= 2
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.ModuleList(blocks)
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.blocks(self.conv_in(z))
-        return (self.conv_out(F.silu(self.norm_out(h))) + 1.0) * 0.5
+    def forward(self, z: Tensor, fuse: Callable[[int, Tensor], Tensor] | None = None) -> Tensor:
+        """fuse: optional fuse(resolution, h) -> h, called at `fuse_points` (CodeFormer's CFT)."""
+        h = self.conv_in(z)
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if fuse is not None and i in self.fuse_points:
+                h = fuse(self.fuse_points[i], h)
+        return (self.conv_out(self.norm_out(h)) + 1.0) * 0.5
 
 
 def _arch_kwargs(cfg: ModelConfig) -> dict:
