@@ -169,6 +169,15 @@ def save_checkpoint(
     return stem
 
 
+def load_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON sidecar of a checkpoint (run folder, stem or file), without reading tensors."""
+    stem = resolve_checkpoint(path)
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{stem}.json is not an iqpir checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, Tensor] | dict[str, dict[str, Tensor]], dict[str, Any]]:

@@ -1,6 +1,7 @@
 """Command line: each subcommand parses its flags and makes one library call.
 
-    iqpir model-info --preset paper
+    iqpir model-info --preset paper | --checkpoint FILE_OR_RUN
+    iqpir convert OFFICIAL.pth --out DIR
     iqpir score IMAGES... --metrics niqe,piqe --out scores.csv
     iqpir degrade IMAGES... --out DIR --preset bfr --seed 0
     iqpir train CONFIG --data DIR --out RUN [--steps N] [--resume] [--set key=value ...]
@@ -35,15 +36,41 @@ def _add_model_info(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", default=None, help="a built-in preset: paper (default) or tiny")
     g.add_argument("--config", default=None, help="a YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    g.add_argument("--checkpoint", default=None,
+                   help="a run folder, checkpoint, converted folder or official IQPIR/CodeFormer/VQGAN .pth")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (with --preset/--config), e.g. model.codebook_size=512")
 
 
 def _run_model_info(args: argparse.Namespace) -> int:
     from iqpir import config as C
     from iqpir.models import parameter_counts
 
-    cfg = C.load(args.config, args.overrides, preset=args.preset if args.config is None else None)
-    print(json.dumps(parameter_counts(cfg.model), indent=2))
+    if args.checkpoint is None:
+        cfg = C.load(args.config, args.overrides, preset=args.preset if args.config is None else None)
+        print(json.dumps(parameter_counts(cfg.model), indent=2))
+        return 0
+    from iqpir.official import checkpoint_info
+
+    print(json.dumps(checkpoint_info(args.checkpoint), indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------
+
+
+def _add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="FILE.pth", help="released IQPIR, CodeFormer or VQGAN weights (.pth)")
+    p.add_argument("--out", required=True, help="new checkpoint folder (usable by restore, evaluate, train)")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from iqpir.official import convert
+
+    stem = convert(args.source, args.out)
+    print(f"iqpir convert: {args.source} -> {stem}.safetensors (+ .json)", file=sys.stderr)
     return 0
 
 
@@ -113,6 +140,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="total steps (overrides train.steps)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--stage1", default=None, help="stage-1 run folder or checkpoint (stage 2)")
+    p.add_argument("--init", default=None,
+                   help="fine-tune from these weights: a checkpoint, run folder, `iqpir convert` folder or "
+                        "released IQPIR/CodeFormer .pth of this stage's network")
     p.add_argument("--scores", default=None, help="score table from `iqpir score` (default: scored once here)")
     p.add_argument("--device", default="auto")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -135,6 +165,7 @@ def _run_train(args: argparse.Namespace) -> int:
         stage1=args.stage1,
         scores=args.scores,
         device=args.device,
+        init=args.init,
     )
     return 0 if result.completed else 1
 
@@ -146,10 +177,17 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_restore(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
-    p.add_argument("--checkpoint", required=True, help="stage-2 run folder (its latest checkpoint) or checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="stage-2 run folder (its latest checkpoint), checkpoint, or released IQPIR/CodeFormer .pth")
     p.add_argument("--out", required=True, help="output folder (must not be an input folder)")
-    p.add_argument("--quality", type=float, default=1.0, help="target quality S in [0, 1] (default 1.0)")
-    p.add_argument("--alpha", type=float, default=None, help="HQ+ fusion weight (default: the model's)")
+    p.add_argument("--quality", type=float, default=None,
+                   help="target quality S in [0, 1] (default 1.0, the highest; IQPIR models only)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="HQ+ fusion weight in [0, 2] (default: the model's, 0.8 for IQPIR; 0 drops the HQ+ codes)")
+    p.add_argument("--fidelity", type=float, default=0.0,
+                   help="CodeFormer's fidelity weight w in [0, 1] (models with CFT blocks; 0 = best quality)")
+    p.add_argument("--aligned", action="store_true",
+                   help="inputs are aligned faces: restore each whole at the model's size (no tiling, no detection)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -169,6 +207,8 @@ def _run_restore(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        fidelity=args.fidelity,
+        aligned=args.aligned,
     )
     return 1 if report.failed else 0
 
@@ -224,7 +264,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "model-info": ("parameter counts per module, as JSON", _add_model_info, _run_model_info),
+    "model-info": ("kind, sizes and parameter counts of a preset, config or checkpoint, as JSON",
+                   _add_model_info, _run_model_info),
+    "convert": ("convert released IQPIR/CodeFormer/VQGAN weights (.pth) to an iqpir checkpoint", _add_convert,
+                _run_convert),
     "score": ("score images with an NR-IQA ensemble (the quality prior)", _add_score, _run_score),
     "degrade": ("make low-quality images with a degradation pipeline", _add_degrade, _run_degrade),
     "train": ("train stage 1 or stage 2 (also under torchrun)", _add_train, _run_train),

@@ -5,7 +5,7 @@ overlapping tiles of the model's size, restored in batches, and blended with a s
 window, so the output has the input's size without seams and memory stays bounded by one
 batch of tiles plus the output image.
 
-    restorer = iqpir.load_restorer("runs/stage2")
+    restorer = iqpir.load_restorer("runs/stage2")          # or an official IQPIR/CodeFormer .pth
     restored = restorer.restore(image, quality=1.0)   # tensor (3,H,W)/(N,3,H,W) or PIL image
 """
 
@@ -51,18 +51,24 @@ def blend_window(tile: int, overlap: int) -> torch.Tensor:
 
 
 class Restorer:
-    """A stage-2 IQPIR model ready for inference.
+    """A stage-2 model (IQPIR, or CodeFormer's released network) ready for inference.
 
     Args:
-        model: the network; called as model(lq (N,3,s,s) in [0,1], quality (N,), alpha=...) and
-            returning an object with `.restored` (N,3,s,s).
+        model: the network; called as model(lq (N,3,s,s) in [0,1], quality (N,) or None,
+            alpha=..., fidelity=...) and returning an object with `.restored` (N,3,s,s).
         image_size: the model's input size s.
         device, dtype: where and how to run (bf16/fp16 through autocast).
         overlap: tile overlap in pixels (default s/4).
+        kind: "iqpir" (quality-conditioned) or "codeformer"; task: "faces" | "general".
+        source: provenance of official weights (file, sha256, licence), else None.
+
+    `supports_quality` (the model has a quality condition S) and `supports_fidelity` (it has
+    CodeFormer's CFT blocks, so the fidelity weight w can be > 0) say which knobs exist.
     """
 
     def __init__(self, model: torch.nn.Module, image_size: int, device: str | torch.device = "cpu",
-                 dtype: str = "float32", batch_size: int = 4, overlap: int | None = None):
+                 dtype: str = "float32", batch_size: int = 4, overlap: int | None = None, *,
+                 kind: str = "iqpir", task: str = "general", source: dict | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.device = resolve_device(device) if isinstance(device, str) else device
@@ -72,6 +78,33 @@ class Restorer:
         self.batch_size = max(1, batch_size)
         self.overlap = image_size // 4 if overlap is None else overlap
         self._window = blend_window(image_size, self.overlap)
+        self.kind = kind
+        self.task = task
+        self.source = source
+        embedding = getattr(model, "quality_embedding", None)
+        self.supports_quality = embedding is None or embedding.kind != "none"
+        self.supports_fidelity = getattr(model, "cft", None) is not None
+        quantizer = getattr(model, "quantizer", None)
+        self.default_alpha = quantizer.alpha if quantizer is not None and quantizer.hq is not None else None
+
+    def check_knobs(self, quality: float | None, alpha: float | None, fidelity: float) -> float | None:
+        """Validate the inference settings for this model; -> the quality to feed (None when the
+        model has no quality condition)."""
+        if quality is not None and not 0.0 <= float(quality) <= 1.0:
+            raise ValueError(f"quality must be in [0, 1], got {quality}")
+        if not 0.0 <= float(fidelity) <= 1.0:
+            raise ValueError(f"fidelity must be in [0, 1], got {fidelity}")
+        if fidelity and not self.supports_fidelity:
+            raise ValueError(f"this {self.kind} model has no CFT blocks: --fidelity needs CodeFormer-style weights")
+        if alpha is not None and self.default_alpha is None:
+            raise ValueError(f"this {self.kind} model has one codebook: --alpha needs a dual-codebook (IQPIR) model")
+        if alpha is not None and not 0.0 <= float(alpha) <= 2.0:
+            raise ValueError(f"alpha must be in [0, 2], got {alpha}")
+        if not self.supports_quality:
+            if quality is not None:
+                raise ValueError(f"this {self.kind} model has no quality condition: leave --quality out")
+            return None
+        return 1.0 if quality is None else float(quality)
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -79,18 +112,22 @@ class Restorer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     @torch.inference_mode()
-    def _run(self, tiles: torch.Tensor, quality: float, alpha: float | None) -> torch.Tensor:
-        q = torch.full((tiles.shape[0],), float(quality), device=self.device)
+    def _run(self, tiles: torch.Tensor, quality: float | None, alpha: float | None,
+             fidelity: float = 0.0) -> torch.Tensor:
+        q = None if quality is None else torch.full((tiles.shape[0],), float(quality), device=self.device)
+        kwargs = {"fidelity": fidelity} if fidelity else {}
         with self._autocast():
-            out = self.model(tiles.to(self.device), q, alpha=alpha).restored
+            out = self.model(tiles.to(self.device), q, alpha=alpha, **kwargs).restored
         return out.float().clamp(0, 1).cpu()
 
-    def restore_one(self, image: torch.Tensor, quality: float = 1.0, alpha: float | None = None) -> torch.Tensor:
-        """(3, H, W) in [0, 1] -> (3, H, W) in [0, 1]."""
+    def restore_one(self, image: torch.Tensor, quality: float | None = None, alpha: float | None = None,
+                    fidelity: float = 0.0) -> torch.Tensor:
+        """(3, H, W) in [0, 1] -> (3, H, W) in [0, 1]; any size (tiles when it is not s x s)."""
+        quality = self.check_knobs(quality, alpha, fidelity)
         _, h, w = image.shape
         s = self.image_size
         if h == s and w == s:
-            return self._run(image[None], quality, alpha)[0]
+            return self._run(image[None], quality, alpha, fidelity)[0]
         # A margin of overlap/2 mirrored pixels keeps the image border away from the tile
         # borders, where a convolutional network sees zero padding and does worst; images
         # smaller than a tile are padded up to one. Both are cropped off afterwards.
@@ -106,44 +143,58 @@ class Restorer:
         for i in range(0, len(boxes), self.batch_size):
             chunk = boxes[i : i + self.batch_size]
             tiles = torch.stack([image[:, y : y + s, x : x + s] for y, x in chunk])
-            out = self._run(tiles, quality, alpha)
+            out = self._run(tiles, quality, alpha, fidelity)
             for (y, x), t in zip(chunk, out):
                 acc[:, y : y + s, x : x + s] += t * self._window
                 weight[:, y : y + s, x : x + s] += self._window
         return (acc / weight)[:, top : top + h, left : left + w]
 
-    def restore(self, images, quality: float = 1.0, alpha: float | None = None):
+    def restore(self, images, quality: float | None = None, alpha: float | None = None, fidelity: float = 0.0):
         """Restore tensors ((3,H,W) or (N,3,H,W) in [0,1]) or PIL images (one or a list).
 
-        Returns the same kind as given. `quality` is the target S in [0, 1] (1.0 = highest).
+        Returns the same kind as given. `quality` is the target S in [0, 1] (default 1.0, the
+        highest; None for models without a quality condition), `alpha` the HQ+ fusion weight
+        (default: the model's), `fidelity` CodeFormer's w (models with CFT blocks).
         """
-        if not 0.0 <= float(quality) <= 1.0:
-            raise ValueError(f"quality must be in [0, 1], got {quality}")
+        self.check_knobs(quality, alpha, fidelity)
         if isinstance(images, Image.Image):
-            return io.to_pil(self.restore_one(io.from_pil(images), quality, alpha))
+            return io.to_pil(self.restore_one(io.from_pil(images), quality, alpha, fidelity))
         if isinstance(images, (list, tuple)):
-            return [self.restore(im, quality, alpha) for im in images]
+            return [self.restore(im, quality, alpha, fidelity) for im in images]
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"expected a tensor or PIL image, got {type(images).__name__}")
         if images.ndim == 3:
-            return self.restore(images[None], quality, alpha)[0]
+            return self.restore(images[None], quality, alpha, fidelity)[0]
         io.check_batch(images)
         n, _, h, w = images.shape
         if h == self.image_size and w == self.image_size:  # whole batches of aligned crops
-            outs = [self._run(images[i : i + self.batch_size], quality, alpha) for i in range(0, n, self.batch_size)]
+            q = self.check_knobs(quality, alpha, fidelity)
+            outs = [self._run(images[i : i + self.batch_size], q, alpha, fidelity) for i in range(0, n, self.batch_size)]
             return torch.cat(outs)
-        return torch.stack([self.restore_one(im.float().cpu(), quality, alpha) for im in images])
+        return torch.stack([self.restore_one(im.float().cpu(), quality, alpha, fidelity) for im in images])
 
 
 def load_restorer(path: str | Path, device: str = "auto", dtype: str = "float32", batch_size: int = 4,
                   use_ema: bool = True) -> Restorer:
-    """Build a Restorer from a stage-2 run folder (its latest checkpoint) or checkpoint file."""
-    from iqpir.checkpoint import load_model
+    """Build a Restorer from a stage-2 run folder (its latest checkpoint), a checkpoint file, a
+    folder written by `iqpir convert`, or a released IQPIR/CodeFormer `.pth` file."""
+    from iqpir import official
 
-    model, cfg = load_model(path, weights="auto" if use_ema else "model")
+    if official.is_official_file(path):
+        model, cfg, weights = official.load_official(path)
+        kind = weights.kind
+        source = {"file": str(weights.path), "kind": kind, "licence": official.LICENCE_NOTE}
+    else:
+        from iqpir.checkpoint import load_checkpoint_meta, load_model
+
+        model, cfg = load_model(path, weights="auto" if use_ema else "model")
+        source = load_checkpoint_meta(path).get("source")
+        kind = (source or {}).get("kind") or ("codeformer" if cfg.model.quality_embedding == "none" else "iqpir")
     if not hasattr(model, "transformer"):
-        raise ValueError(f"{path} is a stage-1 checkpoint; restoring needs a stage-2 run (iqpir train configs/*-stage2.yaml)")
-    return Restorer(model, cfg.model.image_size, device=device, dtype=dtype, batch_size=batch_size)
+        raise ValueError(f"{path} is a stage-1 (VQGAN) checkpoint; restoring needs a stage-2 network "
+                         "(an IQPIR or CodeFormer release, or iqpir train configs/*-stage2.yaml)")
+    return Restorer(model, cfg.model.image_size, device=device, dtype=dtype, batch_size=batch_size,
+                    kind=kind, task=cfg.model.task, source=source)
 
 
 def _output_paths(inputs: Sequence[str], paths: list[Path], out: Path) -> dict[Path, Path]:
@@ -173,14 +224,17 @@ def check_output_folder(inputs: Sequence[str], paths: list[Path], out: Path) -> 
             raise ValueError(f"--out {out} holds the input {p}; choose another folder so no input is overwritten")
 
 
-def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path, quality: float = 1.0,
+def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path, quality: float | None = None,
                   alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "float32",
-                  overwrite: bool = False, progress: bool = True) -> io.FileReport:
+                  overwrite: bool = False, progress: bool = True, fidelity: float = 0.0,
+                  aligned: bool = False) -> io.FileReport:
     """Restore image files into `out`, named after their inputs; never overwrites an input.
 
     Unreadable files are named and skipped; existing outputs are kept unless `overwrite`.
+    aligned: every input is an aligned face (CodeFormer's `--has_aligned`): restored whole at
+    the model's size (resized there and back when it has another size), never tiled.
     """
-    if not 0.0 <= quality <= 1.0:
+    if quality is not None and not 0.0 <= quality <= 1.0:
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
     out = Path(out)
     paths, missing = io.collect_inputs(inputs)
@@ -188,12 +242,15 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path
     report.failed.extend((m, "no such file, folder or matching image") for m in missing)
     check_output_folder(inputs, paths, out)
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size)
+    restorer.check_knobs(quality, alpha, fidelity)
     targets = _output_paths(inputs, paths, out)
     it = paths
     if progress:
         from tqdm import tqdm
 
         it = tqdm(paths, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
+    s = restorer.image_size
+    warned = False
     for p in it:
         target = targets[p]
         if target.exists() and not overwrite:
@@ -204,7 +261,16 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path
         except io.ImageReadError as exc:
             report.failed.append((str(p), str(exc).split(": ", 1)[-1]))
             continue
-        restored = restorer.restore_one(img.rgb, quality=quality, alpha=alpha)
+        rgb = img.rgb
+        if aligned:
+            restored = restore_aligned(restorer, rgb, quality, alpha, fidelity)
+        else:
+            if restorer.task == "faces" and tuple(rgb.shape[1:]) != (s, s) and not warned:
+                print(f"iqpir restore: warning: {p} is not a {s}x{s} aligned face and this is a face model; "
+                      "it is restored through tiles. Use --faces for photos with faces, --aligned for aligned "
+                      "crops", file=sys.stderr)
+                warned = True
+            restored = restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity)
         io.write_image(target, restored, alpha=img.alpha)
         report.done.append(target)
     msg = report.summary("restored")
@@ -212,3 +278,17 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path
         msg += " (skipped outputs already exist; pass --overwrite to replace them)"
     print(f"iqpir restore: {msg} -> {out}", file=sys.stderr)
     return report
+
+
+def restore_aligned(restorer: Restorer, image: torch.Tensor, quality: float | None = None,
+                    alpha: float | None = None, fidelity: float = 0.0) -> torch.Tensor:
+    """An aligned face (3, H, W) in [0, 1] restored whole: resized to the model's size when it is
+    not already (bicubic, antialiased), and the result resized back to (H, W)."""
+    s = restorer.image_size
+    h, w = image.shape[1:]
+    if (h, w) == (s, s):
+        return restorer.restore_one(image, quality, alpha, fidelity)
+    resize = torch.nn.functional.interpolate
+    face = resize(image[None], size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)[0]
+    out = restorer.restore_one(face, quality, alpha, fidelity)
+    return resize(out[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)[0]

@@ -223,6 +223,7 @@ def train(
     device: str = "auto",
     progress: bool = True,
     stop_at_step: int | None = None,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """Train `cfg.train.stage` on the images in `data`; write the run to `out`.
 
@@ -237,15 +238,18 @@ def train(
             `cfg.iqa` and keeps the table as `out/scores.csv`.
         device: auto | cpu | cuda | cuda:N | mps.
         stop_at_step: stop (with a checkpoint) after this many steps, as a signal would.
+        init: start the network from these weights (a checkpoint, run folder, converted folder or
+            released IQPIR/CodeFormer/VQGAN .pth of the stage's architecture): fine-tuning.
     """
     info = D.setup(device)
     try:
-        return _train(cfg, Path(data), Path(out), lq_data, resume, stage1, scores, info, progress, stop_at_step)
+        return _train(cfg, Path(data), Path(out), lq_data, resume, stage1, scores, info, progress, stop_at_step,
+                      init)
     finally:
         D.cleanup(info)
 
 
-def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, stop_at_step) -> TrainResult:
+def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, stop_at_step, init) -> TrainResult:
     tc = cfg.train
     if not data.is_dir():
         raise FileNotFoundError(f"training data folder not found: {data}")
@@ -273,6 +277,8 @@ def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, 
             print(f"iqpir train: {line}", file=sys.stderr)
 
     task = build_task(cfg, info.device, stage1=stage1)
+    if init is not None and not resume:
+        load_init_weights(task.generator, init, task.arch)
     gen_params = [p for p in task.generator.parameters() if p.requires_grad]
     optimizers = {"generator": torch.optim.Adam(gen_params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)}
     base_lr = {"generator": tc.lr}
@@ -403,6 +409,28 @@ def quality_coverage(model: C.ModelConfig, qualities: list[float]) -> list[str]:
         msg += ("; restoring at S = 1.0 uses one of them (score with --normalization minmax, or use "
                 "model.quality_embedding=continuous)")
     return [msg]
+
+
+def load_init_weights(model: torch.nn.Module, path: str | Path, arch: str) -> None:
+    """Copy a checkpoint's network weights into `model` (the `--init` of fine-tuning).
+
+    The file must hold the same architecture as the run's config builds (the stage-1 VQGAN for
+    stage 1, the restorer for stage 2); any key or shape that differs is named.
+    """
+    from iqpir import official
+    from iqpir.checkpoint import load_model
+
+    if official.is_official_file(path):
+        source, _, weights = official.load_official(path)
+        source_arch = "vqgan" if weights.kind == "vqgan" else "restorer"
+    else:
+        source, _ = load_model(path)
+        source_arch = "restorer" if hasattr(source, "transformer") else "vqgan"
+    if source_arch != arch:
+        raise ValueError(f"--init {path} holds a {source_arch} network; this stage trains a {arch}")
+    state = source.state_dict()
+    official.check_state(model, state, path)
+    model.load_state_dict(state, strict=True)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
