@@ -23,6 +23,7 @@ import iqpir
 from iqpir import official
 from iqpir.config import from_preset
 from iqpir.models import build_restorer
+from iqpir.restore import Restorer
 
 ASSETS = Path(__file__).parent / "assets" / "official"
 # The bar: at most 2 of 256 code indices differ, `out` within 1e-3 (max abs, unclamped).
@@ -165,7 +166,7 @@ def test_refusals_are_one_line_naming_the_problem(tmp_path):
 
     for name, needle in [("evil.pth", "needs code to unpickle"),
                          ("renamed.pth", "'ft_layers.3.linear9.weight'"),
-                         ("wrong.pth", "'feat_emb.bias': (7,)")]:
+                         ("wrong.pth", "'feat_emb.bias' (iqpir's 'transformer.proj_in.bias'): (7,)")]:
         result = _cli("restore", "in.png", "--checkpoint", name, "--out", "out", cwd=tmp_path)
         line = _error_line(result)
         assert name in line and needle in line, line
@@ -200,7 +201,7 @@ def test_convert_records_provenance_and_keeps_the_weights(release_files, tmp_pat
 
 def test_knobs_a_model_does_not_have_are_refused():
     cfg = from_preset("tiny")
-    restorer = iqpir.restore.Restorer(build_restorer(cfg.model), cfg.model.image_size, device="cpu")
+    restorer = Restorer(build_restorer(cfg.model), cfg.model.image_size, device="cpu")
     assert restorer.supports_quality and not restorer.supports_fidelity
     image = torch.rand(3, 64, 64)
     with pytest.raises(ValueError, match="no CFT blocks"):
@@ -210,7 +211,7 @@ def test_knobs_a_model_does_not_have_are_refused():
     cfg_cf = from_preset("tiny")
     cfg_cf.model.quality_embedding = "none"
     cfg_cf.model.dual_codebook = False
-    plain = iqpir.restore.Restorer(build_restorer(cfg_cf.model), 64, device="cpu", kind="codeformer")
+    plain = Restorer(build_restorer(cfg_cf.model), 64, device="cpu", kind="codeformer")
     with pytest.raises(ValueError, match="no quality condition"):
         plain.restore(image, quality=0.5)
     with pytest.raises(ValueError, match="one codebook"):
@@ -243,3 +244,36 @@ def test_adain_matches_the_channel_statistics():
     expected = (style.flatten(2).var(2) + 1e-5).sqrt()
     got = (out.flatten(2).var(2) + 1e-5).sqrt()
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_init_weights_load_a_matching_network_and_name_what_differs(tmp_path):
+    from iqpir.checkpoint import save_checkpoint
+    from iqpir.config import to_dict
+    from iqpir.models import build_vqgan
+    from iqpir.training.loop import load_init_weights
+
+    cfg = from_preset("tiny")
+    torch.manual_seed(1)
+    source = build_restorer(cfg.model)
+    save_checkpoint(tmp_path / "init", {"model": source.state_dict()}, {"config": to_dict(cfg), "arch": "restorer"})
+    torch.manual_seed(2)
+    target = build_restorer(cfg.model)
+    load_init_weights(target, tmp_path / "init", "restorer")
+    a, b = source.state_dict(), target.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="holds a restorer network; this stage trains a vqgan"):
+        load_init_weights(build_vqgan(cfg.model), tmp_path / "init", "vqgan")
+    cfg.model.codebook_size = 128
+    with pytest.raises(ValueError, match=r"wrong shape for '[\w.]+': \(256, [\d, ]+\) in the file"):
+        load_init_weights(build_restorer(cfg.model), tmp_path / "init", "restorer")
+
+
+def test_aligned_faces_are_restored_whole_at_the_model_size(monkeypatch):
+    from iqpir.restore import Restorer, restore_aligned
+
+    cfg = from_preset("tiny")
+    restorer = Restorer(build_restorer(cfg.model), cfg.model.image_size, device="cpu")
+    seen = []
+    monkeypatch.setattr(restorer, "_run", lambda tiles, *a: seen.append(tuple(tiles.shape)) or tiles.clamp(0, 1))
+    out = restore_aligned(restorer, torch.rand(3, 100, 80))
+    assert out.shape == (3, 100, 80) and seen == [(1, 3, 64, 64)]  # one pass, never tiled

@@ -361,9 +361,10 @@ def check_state(
         raise OfficialCheckpointError(f"{source}: missing key {label!r} (expected shape {tuple(own[k].shape)}){more}")
     for k, t in own.items():
         if state[k].shape != t.shape:
+            alias = f" (iqpir's {k!r})" if name(k, k) != k else ""
             raise OfficialCheckpointError(
-                f"{source}: wrong shape for {name(k, k)!r}: {tuple(state[k].shape)} in the file "
-                f"(as {k!r}), {tuple(t.shape)} expected"
+                f"{source}: wrong shape for {name(k, k)!r}{alias}: {tuple(state[k].shape)} in the file, "
+                f"{tuple(t.shape)} expected"
             )
 
 
