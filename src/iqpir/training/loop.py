@@ -60,8 +60,9 @@ def lr_scale(cfg: C.TrainConfig, step: int) -> float:
         return 1.0
     if cfg.lr_schedule == "multistep":
         return cfg.gamma ** sum(step >= m for m in cfg.milestones)
-    # cosine from lr down to min_lr over the steps after warm-up
-    span = max(1, cfg.steps - cfg.warmup_steps)
+    # cosine from lr down to min_lr over the steps after warm-up (over cosine_steps when set: the
+    # official stage 1 anneals over 1.6M iterations; step s gets BasicSR's lr of iteration s + 1)
+    span = max(1, (cfg.cosine_steps or cfg.steps) - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

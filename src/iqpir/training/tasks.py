@@ -26,23 +26,25 @@ def build_task(cfg: C.RunConfig, device: torch.device, stage1: str | Path | None
     return Stage2Task(cfg, device, stage1)
 
 
-def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor) -> Tensor:
-    """lambda = ||grad rec|| / (||grad gan|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4].
+def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float = 1.0) -> Tensor:
+    """lambda = ||grad rec|| / (||grad gan|| + 1e-4) at the decoder's last layer, clamped to [0, max_weight].
 
-    Esser et al., "Taming Transformers for High-Resolution Image Synthesis" (CVPR 2021), Eq. 7;
-    CodeFormer stage 1 uses the same rule with a further scale (train.gan_weight, 0.8).
+    Esser et al., "Taming Transformers for High-Resolution Image Synthesis" (CVPR 2021), Eq. 7
+    (taming clamps at 1e4). The official CodeFormer/IQPIR stage 1 (VQGANModel) clamps at 1.0 and
+    then multiplies by disc_weight 0.8 (train.gan_weight), so the GAN term's weight never
+    exceeds 0.8.
     """
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
 class Stage1Task:
     """Dual-codebook VQ autoencoder (paper 3.1).
 
-    Terms: l1, perceptual (when VGG weights are present), gan (hinge, adaptive weight, from
-    train.gan_start_step), codebook_common, codebook_hq (masked per sample by S <= S_thr);
-    disc: the discriminator's hinge loss (its own optimiser).
+    Terms: l1, perceptual (when VGG weights are present), gan (hinge, adaptive weight, after
+    train.gan_start_step), codebook_common, codebook_hq (masked per sample by S <= S_thr, times
+    train.hq_codebook_weight); disc: the discriminator's hinge loss (its own optimiser).
     """
 
     arch = "vqgan"
@@ -55,7 +57,7 @@ class Stage1Task:
         if cfg.train.perceptual_weight > 0:
             from iqpir.training.perceptual import build_perceptual
 
-            self.perceptual, note = build_perceptual(device)
+            self.perceptual, note = build_perceptual(device, cfg.train.perceptual_input)
             if self.perceptual is None and os.environ.get("RANK", "0") == "0":  # once, not per rank
                 print(f"iqpir train: perceptual loss off: {note}", file=sys.stderr)
         self.loss_names = ["l1"] + (["perceptual"] if self.perceptual is not None else [])
@@ -67,7 +69,10 @@ class Stage1Task:
 
     @torch.no_grad()
     def prepare(self, batch: dict) -> None:
-        """Before the first step of a new run: codebooks from the first batch's encoder outputs."""
+        """Before the first step of a new run: with train.codebook_init=first_batch, codebooks from
+        the first batch's encoder outputs; "uniform" keeps the constructor's U(-1/K, 1/K)."""
+        if self.cfg.train.codebook_init != "first_batch":
+            return
         g = torch.Generator().manual_seed(self.cfg.train.seed)
         self.generator.quantizer.init_from(self.generator.encoder(batch["hq"]), generator=g)
 
@@ -76,24 +81,27 @@ class Stage1Task:
         hq, quality = batch["hq"], batch["quality"]
         out = self.generator(hq, quality)
         rec = out.reconstruction
-        terms: dict[str, Tensor] = {"l1": tc.l1_weight * (rec - hq).abs().mean()}
+        # |(2 rec - 1) - (2 hq - 1)| = 2 |rec - hq|: the official L1 is on [-1, 1] images.
+        l1_scale = 2.0 if tc.l1_range == "signed" else 1.0
+        terms: dict[str, Tensor] = {"l1": tc.l1_weight * l1_scale * (rec - hq).abs().mean()}
         rec_loss = terms["l1"]
         if self.perceptual is not None:
             terms["perceptual"] = tc.perceptual_weight * self.perceptual(rec, hq).mean()
             rec_loss = rec_loss + terms["perceptual"]
         hq_loss = out.quant.hq.loss if out.quant.hq is not None else torch.zeros_like(out.quant.common.loss)
         terms["codebook_common"] = tc.codebook_weight * out.quant.common.loss.mean()
-        terms["codebook_hq"] = tc.codebook_weight * hq_loss.mean()
+        terms["codebook_hq"] = tc.codebook_weight * tc.hq_codebook_weight * hq_loss.mean()
         if self.discriminator is None:
             return terms
         zero = rec.new_zeros(())
-        if step + 1 < tc.gan_start_step:  # steps are counted from 1 in the config, like the official one
+        if step + 1 <= tc.gan_start_step:  # official: on when current_iter (from 1) > net_d_start_iter
             terms["gan"], terms["disc"] = zero, zero
             return terms
         self.discriminator.requires_grad_(False)
         gan = -self.discriminator(rec).mean()
         self.discriminator.requires_grad_(True)
-        weight = adaptive_gan_weight(rec_loss, gan, self.generator.last_layer) if self.generator.training else 1.0
+        weight = (adaptive_gan_weight(rec_loss, gan, self.generator.last_layer, tc.gan_weight_max)
+                  if self.generator.training else min(1.0, tc.gan_weight_max))
         terms["gan"] = tc.gan_weight * weight * gan
         real = self.discriminator(hq)
         fake = self.discriminator(rec.detach())
