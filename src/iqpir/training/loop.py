@@ -268,12 +268,13 @@ def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, 
     from iqpir.training.data import build_dataset, quality_table
 
     table = quality_table(cfg, data, lq_data, run_dir, scores, info)
-    dataset = build_dataset(cfg, data, lq_data, table)
+    dataset = build_dataset(cfg, data, lq_data, table.quality)
     if info.is_main and tc.stage == 2:
-        for line in quality_coverage(cfg.model, list(table.values())):
+        for line in quality_coverage(cfg.model, list(table.quality.values())):
             print(f"iqpir train: {line}", file=sys.stderr)
 
-    task = build_task(cfg, info.device, stage1=stage1)
+    # The stage-2 quality loss normalises like the table that gives S (its sidecar's constants).
+    task = build_task(cfg, info.device, stage1=stage1, score_table=table)
     gen_params = [p for p in task.generator.parameters() if p.requires_grad]
     optimizers = {"generator": torch.optim.Adam(gen_params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)}
     base_lr = {"generator": tc.lr}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,18 @@ from torch import Tensor
 from iqpir import config as C
 from iqpir.models import build_discriminator, build_restorer, build_vqgan
 
+if TYPE_CHECKING:
+    from iqpir.iqa import QualityEnsemble
+    from iqpir.iqa.table import ScoreTable
 
-def build_task(cfg: C.RunConfig, device: torch.device, stage1: str | Path | None = None):
+
+def build_task(cfg: C.RunConfig, device: torch.device, stage1: str | Path | None = None,
+               score_table: ScoreTable | None = None):
+    """The task of `cfg.train.stage`. `score_table` is the table the run's S comes from: the
+    stage-2 quality loss takes its normalisation and constants (see quality_loss_ensemble)."""
     if cfg.train.stage == 1:
         return Stage1Task(cfg, device)
-    return Stage2Task(cfg, device, stage1)
+    return Stage2Task(cfg, device, stage1, score_table)
 
 
 def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float = 1.0) -> Tensor:
@@ -127,6 +135,46 @@ STAGE1_MODEL_KEYS = ("image_size", "base_channels", "channel_mult", "num_res_blo
 QUALITY_MIN_SIDE = 192  # NIQE's 96-pixel blocks at two scales need two blocks at half size
 
 
+def table_column(metric: str, columns: list[str]) -> str | None:
+    """The score-table column on the same native scale as loss member `metric`, or None.
+
+    The same name; else the name without the `pyiqa:` prefix; else without the `_diff` suffix
+    (the differentiable variant of a built-in metric: niqe_diff -> niqe).
+    """
+    for name in (metric, metric.removeprefix("pyiqa:"), metric.removesuffix("_diff")):
+        if name in columns:
+            return name
+    return None
+
+
+def quality_loss_ensemble(iqa: C.IQAConfig, table: ScoreTable | None, device: torch.device | str) -> QualityEnsemble:
+    """The differentiable ensemble Q of the stage-2 quality loss, on the scale of the run's S.
+
+    S comes from the score table, so Q takes the table's normalisation (iqa.normalization only
+    when the table has no sidecar) and, member by member, the (low, high) constants of the table
+    column on the same scale (`table_column`). With minmax these are the training set's
+    min and max (official: min-max over FFHQ), and Q of a training image equals its S when the
+    loss members score what the table's members scored. A minmax member without a column has
+    no constants: that is an error, not a silent fall-back to another scale.
+    """
+    from iqpir.iqa import QualityEnsemble
+
+    normalization = (table.normalization if table is not None else None) or iqa.normalization
+    constants: dict[str, tuple[float, float]] = {}
+    for metric in iqa.loss_metrics:
+        column = table_column(metric, table.metrics) if table is not None else None
+        if column is not None and column in table.constants:
+            constants[metric] = table.constants[column]
+        elif normalization == "minmax":
+            where = f"the score table {table.path}" if table is not None and table.path else "no score table"
+            held = f" (it holds {', '.join(table.metrics)})" if table is not None else ""
+            raise ValueError(
+                f"iqa.loss_metrics: {metric} has no min-max constants in {where}{held}; score the training "
+                f"images with a metric on its scale (e.g. niqe for niqe_diff) or use iqa.normalization=fixed")
+    return QualityEnsemble(iqa.loss_metrics, normalization=normalization, constants=constants, device=str(device),
+                           weights_dir=iqa.weights_dir or None)
+
+
 def quality_input(images: Tensor, min_side: int = QUALITY_MIN_SIDE) -> Tensor:
     """Upsample (bicubic, differentiable) so the shorter side is at least `min_side`.
 
@@ -146,12 +194,14 @@ class Stage2Task:
 
     Terms: feat = ||Z_l' - sg(Z_q)||^2 (Eq. 5), index_common + index_hq (cross-entropy to the
     frozen stage-1 codes of the HQ image, Eq. 6, each x index_weight), quality = 1 - Q(x_res)
-    (Eq. 9 with the normalised differentiable ensemble Q, after train.quality_start_step).
+    (Eq. 9 with the differentiable ensemble Q normalised like the run's score table, from
+    train.quality_start_step).
     """
 
     arch = "restorer"
 
-    def __init__(self, cfg: C.RunConfig, device: torch.device, stage1: str | Path | None):
+    def __init__(self, cfg: C.RunConfig, device: torch.device, stage1: str | Path | None,
+                 score_table: ScoreTable | None = None):
         self.cfg = cfg
         self.stage1 = str(stage1) if stage1 is not None else None
         self.generator = build_restorer(cfg.model).to(device)
@@ -164,9 +214,7 @@ class Stage2Task:
         self.discriminator = None
         self.quality_model = None
         if cfg.train.quality_weight > 0:
-            from iqpir.iqa import QualityEnsemble
-
-            self.quality_model = QualityEnsemble(cfg.iqa.loss_metrics, normalization="fixed", device=str(device))
+            self.quality_model = quality_loss_ensemble(cfg.iqa, score_table, device)
             if not self.quality_model.differentiable:
                 raise ValueError(f"iqa.loss_metrics {cfg.iqa.loss_metrics}: every member of the quality loss must be differentiable")
         self.loss_names = ["feat", "index_common"] + (["index_hq"] if cfg.model.dual_codebook else [])
@@ -220,4 +268,9 @@ class Stage2Task:
         self.target.load_state_dict(state["target"])
 
     def meta(self) -> dict:
-        return {"stage1": self.stage1}
+        out: dict = {"stage1": self.stage1}
+        if self.quality_model is not None:
+            q = self.quality_model
+            out["quality_loss"] = {"metrics": q.metrics, "normalization": q.normalization,
+                                   "constants": {k: list(v) for k, v in q.constants.items()}}
+        return out
