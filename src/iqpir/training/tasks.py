@@ -240,8 +240,11 @@ class Stage2Task:
     def losses(self, batch: dict, step: int) -> dict[str, Tensor]:
         tc = self.cfg.train
         hq, lq, quality = batch["hq"], batch["lq"], batch["quality"]
-        with torch.no_grad():
-            targets = self.target.code_targets(hq)  # both codes for every image (official)
+        # Both codes for every image (official), in float32 whatever the loop's autocast: under
+        # bf16 the encoder's rounding moves some latents across code boundaries, and the official
+        # targets are fp32 (tests/test_recipe.py).
+        with torch.no_grad(), torch.autocast(hq.device.type, enabled=False):
+            targets = self.target.code_targets(hq.float())
         use_quality = self.quality_model is not None and step + 1 >= tc.quality_start_step
         out = self.generator(lq, quality, decode=use_quality)
         terms = {"feat": tc.feat_weight * F.mse_loss(out.z_lq.float(), targets.z_q.float())}
