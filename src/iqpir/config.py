@@ -59,9 +59,10 @@ class ModelConfig:
     alpha: float = 0.8  # fusion weight Zq = Zq1 + alpha * Zq2 (official)
     beta: float = 0.25  # VQ commitment weight (VQ-VAE)
     # Where beta goes: "commitment" -> ||sg(z_q) - z||^2 * beta + ||z_q - sg(z)||^2 (VQ-VAE paper,
-    # taming's legacy=False); "codebook" -> ||sg(z_q) - z||^2 + beta * ||z_q - sg(z)||^2 (the code
-    # of taming's legacy quantizer that CodeFormer inherits, which disagrees with its comment).
-    beta_on: Literal["commitment", "codebook"] = "commitment"
+    # taming's legacy=False); "codebook" -> ||sg(z_q) - z||^2 + beta * ||z_q - sg(z)||^2 (official:
+    # the code of taming's legacy quantizer that CodeFormer and IQPIR inherit, which disagrees
+    # with its comment). The tiny preset keeps "commitment".
+    beta_on: Literal["commitment", "codebook"] = "codebook"
     quality_embedding: Literal["binned", "continuous", "none"] = "binned"
     quality_bins: int = 10  # official: floor(10 * S), S = 1.0 clamped into the top bin
     fourier_features: int = 16  # continuous embedding: sin/cos pairs of S
@@ -190,18 +191,38 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
-    # stage 1 (paper 3.1; official weights)
+    # Length of the cosine schedule in steps; 0 = train.steps. The official stage 1 anneals over
+    # 1.6M iterations and its authors took the checkpoint at 200k.
+    cosine_steps: int = 0
+    # stage 1 (paper 3.1; the official recipe, docs/recipe.md; the tiny preset keeps the
+    # small-run choices noted there)
     l1_weight: float = 1.0
+    # Image range the L1 term is measured in: "signed" = [-1, 1] (official; twice the [0, 1] value
+    # relative to the codebook terms), "unit" = [0, 1].
+    l1_range: Literal["signed", "unit"] = "signed"
     perceptual_weight: float = 1.0  # needs local VGG/LPIPS weights; off with a message when absent
-    gan_weight: float = 0.8  # scale of the adaptive GAN weight
+    # What LPIPS receives: "imagenet" = (x - ImageNet mean) / std (official: LPIPSLoss with
+    # range_norm and use_input_norm), "lpips" = 2x - 1, the [-1, 1] range LPIPS documents.
+    perceptual_input: Literal["imagenet", "lpips"] = "imagenet"
+    gan_weight: float = 0.8  # scale of the adaptive GAN weight (official disc_weight)
+    gan_weight_max: float = 1.0  # the adaptive weight is clamped to [0, this] before the scale (official)
+    # The GAN and the discriminator train at iterations (counted from 1) strictly greater than
+    # this (official net_d_start_iter: 30001, so from iteration 30002).
     gan_start_step: int = 30_001
     disc_lr: float = 7e-5
     codebook_weight: float = 1.0
+    # Extra factor on the HQ+ codebook's loss. Official (the released code): 1.0; the authors'
+    # 2024 research commits used alpha (0.8) here.
+    hq_codebook_weight: float = 1.0
+    # Codebook start: "uniform" = U(-1/K, 1/K) as constructed (official); "first_batch" = encoder
+    # outputs of the first batch (tiny preset: no dead codes in short runs).
+    codebook_init: Literal["uniform", "first_batch"] = "uniform"
     # stage 2 (paper Eq. 10)
     feat_weight: float = 1.0
     index_weight: float = 0.5
     quality_weight: float = 0.1
-    quality_start_step: int = 100_000  # the quality loss starts after a warm-up (official)
+    # The quality loss is on from this iteration (counted from 1; official: current_iter >= 100000).
+    quality_start_step: int = 100_000
 
 
 @dataclass
@@ -238,9 +259,15 @@ PRESETS: dict[str, dict[str, Any]] = {
             "init": "small",
             "cft_resolutions": [],
             "task": "general",
+            "beta_on": "commitment",
         },
         "data": {"mode": "crop"},
         "train": {
+            # First-batch codebooks (no dead codes in short runs); L1, LPIPS input and beta
+            # placement as before the official recipe was adopted (docs/recipe.md).
+            "codebook_init": "first_batch",
+            "l1_range": "unit",
+            "perceptual_input": "lpips",
             "steps": 200,
             "batch_size": 4,
             "lr": 2e-4,
@@ -278,6 +305,10 @@ def validate(cfg: RunConfig) -> None:
     for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1")
+    if cfg.train.cosine_steps < 0:
+        raise ConfigError("train.cosine_steps must be >= 0 (0 = train.steps)")
+    if cfg.train.gan_weight_max < 0:
+        raise ConfigError("train.gan_weight_max must be >= 0")
     if not cfg.iqa.metrics:
         raise ConfigError("iqa.metrics must name at least one metric")
     for key in ("betas",):

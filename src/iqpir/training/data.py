@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from iqpir import config as C
 from iqpir.training import distributed as D
 
+if TYPE_CHECKING:
+    from iqpir.iqa.table import ScoreTable
+
 SCORES_FILE = "scores.csv"
 
 
-def quality_table(cfg: C.RunConfig, data: Path, lq_data, run_dir: Path, scores, info: D.DistInfo) -> dict[str, float]:
-    """Quality S of every training image, keyed by resolved path.
+def quality_table(cfg: C.RunConfig, data: Path, lq_data, run_dir: Path, scores, info: D.DistInfo) -> ScoreTable:
+    """The score table of the run: `.quality` is S of every training image, keyed by resolved path.
 
     `scores` (a table from `iqpir score`) wins; else the run's own `scores.csv` (kept from an
     earlier start of this run); else rank 0 scores `data` once with `cfg.iqa` and keeps the
@@ -40,7 +44,7 @@ def quality_table(cfg: C.RunConfig, data: Path, lq_data, run_dir: Path, scores, 
                 print(f"iqpir train: {len(report.failed)} training images could not be scored; they are left out",
                       file=sys.stderr)
         D.barrier(info)
-    return read_score_table(path).quality
+    return read_score_table(path)
 
 
 def build_dataset(cfg: C.RunConfig, data: Path, lq_data, quality: dict[str, float]):

@@ -60,8 +60,9 @@ def lr_scale(cfg: C.TrainConfig, step: int) -> float:
         return 1.0
     if cfg.lr_schedule == "multistep":
         return cfg.gamma ** sum(step >= m for m in cfg.milestones)
-    # cosine from lr down to min_lr over the steps after warm-up
-    span = max(1, cfg.steps - cfg.warmup_steps)
+    # cosine from lr down to min_lr over the steps after warm-up (over cosine_steps when set: the
+    # official stage 1 anneals over 1.6M iterations; step s gets BasicSR's lr of iteration s + 1)
+    span = max(1, (cfg.cosine_steps or cfg.steps) - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -271,12 +272,13 @@ def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, 
     from iqpir.training.data import build_dataset, quality_table
 
     table = quality_table(cfg, data, lq_data, run_dir, scores, info)
-    dataset = build_dataset(cfg, data, lq_data, table)
+    dataset = build_dataset(cfg, data, lq_data, table.quality)
     if info.is_main and tc.stage == 2:
-        for line in quality_coverage(cfg.model, list(table.values())):
+        for line in quality_coverage(cfg.model, list(table.quality.values())):
             print(f"iqpir train: {line}", file=sys.stderr)
 
-    task = build_task(cfg, info.device, stage1=stage1)
+    # The stage-2 quality loss normalises like the table that gives S (its sidecar's constants).
+    task = build_task(cfg, info.device, stage1=stage1, score_table=table)
     if init is not None and not resume:
         load_init_weights(task.generator, init, task.arch)
     gen_params = [p for p in task.generator.parameters() if p.requires_grad]

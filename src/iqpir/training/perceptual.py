@@ -10,16 +10,51 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision.models.VGG16_Weights.IMAGENET1K_V1
+
+INPUT_NORMS = ("imagenet", "lpips")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def vgg16_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
-def build_perceptual(device: torch.device):
-    """-> (module mapping (x, y) in [0, 1] to (N,) distances, None) or (None, reason)."""
+class PerceptualLoss(nn.Module):
+    """LPIPS distance of image batches (N, 3, H, W) in [0, 1] -> (N,).
+
+    input_norm says what the LPIPS network receives:
+    - "lpips": 2x - 1, the [-1, 1] range LPIPS documents (it then applies its own scaling layer);
+    - "imagenet": (x - mean) / std with ImageNet statistics. This is the official stage-1 loss
+      (CodeFormer/IQPIR `LPIPSLoss` with `range_norm: true, use_input_norm: true`: its [-1, 1]
+      images go back to [0, 1] and are normalised before LPIPS, whose scaling layer then acts
+      on top).
+    """
+
+    def __init__(self, net: nn.Module, input_norm: str = "lpips") -> None:
+        super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm {input_norm!r} is not one of {list(INPUT_NORMS)}")
+        self.net = net
+        self.input_norm = input_norm
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """[0, 1] images -> the LPIPS network's input."""
+        if self.input_norm == "imagenet":
+            return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        return images * 2 - 1
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.net(self.prepare(x), self.prepare(y)).flatten()
+
+
+def build_perceptual(device: torch.device, input_norm: str = "lpips"):
+    """-> (PerceptualLoss on `device`, None) or (None, reason) when the weights are absent."""
     path = vgg16_weights_path()
     try:
         import lpips  # noqa: F401
@@ -30,14 +65,5 @@ def build_perceptual(device: torch.device):
         return None, f"VGG16 weights not found at {path} (put {VGG16_FILE} there; TORCH_HOME moves the folder)"
     import lpips  # torchvision finds the VGG16 file in torch.hub's cache, the folder checked above
 
-    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
-
-    class _LPIPS(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x, y):
-            return self.net(x * 2 - 1, y * 2 - 1).flatten()  # LPIPS expects [-1, 1]
-
-    return _LPIPS(), None
+    net = lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
+    return PerceptualLoss(net, input_norm).to(device).eval(), None

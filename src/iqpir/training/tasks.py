@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,30 +20,39 @@ from torch import Tensor
 from iqpir import config as C
 from iqpir.models import build_discriminator, build_restorer, build_vqgan
 
+if TYPE_CHECKING:
+    from iqpir.iqa import QualityEnsemble
+    from iqpir.iqa.table import ScoreTable
 
-def build_task(cfg: C.RunConfig, device: torch.device, stage1: str | Path | None = None):
+
+def build_task(cfg: C.RunConfig, device: torch.device, stage1: str | Path | None = None,
+               score_table: ScoreTable | None = None):
+    """The task of `cfg.train.stage`. `score_table` is the table the run's S comes from: the
+    stage-2 quality loss takes its normalisation and constants (see quality_loss_ensemble)."""
     if cfg.train.stage == 1:
         return Stage1Task(cfg, device)
-    return Stage2Task(cfg, device, stage1)
+    return Stage2Task(cfg, device, stage1, score_table)
 
 
-def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor) -> Tensor:
-    """lambda = ||grad rec|| / (||grad gan|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4].
+def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float = 1.0) -> Tensor:
+    """lambda = ||grad rec|| / (||grad gan|| + 1e-4) at the decoder's last layer, clamped to [0, max_weight].
 
-    Esser et al., "Taming Transformers for High-Resolution Image Synthesis" (CVPR 2021), Eq. 7;
-    CodeFormer stage 1 uses the same rule with a further scale (train.gan_weight, 0.8).
+    Esser et al., "Taming Transformers for High-Resolution Image Synthesis" (CVPR 2021), Eq. 7
+    (taming clamps at 1e4). The official CodeFormer/IQPIR stage 1 (VQGANModel) clamps at 1.0 and
+    then multiplies by disc_weight 0.8 (train.gan_weight), so the GAN term's weight never
+    exceeds 0.8.
     """
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
 class Stage1Task:
     """Dual-codebook VQ autoencoder (paper 3.1).
 
-    Terms: l1, perceptual (when VGG weights are present), gan (hinge, adaptive weight, from
-    train.gan_start_step), codebook_common, codebook_hq (masked per sample by S <= S_thr);
-    disc: the discriminator's hinge loss (its own optimiser).
+    Terms: l1, perceptual (when VGG weights are present), gan (hinge, adaptive weight, after
+    train.gan_start_step), codebook_common, codebook_hq (masked per sample by S <= S_thr, times
+    train.hq_codebook_weight); disc: the discriminator's hinge loss (its own optimiser).
     """
 
     arch = "vqgan"
@@ -55,7 +65,7 @@ class Stage1Task:
         if cfg.train.perceptual_weight > 0:
             from iqpir.training.perceptual import build_perceptual
 
-            self.perceptual, note = build_perceptual(device)
+            self.perceptual, note = build_perceptual(device, cfg.train.perceptual_input)
             if self.perceptual is None and os.environ.get("RANK", "0") == "0":  # once, not per rank
                 print(f"iqpir train: perceptual loss off: {note}", file=sys.stderr)
         self.loss_names = ["l1"] + (["perceptual"] if self.perceptual is not None else [])
@@ -67,7 +77,10 @@ class Stage1Task:
 
     @torch.no_grad()
     def prepare(self, batch: dict) -> None:
-        """Before the first step of a new run: codebooks from the first batch's encoder outputs."""
+        """Before the first step of a new run: with train.codebook_init=first_batch, codebooks from
+        the first batch's encoder outputs; "uniform" keeps the constructor's U(-1/K, 1/K)."""
+        if self.cfg.train.codebook_init != "first_batch":
+            return
         g = torch.Generator().manual_seed(self.cfg.train.seed)
         self.generator.quantizer.init_from(self.generator.encoder(batch["hq"]), generator=g)
 
@@ -76,24 +89,27 @@ class Stage1Task:
         hq, quality = batch["hq"], batch["quality"]
         out = self.generator(hq, quality)
         rec = out.reconstruction
-        terms: dict[str, Tensor] = {"l1": tc.l1_weight * (rec - hq).abs().mean()}
+        # |(2 rec - 1) - (2 hq - 1)| = 2 |rec - hq|: the official L1 is on [-1, 1] images.
+        l1_scale = 2.0 if tc.l1_range == "signed" else 1.0
+        terms: dict[str, Tensor] = {"l1": tc.l1_weight * l1_scale * (rec - hq).abs().mean()}
         rec_loss = terms["l1"]
         if self.perceptual is not None:
             terms["perceptual"] = tc.perceptual_weight * self.perceptual(rec, hq).mean()
             rec_loss = rec_loss + terms["perceptual"]
         hq_loss = out.quant.hq.loss if out.quant.hq is not None else torch.zeros_like(out.quant.common.loss)
         terms["codebook_common"] = tc.codebook_weight * out.quant.common.loss.mean()
-        terms["codebook_hq"] = tc.codebook_weight * hq_loss.mean()
+        terms["codebook_hq"] = tc.codebook_weight * tc.hq_codebook_weight * hq_loss.mean()
         if self.discriminator is None:
             return terms
         zero = rec.new_zeros(())
-        if step + 1 < tc.gan_start_step:  # steps are counted from 1 in the config, like the official one
+        if step + 1 <= tc.gan_start_step:  # official: on when current_iter (from 1) > net_d_start_iter
             terms["gan"], terms["disc"] = zero, zero
             return terms
         self.discriminator.requires_grad_(False)
         gan = -self.discriminator(rec).mean()
         self.discriminator.requires_grad_(True)
-        weight = adaptive_gan_weight(rec_loss, gan, self.generator.last_layer) if self.generator.training else 1.0
+        weight = (adaptive_gan_weight(rec_loss, gan, self.generator.last_layer, tc.gan_weight_max)
+                  if self.generator.training else min(1.0, tc.gan_weight_max))
         terms["gan"] = tc.gan_weight * weight * gan
         real = self.discriminator(hq)
         fake = self.discriminator(rec.detach())
@@ -119,6 +135,46 @@ STAGE1_MODEL_KEYS = ("image_size", "base_channels", "channel_mult", "num_res_blo
 QUALITY_MIN_SIDE = 192  # NIQE's 96-pixel blocks at two scales need two blocks at half size
 
 
+def table_column(metric: str, columns: list[str]) -> str | None:
+    """The score-table column on the same native scale as loss member `metric`, or None.
+
+    The same name; else the name without the `pyiqa:` prefix; else without the `_diff` suffix
+    (the differentiable variant of a built-in metric: niqe_diff -> niqe).
+    """
+    for name in (metric, metric.removeprefix("pyiqa:"), metric.removesuffix("_diff")):
+        if name in columns:
+            return name
+    return None
+
+
+def quality_loss_ensemble(iqa: C.IQAConfig, table: ScoreTable | None, device: torch.device | str) -> QualityEnsemble:
+    """The differentiable ensemble Q of the stage-2 quality loss, on the scale of the run's S.
+
+    S comes from the score table, so Q takes the table's normalisation (iqa.normalization only
+    when the table has no sidecar) and, member by member, the (low, high) constants of the table
+    column on the same scale (`table_column`). With minmax these are the training set's
+    min and max (official: min-max over FFHQ), and Q of a training image equals its S when the
+    loss members score what the table's members scored. A minmax member without a column has
+    no constants: that is an error, not a silent fall-back to another scale.
+    """
+    from iqpir.iqa import QualityEnsemble
+
+    normalization = (table.normalization if table is not None else None) or iqa.normalization
+    constants: dict[str, tuple[float, float]] = {}
+    for metric in iqa.loss_metrics:
+        column = table_column(metric, table.metrics) if table is not None else None
+        if column is not None and column in table.constants:
+            constants[metric] = table.constants[column]
+        elif normalization == "minmax":
+            where = f"the score table {table.path}" if table is not None and table.path else "no score table"
+            held = f" (it holds {', '.join(table.metrics)})" if table is not None else ""
+            raise ValueError(
+                f"iqa.loss_metrics: {metric} has no min-max constants in {where}{held}; score the training "
+                f"images with a metric on its scale (e.g. niqe for niqe_diff) or use iqa.normalization=fixed")
+    return QualityEnsemble(iqa.loss_metrics, normalization=normalization, constants=constants, device=str(device),
+                           weights_dir=iqa.weights_dir or None)
+
+
 def quality_input(images: Tensor, min_side: int = QUALITY_MIN_SIDE) -> Tensor:
     """Upsample (bicubic, differentiable) so the shorter side is at least `min_side`.
 
@@ -138,12 +194,14 @@ class Stage2Task:
 
     Terms: feat = ||Z_l' - sg(Z_q)||^2 (Eq. 5), index_common + index_hq (cross-entropy to the
     frozen stage-1 codes of the HQ image, Eq. 6, each x index_weight), quality = 1 - Q(x_res)
-    (Eq. 9 with the normalised differentiable ensemble Q, after train.quality_start_step).
+    (Eq. 9 with the differentiable ensemble Q normalised like the run's score table, from
+    train.quality_start_step).
     """
 
     arch = "restorer"
 
-    def __init__(self, cfg: C.RunConfig, device: torch.device, stage1: str | Path | None):
+    def __init__(self, cfg: C.RunConfig, device: torch.device, stage1: str | Path | None,
+                 score_table: ScoreTable | None = None):
         self.cfg = cfg
         self.stage1 = str(stage1) if stage1 is not None else None
         self.generator = build_restorer(cfg.model).to(device)
@@ -156,9 +214,7 @@ class Stage2Task:
         self.discriminator = None
         self.quality_model = None
         if cfg.train.quality_weight > 0:
-            from iqpir.iqa import QualityEnsemble
-
-            self.quality_model = QualityEnsemble(cfg.iqa.loss_metrics, normalization="fixed", device=str(device))
+            self.quality_model = quality_loss_ensemble(cfg.iqa, score_table, device)
             if not self.quality_model.differentiable:
                 raise ValueError(f"iqa.loss_metrics {cfg.iqa.loss_metrics}: every member of the quality loss must be differentiable")
         self.loss_names = ["feat", "index_common"] + (["index_hq"] if cfg.model.dual_codebook else [])
@@ -184,8 +240,11 @@ class Stage2Task:
     def losses(self, batch: dict, step: int) -> dict[str, Tensor]:
         tc = self.cfg.train
         hq, lq, quality = batch["hq"], batch["lq"], batch["quality"]
-        with torch.no_grad():
-            targets = self.target.code_targets(hq)  # both codes for every image (official)
+        # Both codes for every image (official), in float32 whatever the loop's autocast: under
+        # bf16 the encoder's rounding moves some latents across code boundaries, and the official
+        # targets are fp32 (tests/test_recipe.py).
+        with torch.no_grad(), torch.autocast(hq.device.type, enabled=False):
+            targets = self.target.code_targets(hq.float())
         use_quality = self.quality_model is not None and step + 1 >= tc.quality_start_step
         out = self.generator(lq, quality, decode=use_quality)
         terms = {"feat": tc.feat_weight * F.mse_loss(out.z_lq.float(), targets.z_q.float())}
@@ -212,4 +271,9 @@ class Stage2Task:
         self.target.load_state_dict(state["target"])
 
     def meta(self) -> dict:
-        return {"stage1": self.stage1}
+        out: dict = {"stage1": self.stage1}
+        if self.quality_model is not None:
+            q = self.quality_model
+            out["quality_loss"] = {"metrics": q.metrics, "normalization": q.normalization,
+                                   "constants": {k: list(v) for k, v in q.constants.items()}}
+        return out
