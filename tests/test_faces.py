@@ -173,6 +173,9 @@ def test_paste_leaves_far_pixels_alone_and_blends_overlaps():
     assert out.max() <= 1 and out.min() >= 0
     # where the two soft masks overlap the change is blended, never added twice
     assert (out - photo).amax() <= 0.2 + 2e-3
+    # feathered: no seam, the change fades in over many pixels
+    change = (out - photo).mean(0)
+    assert change.diff(dim=0).abs().max() < 0.03 and change.diff(dim=1).abs().max() < 0.03
 
 
 @pytest.mark.parametrize("scale", [0.35, 0.8])
@@ -197,6 +200,13 @@ def test_identity_restorer_returns_the_photo_exactly_with_synthetic_faces():
     assert (out - photo).abs().max() <= 1 / 255
     out2, _ = restore_photo(photo, lambda x: x, detector=FixedDetector(faces), upscale=3)
     assert (out2 - resize_lanczos(photo, 3)).abs().max() <= 1 / 255
+
+
+def test_upscale_is_lanczos():
+    # texture in [0.3, 0.7], so PIL's 8-bit two-pass resize never clips between its passes
+    photo = io.from_pil(io.to_pil(0.3 + 0.4 * torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(2))))
+    ref = io.from_pil(io.to_pil(photo).resize((90, 60), Image.LANCZOS))
+    assert (resize_lanczos(photo, 3) - ref).abs().max() <= 2 / 255
 
 
 def test_restore_photo_options_and_errors():
