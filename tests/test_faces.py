@@ -221,7 +221,7 @@ def test_restore_photo_options_and_errors():
 
     _, rep = restore_photo(photo, spy, detector=det, min_face=2 * 130 * 0.3)
     assert len(rep["faces"]) == 1 and rep["faces"][0]["box"][0] == pytest.approx(big.box[0], abs=0.01)
-    assert "min-face" in rep["skipped"][0]["reason"] and calls == [1]
+    assert "min-face" in rep["skipped_faces"][0]["reason"] and calls == [1]
     _, rep = restore_photo(photo, spy, detector=det, only_center_face=True, save_faces=True)
     assert len(rep["faces"]) == 1 and rep["faces"][0]["box"][0] == pytest.approx(big.box[0], abs=0.01)
     assert rep["aligned_faces"].shape == (1, 3, 512, 512) and rep["restored_faces"].shape == (1, 3, 512, 512)
@@ -409,7 +409,7 @@ def test_two_faces_one_at_the_border(detector, two_faces):
     # the border face's crop is filled by mirroring, not black
     assert rep["aligned_faces"][1][:, 200:300, 420:].mean() > 0.3
     _, rep = restore_photo(two_faces, lambda x: x, detector=detector, min_face=140)
-    assert len(rep["faces"]) == 1 and len(rep["skipped"]) == 1 and rep["faces"][0]["box"][0] > 400
+    assert len(rep["faces"]) == 1 and len(rep["skipped_faces"]) == 1 and rep["faces"][0]["box"][0] > 400
     _, rep = restore_photo(two_faces, lambda x: x, detector=detector, only_center_face=True)
     assert len(rep["faces"]) == 1
 

@@ -316,7 +316,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path, out: str |
         io.write_image(target, restored, alpha=_tensor_upscale(img.alpha, int(upscale)))
         report.done.append(target)
         entry = {"input": str(p), "output": str(target), "size": list(img.rgb.shape[1:]), "faces": rep["faces"],
-                 "skipped_faces": rep["skipped"], "detector": rep["detector"], "seconds": rep["seconds"]}
+                 "skipped_faces": rep["skipped_faces"], "detector": rep["detector"], "seconds": rep["seconds"]}
         if save_faces and rep["faces"]:
             crops = []
             stem = target.relative_to(out).with_suffix("")

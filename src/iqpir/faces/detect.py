@@ -52,8 +52,9 @@ FACES_EXTRA = "pip install 'iqpir[faces]'"
 class Face:
     """One detected face, in pixels of the image given to the detector.
 
-    box: (x0, y0, x1, y1); landmarks: (5, 2) x, y in the detector's `landmark_names` order;
-    score: the detector's confidence (its own scale).
+    box: (x0, y0, x1, y1), reaching past the photo's edge for a face cut by it; landmarks:
+    (5, 2) x, y in the detector's `landmark_names` order; score: the detector's confidence
+    (each detector its own scale).
     """
 
     box: tuple[float, float, float, float]

@@ -98,7 +98,7 @@ def restore_photo(image: torch.Tensor, restore_faces: Callable[[torch.Tensor], t
         draw_box: draw the face boxes and landmarks on the result.
     Returns:
         (restored (3, H*upscale, W*upscale) in [0, 1], report) with report keys `faces` (each
-        `box` [x0, y0, x1, y1], `landmarks` 5x[x, y] and `score`, in input pixels), `skipped`
+        `box` [x0, y0, x1, y1], `landmarks` 5x[x, y] and `score`, in input pixels), `skipped_faces`
         (the same plus `reason`), `detector`, `seconds` ({detect, align, restore, background,
         paste}) and, with save_faces, `aligned_faces` and `restored_faces` ((N, 3, 512, 512)).
     """
@@ -158,7 +158,7 @@ def restore_photo(image: torch.Tensor, restore_faces: Callable[[torch.Tensor], t
 
     report: dict = {
         "faces": [f.to_dict() for f in faces],
-        "skipped": [{**f.to_dict(), "reason": why} for f, why in skipped],
+        "skipped_faces": [{**f.to_dict(), "reason": why} for f, why in skipped],
         "detector": getattr(detector, "name", type(detector).__name__),
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
     }
