@@ -6,6 +6,7 @@
     iqpir degrade IMAGES... --out DIR --preset bfr --seed 0
     iqpir train CONFIG --data DIR --out RUN [--steps N] [--resume] [--set key=value ...]
     iqpir restore IMAGES... --checkpoint RUN --out DIR [--quality 1.0]
+    iqpir restore PHOTOS... --checkpoint RUN --out DIR --faces [--upscale 2] [--bg-checkpoint RUN]
     iqpir evaluate RESTORED_DIR [--reference DIR] --out results.csv
     iqpir demo [--out DIR]
 
@@ -192,9 +193,66 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_restore_faces(p)
+
+
+def _add_restore_faces(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("whole photos with faces (--faces)")
+    g.add_argument("--faces", action="store_true",
+                   help="detect faces, align each to 512x512, restore it with the face model, paste it back")
+    g.add_argument("--detector", default=None, help="hog+cnn (default), hog, cnn (dlib; extra faces) or retinaface "
+                   "(facexlib with local weights)")
+    g.add_argument("--upscale", type=int, default=None, help="output scale, an integer (default 1)")
+    g.add_argument("--only-center-face", action="store_true", help="restore only the face nearest the centre")
+    g.add_argument("--min-face", type=float, default=None, metavar="PX", help="leave faces smaller than PX pixels alone")
+    g.add_argument("--save-faces", action="store_true", help="also write the aligned and restored crops to OUT/faces/")
+    g.add_argument("--draw-box", action="store_true", help="draw the face boxes and landmarks on the output")
+    g.add_argument("--bg-checkpoint", default=None,
+                   help="a general model that restores the rest of the photo through tiles (default: kept as is)")
+
+
+_FACE_FLAGS = {"detector": "--detector", "upscale": "--upscale", "only_center_face": "--only-center-face",
+               "min_face": "--min-face", "save_faces": "--save-faces", "draw_box": "--draw-box",
+               "bg_checkpoint": "--bg-checkpoint"}
+
+
+def _run_restore_faces(args: argparse.Namespace) -> int:
+    from iqpir.restore import restore_face_files
+
+    report = restore_face_files(
+        args.inputs,
+        checkpoint=args.checkpoint,
+        out=args.out,
+        quality=args.quality,
+        alpha=args.alpha,
+        device=args.device,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        detector=args.detector or "hog+cnn",
+        upscale=1 if args.upscale is None else args.upscale,
+        only_center_face=args.only_center_face,
+        min_face=args.min_face or 0,
+        save_faces=args.save_faces,
+        draw_box=args.draw_box,
+        bg_checkpoint=args.bg_checkpoint,
+        fidelity=args.fidelity,
+    )
+    return 1 if report.failed else 0
 
 
 def _run_restore(args: argparse.Namespace) -> int:
+    if args.faces and args.aligned:
+        print("iqpir restore: error: --faces (photos: detect and align) and --aligned (already aligned crops) "
+              "exclude each other", file=sys.stderr)
+        return 2
+    if args.faces:
+        return _run_restore_faces(args)
+    used = [flag for key, flag in _FACE_FLAGS.items() if getattr(args, key) not in (None, False)]
+    if used:
+        print(f"iqpir restore: error: {', '.join(used)} only apply to whole photos with faces; add --faces",
+              file=sys.stderr)
+        return 2
     from iqpir.restore import restore_files
 
     report = restore_files(
