@@ -409,6 +409,7 @@ async def _read_form(request: Any, limits: AppLimits) -> tuple[dict[str, str], t
     too_large = RequestError(413, f"the upload is over the limit of {limits.max_bytes / 1e6:g} MB")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > body_limit:
+        await _drain(request, _drain_limit(limits))
         raise too_large
     fields: dict[str, str] = {}
     files: list[Any] = []
@@ -427,9 +428,13 @@ async def _read_form(request: Any, limits: AppLimits) -> tuple[dict[str, str], t
         received = 0
         async for chunk in request.stream():
             received += len(chunk)
-            if received > body_limit:
-                raise too_large
+            if received > body_limit:  # keep reading (and dropping) a while: see _drain
+                if received > _drain_limit(limits):
+                    break
+                continue
             parser.write(chunk)
+        if received > body_limit:
+            raise too_large
         parser.finalize()
     except (FormParserError, ValueError) as exc:
         raise RequestError(400, f"the multipart body is malformed: {exc}") from None
@@ -447,6 +452,10 @@ async def _read_form(request: Any, limits: AppLimits) -> tuple[dict[str, str], t
     if "image" in fields:  # a text field named image: a form without enctype=multipart, or curl -F image=x
         raise RequestError(400, "the field 'image' is text, not a file; send the file itself (curl -F image=@photo.jpg)")
     return fields, image
+
+
+def _drain_limit(limits: AppLimits) -> int:
+    return 2 * (limits.max_bytes + _MULTIPART_OVERHEAD)
 
 
 async def _drain(request: Any, limit: int) -> None:
@@ -537,9 +546,8 @@ def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | No
                       "upscale": {"type": "integer", "minimum": 1, "maximum": limits.max_upscale, "default": 1},
                       "keep_exif": {"type": "boolean", "default": False}}}}}}})
     async def restore(request: Request) -> Response:
-        drain_limit = 2 * (limits.max_bytes + _MULTIPART_OVERHEAD)
         if not queue.try_admit():
-            await _drain(request, drain_limit)
+            await _drain(request, _drain_limit(limits))
             wait = queue.retry_after()
             return error(RequestError(503, f"the server is busy ({queue.capacity} requests queued); retry in {wait} s",
                                       {"Retry-After": str(wait)}))
@@ -554,8 +562,6 @@ def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | No
             probe_image(image[1], params.upscale, limits)
             png, headers = await queue.run(service.restore, image[1], params)
         except RequestError as exc:
-            if exc.status == 413:
-                await _drain(request, drain_limit)
             return error(exc)
         except torch.cuda.OutOfMemoryError:
             return error(RequestError(503, "the device ran out of memory; try a smaller image", {"Retry-After": "5"}))
