@@ -388,6 +388,15 @@ def test_faces_go_through_the_face_pipeline_with_the_requested_quality(restorer)
 # --------------------------------------------------------------------------------------
 
 
+def test_cli_listens_on_loopback_unless_told():
+    from iqpir.app import _is_loopback
+    from iqpir.cli import build_parser
+
+    args = build_parser().parse_args(["app", "--checkpoint", "run"])
+    assert (args.host, args.port, args.queue) == ("127.0.0.1", 7860, 8)
+    assert _is_loopback(args.host) and _is_loopback("::1") and not _is_loopback("0.0.0.0")
+
+
 def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
     assert main(["app", "--checkpoint", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
