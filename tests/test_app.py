@@ -211,7 +211,7 @@ GOOD = png_bytes(photo(16, 16))
     ({"image": ("a.png", GOOD)}, {"qualty": "1"}, 400, "unknown field"),
     ({"image": ("a.png", GOOD)}, {"quality": "1.5"}, 400, "'quality' must be in [0, 1]"),
     ({"image": ("a.png", GOOD)}, {"quality": "high"}, 400, "'quality' must be a number"),
-    ({"image": ("a.png", GOOD)}, {"alpha": "nan"}, 400, "'alpha' must be in [0, 1]"),
+    ({"image": ("a.png", GOOD)}, {"alpha": "nan"}, 400, "'alpha' must be in [0, 2]"),
     ({"image": ("a.png", GOOD)}, {"fidelity": "0.5"}, 400, "no fidelity control"),
     ({"image": ("a.png", GOOD)}, {"faces": "true"}, 400, "face pipeline not installed"),
     ({"image": ("a.png", GOOD)}, {"faces": "maybe"}, 400, "'faces' must be true or false"),
@@ -360,6 +360,16 @@ def test_fidelity_reaches_models_that_have_it_and_quality_is_refused_where_absen
     with stub_client(plain) as c:
         post(c, GOOD, quality=0.4)
     assert plain.calls == [{"quality": 0.4}]  # no fidelity for a model without it
+
+
+def test_settings_the_restorer_refuses_are_400():
+    class Refusing(StubRestorer):
+        def restore(self, images, **kw):
+            raise ValueError("this codeformer model has one codebook: --alpha needs a dual-codebook (IQPIR) model")
+
+    with stub_client(Refusing(default_alpha=0.8)) as c:
+        r = post(c, GOOD, alpha=0.5)
+    assert r.status_code == 400 and "one codebook" in r.json()["detail"]
 
 
 def test_faces_go_through_the_face_pipeline_with_the_requested_quality(restorer):

@@ -111,27 +111,29 @@ def describe_model(restorer: Any, name: str | None = None) -> dict[str, Any]:
     """What the page and /api/health need to know about a restorer.
 
     Read defensively: restorers of official CodeFormer weights have a fidelity control and no
-    quality control; single-codebook models have no HQ+ weight (alpha).
+    quality control; single-codebook models have no HQ+ weight (alpha). The fidelity w starts
+    at 0, the library's default (and the IQPIR authors' setting).
     """
     model = getattr(restorer, "model", None)
     quantizer = getattr(model, "quantizer", None)
-    default_alpha = getattr(quantizer, "alpha", None)
     has_hq = quantizer is not None and getattr(quantizer, "hq", None) is not None
+    default_alpha = getattr(restorer, "default_alpha", getattr(quantizer, "alpha", None) if has_hq else None)
     params = sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else None
     dtype = getattr(restorer, "dtype", None)
-    fidelity = getattr(restorer, "fidelity", None)  # CodeFormer's default w, where the restorer has one
+    fidelity = getattr(restorer, "default_fidelity", None)
     return {
         "name": name,
         "kind": getattr(restorer, "kind", "iqpir"),
+        "task": getattr(restorer, "task", "general"),
         "image_size": getattr(restorer, "image_size", None),
         "device": str(getattr(restorer, "device", "cpu")),
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
         "parameters": params,
         "supports_quality": bool(getattr(restorer, "supports_quality", True)),
         "supports_fidelity": bool(getattr(restorer, "supports_fidelity", False)),
-        "supports_alpha": bool(getattr(restorer, "supports_alpha", has_hq)),
+        "supports_alpha": bool(getattr(restorer, "supports_alpha", has_hq or default_alpha is not None)),
         "default_alpha": float(default_alpha) if isinstance(default_alpha, (int, float)) else None,
-        "default_fidelity": float(fidelity) if isinstance(fidelity, (int, float)) else 0.5,
+        "default_fidelity": float(fidelity) if isinstance(fidelity, (int, float)) else 0.0,
     }
 
 
@@ -242,7 +244,7 @@ def parse_params(fields: dict[str, str], model: dict[str, Any], limits: AppLimit
         raise RequestError(400, f"this {model['kind']} model has no quality control; leave 'quality' out")
     if quality is None and model["supports_quality"]:
         quality = 1.0  # the best restoration (paper 3.3: inference at the highest quality)
-    alpha = _number(fields, "alpha", 0.0, 1.0)
+    alpha = _number(fields, "alpha", 0.0, 2.0)  # the library's range; the page's slider stops at 1
     if alpha is not None and not model["supports_alpha"]:
         raise RequestError(400, f"this {model['kind']} model has no HQ+ codebook; leave 'alpha' out")
     fidelity = _number(fields, "fidelity", 0.0, 1.0)
@@ -540,7 +542,7 @@ def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | No
                   "type": "object", "required": ["image"], "properties": {
                       "image": {"type": "string", "format": "binary"},
                       "quality": {"type": "number", "minimum": 0, "maximum": 1, "default": 1.0},
-                      "alpha": {"type": "number", "minimum": 0, "maximum": 1},
+                      "alpha": {"type": "number", "minimum": 0, "maximum": 2},
                       "fidelity": {"type": "number", "minimum": 0, "maximum": 1},
                       "faces": {"type": "boolean", "default": False},
                       "upscale": {"type": "integer", "minimum": 1, "maximum": limits.max_upscale, "default": 1},
@@ -563,6 +565,8 @@ def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | No
             png, headers = await queue.run(service.restore, image[1], params)
         except RequestError as exc:
             return error(exc)
+        except ValueError as exc:  # the restorer refused a setting for this model (its message says which)
+            return error(RequestError(400, str(exc)))
         except torch.cuda.OutOfMemoryError:
             return error(RequestError(503, "the device ran out of memory; try a smaller image", {"Retry-After": "5"}))
         except Exception as exc:  # a bug or a model failure: answer it, keep serving
