@@ -9,6 +9,7 @@
     iqpir restore PHOTOS... --checkpoint RUN --out DIR --faces [--upscale 2] [--bg-checkpoint RUN]
     iqpir evaluate RESTORED_DIR [--reference DIR] --out results.csv
     iqpir demo [--out DIR]
+    iqpir app --checkpoint RUN [--host 127.0.0.1] [--port 7860]
 
 Library modules are imported inside the handlers so that `iqpir --help` stays fast.
 """
@@ -321,6 +322,32 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------
+# app
+# --------------------------------------------------------------------------------------
+
+
+def _add_app(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="stage-2 run folder (its latest checkpoint) or checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--queue", type=int, default=8,
+                   help="requests that may wait behind the one being restored; more are answered 503 (default 8)")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest upload in MB (default 25)")
+    p.add_argument("--max-megapixels", type=float, default=40.0, help="largest image, in or out (default 40)")
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    from iqpir.app import AppLimits, serve
+
+    keep_freed_memory()  # a server restores image after image: keep the heap instead of re-faulting it
+    limits = AppLimits(max_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6),
+                       queue=args.queue)
+    return serve(args.checkpoint, host=args.host, port=args.port, device=args.device, dtype=args.dtype, limits=limits)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "model-info": ("kind, sizes and parameter counts of a preset, config or checkpoint, as JSON",
                    _add_model_info, _run_model_info),
@@ -332,6 +359,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "restore": ("restore images at a target quality", _add_restore, _run_restore),
     "evaluate": ("evaluate restored images; append a row to a results table", _add_evaluate, _run_evaluate),
     "demo": ("the end-to-end run on images that ship with installed packages", _add_demo, _run_demo),
+    "app": ("serve a web page and HTTP API that restore uploaded photos", _add_app, _run_app),
 }
 
 

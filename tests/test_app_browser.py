@@ -1,0 +1,177 @@
+"""The page in a real browser: the OS's headless Chromium driven by Playwright's Python API.
+
+One page load: drop a photo, choose a photo, move the Quality slider, press Restore, wait for the
+result, check the shown image's pixels against the model's output, drag the divider, download.
+The browser must start: where it cannot, the test fails with the reason (CI installs Chromium
+in .ci/run). IQPIR_APP_SCREENSHOT=docs/app.png writes the README's screenshot (with
+IQPIR_APP_CHECKPOINT=RUN: of a trained model instead of the tiny random one); IQPIR_CHROMIUM
+names another Chromium executable.
+"""
+
+import base64
+import io
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_app import expected, make_tiny_checkpoint, png_bytes
+
+import iqpir
+from iqpir.app import bind, create_app
+
+# Flags for a machine without a display, a GPU or an internet connection (no background calls home).
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+INSTALL_HINT = "install Chromium (Debian: apt-get install chromium) or set IQPIR_CHROMIUM to its executable"
+
+
+def find_chromium() -> str:
+    named = os.environ.get("IQPIR_CHROMIUM")
+    if named:
+        return named
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail(f"no Chromium found for the browser test; {INSTALL_HINT}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`iqpir app` on 127.0.0.1 (any free port) in a thread of this process, with a tiny random model."""
+    import uvicorn
+
+    checkpoint = os.environ.get("IQPIR_APP_CHECKPOINT") or make_tiny_checkpoint(
+        tmp_path_factory.mktemp("browser") / "tiny-random")
+    restorer = iqpir.load_restorer(checkpoint, device="cpu")
+    app = create_app(restorer, name=Path(checkpoint).name, face_pipeline=None)
+    sock = bind("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "the app's server did not start"
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", restorer
+    srv.should_exit = True
+    thread.join(timeout=15)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        pytest.fail(f"the browser test needs Playwright's Python package (pip install -e '.[dev]'): {exc}")
+    executable = find_chromium()
+    with sync_playwright() as p:
+        try:
+            # Playwright gives every launch a new, empty profile folder (--user-data-dir).
+            b = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_FLAGS, timeout=60_000)
+        except Exception as exc:  # noqa: BLE001 - whatever stops the browser, the test says it
+            pytest.fail(f"headless Chromium ({executable}) did not start: {str(exc).splitlines()[0]}; {INSTALL_HINT}")
+        yield b
+        b.close()
+
+
+def shown_pixels(page, selector: str) -> np.ndarray:
+    """The RGB pixels of an <img> as the page decoded them (drawn at its natural size on a canvas)."""
+    data = page.evaluate("""(sel) => {
+        const img = document.querySelector(sel);
+        const c = document.createElement("canvas");
+        c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const ctx = c.getContext("2d");
+        ctx.drawImage(img, 0, 0);
+        const d = ctx.getImageData(0, 0, c.width, c.height).data;
+        let s = ""; for (let i = 0; i < d.length; i++) s += String.fromCharCode(d[i]);
+        return [c.width, c.height, btoa(s)];
+    }""", selector)
+    w, h, b64 = data
+    return np.frombuffer(base64.b64decode(b64), np.uint8).reshape(h, w, 4)[..., :3]
+
+
+def test_the_page_restores_a_photo_in_chromium(server, browser, tmp_path):
+    import skimage.data
+
+    base, restorer = server
+    photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((96, 96), Image.LANCZOS))
+    upload = png_bytes(photo)
+    page = browser.new_page(viewport={"width": 1280, "height": 760}, accept_downloads=True)
+    requests, errors = [], []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.set_default_timeout(60_000)
+
+    page.goto(base + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('iqpir')")
+    assert page.is_hidden("#fidelity-row")  # this model has no CFT blocks
+    assert page.is_disabled("#faces") and "not installed" in page.inner_text("#faces-note")
+    assert page.is_disabled("#restore")
+
+    # Drag and drop onto the picture area (a drop event carrying the file, as a browser makes it).
+    page.evaluate("""([name, b64]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type: "image/png"}));
+        document.getElementById("stage").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""", ["dropped.png", base64.b64encode(upload).decode()])
+    assert "dropped.png" in page.inner_text("#file-name")
+    # The file picker.
+    page.set_input_files("#file", files=[{"name": "astronaut.png", "mimeType": "image/png", "buffer": upload}])
+    assert "astronaut.png" in page.inner_text("#file-name")
+    page.wait_for_selector("#before", state="visible")
+
+    # Move the Quality slider from 1.00 down to 0.60 with the keyboard, as a user can.
+    page.focus("#quality")
+    for _ in range(8):
+        page.keyboard.press("ArrowLeft")
+    assert page.inner_text("#quality-value") == "0.60"
+
+    page.click("#restore")
+    page.wait_for_selector("#stage[data-restored='1']")
+    page.wait_for_selector("#after", state="visible")
+    assert "Restored in" in page.inner_text("#status"), page.inner_text("#status")
+
+    shown = shown_pixels(page, "#after").astype(int)
+    alpha = float(page.input_value("#alpha"))  # the model's default, which the page starts from
+    want = expected(restorer, photo, quality=0.6, alpha=alpha).astype(int)
+    assert shown.shape == want.shape == (96, 96, 3)
+    off = int(np.abs(shown - want).max())
+    assert off <= 1, f"the page shows something else than the model's output (off by up to {off}/255)"
+    at_default = expected(restorer, photo, quality=1.0, alpha=alpha).astype(int)
+    assert np.abs(shown - at_default).mean() > 2, "the slider's quality did not reach the model"
+    off = int(np.abs(shown_pixels(page, "#before").astype(int) - photo).max())
+    assert off <= 1, f"the 'before' image is not the upload (off by up to {off}/255)"
+
+    # The divider follows the pointer.
+    box = page.locator("#stage").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.5, steps=4)
+    page.mouse.up()
+    assert abs(float(page.get_attribute("#divider", "aria-valuenow")) - 25) <= 2
+
+    # Download gives the image shown.
+    with page.expect_download() as dl:
+        page.click("#download")
+    assert dl.value.suggested_filename == "astronaut-restored.png"
+    got = np.asarray(Image.open(io.BytesIO(Path(dl.value.path()).read_bytes())).convert("RGB")).astype(int)
+    assert np.array_equal(got, shown)
+
+    page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    shot = Path(os.environ.get("IQPIR_APP_SCREENSHOT") or tmp_path / "app.png")
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+
+    outside = [u for u in requests if not u.startswith((base + "/", "blob:", "data:"))]
+    assert not outside, f"the page asked for things outside the app: {outside}"
+    assert not errors, f"errors in the page: {errors}"
+    page.close()
