@@ -182,6 +182,16 @@ def official_config(kind: str, state: dict[str, Tensor]) -> C.RunConfig:
 # --------------------------------------------------------------------------------------
 
 _RES_RENAME = {"conv_out": "skip", "proj_out": "proj"}
+# Tensors that only change their name (official -> iqpir).
+_RENAME = {
+    "quantize.embedding.weight": "quantizer.common.codebook",
+    "quantize_aesthetic.embedding.weight": "quantizer.hq.codebook",
+    "position_emb": "transformer.pos_emb",
+    "feat_emb.weight": "transformer.proj_in.weight",
+    "feat_emb.bias": "transformer.proj_in.bias",
+    "idx_pred_layer.0.weight": "transformer.norm_out.weight",
+    "idx_pred_layer.0.bias": "transformer.norm_out.bias",
+}
 _LAYER_RENAME = {
     "self_attn.in_proj_weight": "attn.qkv.weight",
     "self_attn.in_proj_bias": "attn.qkv.bias",
@@ -238,22 +248,14 @@ def to_project(state: dict[str, Tensor], kind: str, origins: dict[str, str] | No
                 origin[fused] = f"{part}.blocks.{index}.{{q,k,v}}.{rest[2:]}"
                 continue
             out[_conv_stack_key(rest, index, n, ours)] = t
-        elif key == "quantize.embedding.weight":
-            out["quantizer.common.codebook"] = t
-        elif key == "quantize_aesthetic.embedding.weight":
-            out["quantizer.hq.codebook"] = t
-        elif key == "position_emb":
-            out["transformer.pos_emb"] = t
-        elif m := re.match(r"feat_emb\.(weight|bias)$", key):
-            out[f"transformer.proj_in.{m.group(1)}"] = t
+        elif key in _RENAME:
+            out[_RENAME[key]] = t
         elif key == "score_embed.weight":
             lat = int(state["quantize.embedding.weight"].shape[1])
             side = int(round((t.shape[1] // lat) ** 0.5))
             out["quality_embedding.maps"] = t.reshape(t.shape[0], lat, side, side)
         elif (m := re.match(r"ft_layers\.(\d+)\.(.+)$", key)) and m.group(2) in _LAYER_RENAME:
             out[f"transformer.layers.{m.group(1)}.{_LAYER_RENAME[m.group(2)]}"] = t
-        elif m := re.match(r"idx_pred_layer\.0\.(weight|bias)$", key):
-            out[f"transformer.norm_out.{m.group(1)}"] = t
         elif key == "idx_pred_layer.1.weight":
             if "quantize_aesthetic.embedding.weight" in state:
                 out["transformer.head_hq.weight"] = t[0::2]
@@ -282,6 +284,7 @@ def from_project(state: dict[str, Tensor], kind: str, n_blocks: int) -> dict[str
     official length of encoder.blocks, e.g. 25 at the paper size)."""
     inv_layer = {v: k for k, v in _LAYER_RENAME.items()}
     inv_res = {v: k for k, v in _RES_RENAME.items()}
+    inv_rename = {v: k for k, v in _RENAME.items()}
     out: dict[str, Tensor] = {}
     heads: dict[str, Tensor] = {}
     for key, t in state.items():
@@ -298,20 +301,12 @@ def from_project(state: dict[str, Tensor], kind: str, n_blocks: int) -> dict[str
                 continue
             head, _, leaf = rest.rpartition(".")
             out[f"{part}.blocks.{index}.{inv_res.get(head, head) + '.' if head else ''}{leaf}"] = t
-        elif key == "quantizer.common.codebook":
-            out["quantize.embedding.weight"] = t
-        elif key == "quantizer.hq.codebook":
-            out["quantize_aesthetic.embedding.weight"] = t
-        elif key == "transformer.pos_emb":
-            out["position_emb"] = t
-        elif m := re.match(r"transformer\.proj_in\.(weight|bias)$", key):
-            out[f"feat_emb.{m.group(1)}"] = t
+        elif key in inv_rename:
+            out[inv_rename[key]] = t
         elif key == "quality_embedding.maps":
             out["score_embed.weight"] = t.reshape(t.shape[0], -1)
         elif (m := re.match(r"transformer\.layers\.(\d+)\.(.+)$", key)) and m.group(2) in inv_layer:
             out[f"ft_layers.{m.group(1)}.{inv_layer[m.group(2)]}"] = t
-        elif m := re.match(r"transformer\.norm_out\.(weight|bias)$", key):
-            out[f"idx_pred_layer.0.{m.group(1)}"] = t
         elif m := re.match(r"transformer\.head_(hq|common)\.weight$", key):
             heads[m.group(1)] = t
         elif m := re.match(r"cft\.blocks\.(\d+)\.encode\.(.+)$", key):
