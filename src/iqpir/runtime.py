@@ -308,7 +308,12 @@ Engine = Callable[..., Tensor]
 
 
 def make_engine(model, device: torch.device, dtype: str = "auto", backend: str = "auto"):
-    """The engine for `model` (an nn.Module, or an exported graph from iqpir.export) on `device`."""
+    """The engine for `model` (an nn.Module, or an exported graph from iqpir.export) on `device`.
+
+    A torch engine on the CPU also calls `keep_freed_memory()`, as the CLI does: the process
+    then keeps its peak heap (the restorer reaches it on every image anyway) instead of paying
+    for page faults on every forward pass. Set IQPIR_DEFAULT_MALLOC=1 to leave malloc alone.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     from iqpir import export
@@ -319,6 +324,10 @@ def make_engine(model, device: torch.device, dtype: str = "auto", backend: str =
         raise ValueError(f"--backend {backend} runs a graph written by `iqpir export`; "
                          f"export the checkpoint first (iqpir export CHECKPOINT --format ...)")
     dtype = resolve_dtype(dtype, device, model)
+    if device.type == "cpu":
+        # What the CLI does for every command: large activations stop being re-faulted from the
+        # kernel on every forward pass. Process-wide (glibc only); IQPIR_DEFAULT_MALLOC=1 opts out.
+        keep_freed_memory()
     if dtype == "bfloat16" and _is_restorer(model):
         return MixedEngine(model, device, dtype)
     return TorchEngine(model, device, dtype)
