@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -213,12 +212,12 @@ def build(spec: dict, device: str = "cpu"):
 
 def rss_of(spec: dict, quality: float | None, fidelity: float) -> int:
     """Peak RSS (bytes) of a fresh process that loads the configuration and restores one face."""
-    code = ("import json, resource, sys; sys.path.insert(0, %r); import bench_restore as b; "
-            "from iqpir.runtime import keep_freed_memory; keep_freed_memory(); "
-            "spec = json.loads(%r); e = b.build(spec); e.outputs(b.face_image(), %r, None, %r); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-            % (str(Path(__file__).parent), json.dumps(spec, default=str), quality, fidelity))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    code = (f"import json, resource, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "import bench_restore as b; from iqpir.runtime import keep_freed_memory; keep_freed_memory(); "
+            f"spec = json.loads({json.dumps(spec, default=str)!r}); e = b.build(spec); "
+            f"e.outputs(b.face_image(), {quality!r}, None, {fidelity!r}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=False)
     if out.returncode:
         return -1
     return int(out.stdout.strip().splitlines()[-1]) * 1024
@@ -293,9 +292,9 @@ def cpu_table(args, info: dict) -> str:
     peaks = peak_gflops(info, args.fma_units)
     base = per_face.get("official CodeFormer float32", per_face["torch float32 (exact)"])[1]
     base_name = "official" if "official CodeFormer float32" in per_face else "torch float32"
-    rows = [f"| configuration | s/face (batch 1) | best batch: s/face | faces/s | GFLOP/s | % of peak | "
-            f"vs {base_name} fp32 | peak RSS (GB) | codes = fp32 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    header = (f"| configuration | s/face (batch 1) | best batch: s/face | faces/s | GFLOP/s | % of peak | "
+              f"vs {base_name} fp32 | peak RSS (GB) | codes = fp32 |")
+    rows = [header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in configs:
         one = per_face[name][1]
         best_batch = min(per_face[name], key=per_face[name].get)
@@ -364,9 +363,12 @@ def faces_table(args) -> str:
     for dtype in ("float32", "auto"):
         restorer = iqpir.load_restorer(checkpoint, device="cpu", dtype=dtype)
         q = 0.9 if restorer.supports_quality else None
-        restore_photo(canvas, lambda faces: restorer.restore(faces, quality=q))
+        def restore_faces(faces, restorer=restorer, q=q):
+            return restorer.restore(faces, quality=q)
+
+        restore_photo(canvas, restore_faces)
         t = time.perf_counter()
-        _, report = restore_photo(canvas, lambda faces: restorer.restore(faces, quality=q))
+        _, report = restore_photo(canvas, restore_faces)
         s = report["seconds"]
         rows.append(f"| {dtype} | {len(report['faces'])} | {time.perf_counter() - t:.2f} | "
                     + " | ".join(f"{s.get(k, 0):.2f}" for k in ("detect", "align", "restore", "paste")) + " |")

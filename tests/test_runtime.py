@@ -89,8 +89,10 @@ def test_fast_path_is_close_to_float32_and_leaves_the_model_alone():
             ref = model(x, q, fidelity=w)
             features = {} if w else None
             fast.fast.encoder(x, features)
-            fuse = (lambda r, h: fast.fast.cft(r, features[r], h, w)) if w else None
-            got = fast.fast.decoder(ref.z_f, fuse)
+            def fuse(r, h, features=features, w=w):
+                return fast.fast.cft(r, features[r], h, w)
+
+            got = fast.fast.decoder(ref.z_f, fuse if w else None)
         diff = (got - ref.restored).abs()
         assert diff.mean() < 0.01 and diff.max() < 0.1, (diff.mean(), diff.max())
     after = model.state_dict()

@@ -30,7 +30,6 @@ import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -303,8 +302,6 @@ class MixedEngine(TorchEngine):
     def _network(self) -> nn.Module:
         return self.fast
 
-
-Engine = Callable[..., Tensor]
 
 
 def make_engine(model, device: torch.device, dtype: str = "auto", backend: str = "auto"):
