@@ -231,8 +231,14 @@ def rss_of(spec: dict, quality: float | None, fidelity: float) -> int:
 def count_flops(engine, x: torch.Tensor, quality, fidelity: float) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        engine.outputs(x, quality, None, fidelity)
+    grads = [p.requires_grad for p in engine.model.parameters()]
+    engine.model.requires_grad_(False)  # the counter's module hooks trip over parameters needing grad
+    try:
+        with FlopCounterMode(display=False) as counter:
+            engine.outputs(x, quality, None, fidelity)
+    finally:
+        for p, g in zip(engine.model.parameters(), grads):
+            p.requires_grad_(g)
     return counter.get_total_flops() / x.shape[0]
 
 
@@ -261,7 +267,7 @@ def time_round_robin(engines: dict, x: torch.Tensor, quality, fidelity: float, r
 
 
 def cpu_table(args, info: dict) -> str:
-    tmp = Path(tempfile.mkdtemp(prefix="iqpir-bench-"))
+    tmp = args.tmp
     checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, tmp)
     probe = iqpir.load_restorer(checkpoint, device="cpu", dtype="float32")
     quality = 0.9 if probe.supports_quality else None
@@ -318,7 +324,7 @@ def cpu_table(args, info: dict) -> str:
 
 def gpu_table(args) -> str:
     """GPU: float32 against bf16 channels-last (+ torch.compile), images per second for batch 1..64."""
-    tmp = Path(tempfile.mkdtemp(prefix="iqpir-bench-"))
+    tmp = args.tmp
     checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, tmp)
     device = torch.device(args.device)
     exact = iqpir.load_restorer(checkpoint, device=args.device, dtype="float32").engine
@@ -357,7 +363,7 @@ def faces_table(args) -> str:
     canvas[:, 100:320, 80:280] = face
     big = torch.nn.functional.interpolate(face[None], scale_factor=1.6, mode="bilinear", antialias=True)[0]
     canvas[:, 300:300 + big.shape[1], 560:560 + big.shape[2]] = big.clamp(0, 1)
-    tmp = Path(tempfile.mkdtemp(prefix="iqpir-bench-"))
+    tmp = args.tmp
     checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, tmp)
     rows = ["| dtype | faces found | s/photo | detect | align | restore | paste |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for dtype in ("float32", "auto"):
@@ -404,6 +410,12 @@ def main() -> None:
     if 1 not in args.batches:
         args.batches = [1, *args.batches]
     runtime.keep_freed_memory()  # as the CLI does
+    with tempfile.TemporaryDirectory(prefix="iqpir-bench-") as tmp:
+        args.tmp = Path(tmp)  # weights and exported graphs
+        run(args)
+
+
+def run(args) -> None:
     info = machine()
     command = "python benchmarks/bench_restore.py " + " ".join(sys.argv[1:])
     if args.device.startswith("cuda"):
