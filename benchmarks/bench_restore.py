@@ -212,11 +212,13 @@ def build(spec: dict, device: str = "cpu"):
 
 def rss_of(spec: dict, quality: float | None, fidelity: float) -> int:
     """Peak RSS (bytes) of a fresh process that loads the configuration and restores one face."""
-    code = (f"import json, resource, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+    # VmHWM (this process's own peak), not ru_maxrss, which Linux carries over from the parent
+    # through fork + exec.
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             "import bench_restore as b; from iqpir.runtime import keep_freed_memory; keep_freed_memory(); "
             f"spec = json.loads({json.dumps(spec, default=str)!r}); e = b.build(spec); "
             f"e.outputs(b.face_image(), {quality!r}, None, {fidelity!r}); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=False)
     if out.returncode:
         return -1
