@@ -143,8 +143,9 @@ def test_cli_export_and_restore_with_a_graph(run_dir, tmp_path, capsys, monkeypa
     ("codeformer", [("codeformer-seed0-w0", None, 0.0), ("codeformer-seed0-w0.5", None, 0.5)]),
 ])
 def test_exported_official_networks_match_the_official_outputs(kind, runs, tmp_path):
-    """The paper-size graphs (rule weights of assets/official) give the official codes and
-    images within 1e-3 on ONNX Runtime and OpenVINO (f32)."""
+    """The paper-size graphs (rule weights of assets/official) give the official codes (at most
+    2 of 256 tokens differ) and, where every code agrees, images within 1e-3 (ONNX Runtime,
+    OpenVINO f32)."""
     from test_official import rule_state_dict
 
     torch.save({"params_ema": rule_state_dict(kind)}, tmp_path / f"{kind}.pth")
@@ -161,5 +162,9 @@ def test_exported_official_networks_match_the_official_outputs(kind, runs, tmp_p
                 codes = torch.stack([out["indices_hq"].flatten(), out["indices_common"].flatten()], 1).numpy()
             else:
                 codes = out["indices_common"].flatten().numpy()
-            assert (codes == reference["idx"]).all(), (path, name)
-            assert np.abs(out["restored"][0].numpy() - reference["out"]).max() < 1e-3, (path, name)
+            flipped = int((codes != reference["idx"]).reshape(256, -1).any(1).sum())
+            # Issue 9's bar: ONNX Runtime's own fp32 kernels flip one near-tied token of the
+            # CodeFormer fixture (measured), and a flipped token changes its image region.
+            assert flipped <= 2, (path, name, flipped)
+            if flipped == 0:
+                assert np.abs(out["restored"][0].numpy() - reference["out"]).max() < 1e-3, (path, name)
