@@ -1,72 +1,440 @@
-"""Inference cost of the IQPIR additions (quality embedding, HQ+ codebook and head).
+"""One speed table for restoring a 512x512 face: every backend and dtype side by side.
 
-Times one forward pass of the restorer per image at a preset's size, for the full model and
-for the plain CodeFormer-style baseline (single codebook, no quality embedding), in fp32 and
-bf16 autocast, and prints a Markdown table. The IQP additions should cost a few percent.
+In one process, alternating the configurations round by round (median of --repeats), it times
+torch float32 (the exact network), torch "auto" (iqpir.runtime's fast path: bf16 convolutions
+where the CPU has native bf16), torch bf16 autocast (the path before iqpir.runtime), ONNX
+Runtime and OpenVINO (graphs from iqpir.export; when installed) and, with --official-repo, the
+official CodeFormer network in float32 on the same weights. For each: seconds per face at
+batch 1 and at the best batch, faces per second, GFLOP/s and the share of this CPU's peak,
+peak RSS (a fresh process per configuration: load + one face), and the share of the 256 code
+tokens equal to torch float32's on the same face.
 
-    python benchmarks/bench_restore.py --preset paper --repeats 3
-    python benchmarks/bench_restore.py --preset tiny --repeats 20 --device cuda
+    # the machine must be idle: other processes change every number here
+    python benchmarks/bench_restore.py --write docs/performance.md
+    python benchmarks/bench_restore.py --checkpoint codeformer.pth --official-repo ../CodeFormer
+    python benchmarks/bench_restore.py --kind iqpir --repeats 3 --batches 1,2
+    python benchmarks/bench_restore.py --device cuda        # GPU: fp32 vs bf16 + compile, batch 1..64
+    python benchmarks/bench_restore.py --faces              # + whole photo with two faces (iqpir.faces)
+
+Weights: --checkpoint (anything `load_restorer` reads), else the official fixtures' rule weights
+(tests/assets/official, CodeFormer or IQPIR layout): speed does not depend on the values, and
+the code agreement is then measured on the fixtures' face.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from contextlib import nullcontext
+import types
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from iqpir import config as C
-from iqpir.models import build_restorer, parameter_counts
+import iqpir
+from iqpir import runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "tests" / "assets" / "official"
+MARK_BEGIN, MARK_END = "<!-- bench_restore: begin -->", "<!-- bench_restore: end -->"
+# The paper's GPU figure (IQPIR, one 512x512 face on an H200), for the GPU table's context.
+PAPER_H200_MS = 5.63
 
 
-def time_forward(model, x, quality, dtype, repeats: int, device: torch.device) -> float:
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    times = []
-    with torch.inference_mode(), ctx:
-        model(x, quality)  # warm-up (allocator, kernels)
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+# --------------------------------------------------------------------------------------
+# The machine
+# --------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+            if line.startswith("cpu MHz") and "mhz" not in info:
+                info["mhz"] = float(line.split(":", 1)[1])
+    except OSError:
+        pass
+    try:
+        info["mhz"] = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000
+    except (OSError, ValueError):
+        pass
+    flags = runtime.cpu_flags()
+    info["vector_bits"] = 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
+    info["native_bf16"] = runtime.cpu_has_native_bf16()
+    info["isa"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "?"
+    for module in ("onnxruntime", "openvino"):
+        if importlib.util.find_spec(module):
+            info[module] = __import__(module).__version__
+    return info
+
+
+def peak_gflops(info: dict, fma_units: int) -> dict[str, float]:
+    """Peak = cores x clock x FLOP/cycle; fp32 FLOP/cycle = lanes x 2 (FMA) x FMA units, and
+    twice that for bf16 where the CPU has bf16 dot products (two products per fp32 lane)."""
+    ghz = info.get("mhz", 0) / 1000
+    fp32 = info["cores"] * ghz * (info["vector_bits"] / 32) * 2 * fma_units
+    return {"float32": fp32, "bfloat16": fp32 * (2 if info["native_bf16"] else 1)}
+
+
+# --------------------------------------------------------------------------------------
+# Inputs, weights, the official network
+# --------------------------------------------------------------------------------------
+
+
+def face_image() -> torch.Tensor:
+    """(1, 3, 512, 512) in [0, 1]: the official fixtures' face (scikit-image's astronaut)."""
+    from PIL import Image
+
+    path = ASSETS / "input.png"
+    if path.is_file():
+        img = Image.open(path).convert("RGB")
+    else:
+        import skimage.data
+
+        img = Image.fromarray(skimage.data.astronaut())
+    return torch.from_numpy(np.array(img.resize((512, 512)))).permute(2, 0, 1).float()[None] / 255
+
+
+def rule_weights(kind: str, folder: Path) -> Path:
+    """The fixtures' generated weights (assets/official/README.md) as a release-style .pth."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_official import rule_state_dict
+
+    path = folder / f"{kind}.pth"
+    torch.save({"params_ema": rule_state_dict(kind)}, path)
+    return path
+
+
+def official_codeformer(repo: Path, weights: Path) -> torch.nn.Module:
+    """sczhou/CodeFormer's own network from a local checkout, with `weights` (an official .pth).
+
+    Only its two architecture files are executed; `basicsr`'s package __init__ (which imports
+    its data and training code) is replaced by stand-ins for the two names they use.
+    """
+    import logging
+
+    archs = repo / "basicsr" / "archs"
+    if not (archs / "codeformer_arch.py").is_file():
+        raise SystemExit(f"--official-repo {repo}: no basicsr/archs/codeformer_arch.py (a sczhou/CodeFormer checkout?)")
+
+    class Registry:
+        def register(self, obj=None):
+            return obj if obj is not None else (lambda o: o)
+
+    stubs = {"basicsr": types.ModuleType("basicsr"), "basicsr.utils": types.ModuleType("basicsr.utils"),
+             "basicsr.utils.registry": types.ModuleType("basicsr.utils.registry"),
+             "basicsr.archs": types.ModuleType("basicsr.archs")}
+    stubs["basicsr.utils"].get_root_logger = lambda *a, **k: logging.getLogger("basicsr")
+    stubs["basicsr.utils.registry"].ARCH_REGISTRY = Registry()
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
+    try:
+        modules = {}
+        for name in ("vqgan_arch", "codeformer_arch"):
+            spec = importlib.util.spec_from_file_location(f"basicsr.archs.{name}", archs / f"{name}.py")
+            modules[name] = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = modules[name]
+            spec.loader.exec_module(modules[name])
+        net = modules["codeformer_arch"].CodeFormer(dim_embd=512, n_head=8, n_layers=9, codebook_size=1024,
+                                                      connect_list=["32", "64", "128", "256"])
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net.load_state_dict(state.get("params_ema", state.get("params", state)), strict=True)
+    return net.eval()
+
+
+class OfficialEngine:
+    """The official network called as its inference script calls it (input in [-1, 1], adain)."""
+
+    name, dtype = "official", "float32"
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+
+    def describe(self) -> str:
+        return "official CodeFormer float32"
+
+    @torch.inference_mode()
+    def outputs(self, tiles, quality=None, alpha=None, fidelity=0.0) -> dict:
+        out, logits, _ = self.net(tiles * 2 - 1, w=fidelity, adain=True)
+        return {"restored": (out + 1) / 2, "indices_common": logits.argmax(-1).reshape(-1, 16, 16)}
+
+
+# --------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------
+
+
+def configurations(args, checkpoint: Path, graphs: dict[str, Path]) -> dict[str, dict]:
+    """name -> how to build it: {"path", "dtype", "backend"} for load_restorer, or "official"."""
+    configs = {
+        "torch float32 (exact)": {"path": checkpoint, "dtype": "float32", "backend": "torch"},
+        "torch auto (fast path)": {"path": checkpoint, "dtype": "auto", "backend": "torch"},
+        "torch bf16 autocast (before)": {"path": checkpoint, "dtype": "autocast-bf16", "backend": "torch"},
+    }
+    if "onnx" in graphs:
+        configs["onnxruntime float32"] = {"path": graphs["onnx"], "dtype": "float32", "backend": "onnxruntime"}
+    if "openvino" in graphs:
+        configs["openvino float32"] = {"path": graphs["openvino"], "dtype": "float32", "backend": "openvino"}
+        if runtime.cpu_has_native_bf16():
+            configs["openvino bf16"] = {"path": graphs["openvino"], "dtype": "bfloat16", "backend": "openvino"}
+    if args.official_repo:
+        configs["official CodeFormer float32"] = {"official": str(args.official_repo), "path": checkpoint}
+    return configs
+
+
+def build(spec: dict, device: str = "cpu"):
+    """-> an engine (outputs(tiles, quality, alpha, fidelity) -> dict) for one configuration."""
+    if "official" in spec:
+        return OfficialEngine(official_codeformer(Path(spec["official"]), Path(spec["path"])))
+    if spec["dtype"] == "autocast-bf16":  # the pre-runtime path: the float32 network under autocast
+        restorer = iqpir.load_restorer(spec["path"], device=device, dtype="float32")
+        return runtime.TorchEngine(restorer.model, restorer.device, "bfloat16")
+    return iqpir.load_restorer(spec["path"], device=device, dtype=spec["dtype"], backend=spec["backend"]).engine
+
+
+def rss_of(spec: dict, quality: float | None, fidelity: float) -> int:
+    """Peak RSS (bytes) of a fresh process that loads the configuration and restores one face."""
+    # VmHWM (this process's own peak), not ru_maxrss, which Linux carries over from the parent
+    # through fork + exec.
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "import bench_restore as b; from iqpir.runtime import keep_freed_memory; keep_freed_memory(); "
+            f"spec = json.loads({json.dumps(spec, default=str)!r}); e = b.build(spec); "
+            f"e.outputs(b.face_image(), {quality!r}, None, {fidelity!r}); "
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=False)
+    if out.returncode:
+        return -1
+    return int(out.stdout.strip().splitlines()[-1]) * 1024
+
+
+# --------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------
+
+
+def count_flops(engine, x: torch.Tensor, quality, fidelity: float) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    grads = [p.requires_grad for p in engine.model.parameters()]
+    engine.model.requires_grad_(False)  # the counter's module hooks trip over parameters needing grad
+    try:
+        with FlopCounterMode(display=False) as counter:
+            engine.outputs(x, quality, None, fidelity)
+    finally:
+        for p, g in zip(engine.model.parameters(), grads):
+            p.requires_grad_(g)
+    return counter.get_total_flops() / x.shape[0]
+
+
+def agreement(out: dict, ref: dict) -> float:
+    """Share of code tokens whose codes (both codebooks where there are two) equal the reference's."""
+    same = out["indices_common"] == ref["indices_common"]
+    if "indices_hq" in ref and "indices_hq" in out:
+        same &= out["indices_hq"] == ref["indices_hq"]
+    return float(same.float().mean())
+
+
+def time_round_robin(engines: dict, x: torch.Tensor, quality, fidelity: float, repeats: int,
+                     sync=lambda: None) -> dict[str, float]:
+    """Median seconds per call of each engine on `x`, the engines alternating within each round."""
+    times = {name: [] for name in engines}
+    for name, engine in engines.items():  # warm-up (allocator, kernels, graph compilation)
+        engine.outputs(x, quality, None, fidelity)
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            sync()
             t = time.perf_counter()
-            model(x, quality)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+            engine.outputs(x, quality, None, fidelity)
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def cpu_table(args, info: dict) -> str:
+    tmp = args.tmp
+    checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, tmp)
+    probe = iqpir.load_restorer(checkpoint, device="cpu", dtype="float32")
+    quality = 0.9 if probe.supports_quality else None
+    fidelity = args.fidelity if probe.supports_fidelity else 0.0
+    del probe
+    graphs = {}
+    from iqpir import export
+
+    for fmt, module, suffix in (("onnx", "onnxruntime", ".onnx"), ("openvino", "openvino", ".xml")):
+        if importlib.util.find_spec(module) and importlib.util.find_spec("onnx") and fmt in args.backends:
+            t = time.perf_counter()
+            graphs[fmt] = export.export(checkpoint, fmt, tmp / f"model{suffix}", fidelity=fidelity > 0).path
+            print(f"exported {fmt} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    configs = configurations(args, checkpoint, graphs)
+    engines = {name: build(spec) for name, spec in configs.items()}
+    x = face_image()
+    reference = engines["torch float32 (exact)"].outputs(x, quality, None, fidelity)
+    flops = count_flops(engines["torch float32 (exact)"], x, quality, fidelity)
+    agree = {name: agreement(e.outputs(x, quality, None, fidelity), reference) for name, e in engines.items()}
+    per_face = {name: {} for name in engines}
+    for batch in args.batches:
+        xb = x.expand(batch, -1, -1, -1).contiguous()
+        for name, t in time_round_robin(engines, xb, quality, fidelity, args.repeats).items():
+            per_face[name][batch] = t / batch
+        print(f"batch {batch}: " + ", ".join(f"{n} {per_face[n][batch]:.2f} s" for n in engines), file=sys.stderr)
+    del engines
+    rss = {name: rss_of(spec, quality, fidelity) for name, spec in configs.items()} if args.rss else {}
+    peaks = peak_gflops(info, args.fma_units)
+    base = per_face.get("official CodeFormer float32", per_face["torch float32 (exact)"])[1]
+    base_name = "official" if "official CodeFormer float32" in per_face else "torch float32"
+    header = (f"| configuration | s/face (batch 1) | best batch: s/face | faces/s | GFLOP/s | % of peak | "
+              f"vs {base_name} fp32 | peak RSS (GB) | codes = fp32 |")
+    rows = [header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in configs:
+        one = per_face[name][1]
+        best_batch = min(per_face[name], key=per_face[name].get)
+        best = per_face[name][best_batch]
+        kind = "bfloat16" if ("bf16" in name or ("auto" in name and info["native_bf16"])) else "float32"
+        gflops = flops / best / 1e9
+        share = f"{100 * gflops / peaks[kind]:.0f}% ({kind})" if peaks[kind] else "?"
+        mem = f"{rss[name] / 1e9:.2f}" if rss.get(name, -1) > 0 else "-"
+        rows.append(f"| {name} | {one:.3f} | {best:.3f} (batch {best_batch}) | {1 / best:.2f} | {gflops:.0f} | "
+                    f"{share} | {one / base:.2f}x | {mem} | {100 * agree[name]:.1f}% |")
+    knob = f"S = {quality}" if quality is not None else f"w = {fidelity}"
+    head = (f"One 512x512 face ({args.kind if not args.checkpoint else Path(args.checkpoint).name}, {knob}), "
+            f"{flops / 1e9:.0f} GFLOP per face (counted by torch.utils.flop_counter on the float32 network). "
+            f"Median of {args.repeats} alternating runs per batch size ({', '.join(map(str, args.batches))}). "
+            f"Peak: {peaks['float32']:.0f} GFLOP/s float32, {peaks['bfloat16']:.0f} bf16 "
+            f"({info['cores']} cores x {info.get('mhz', 0) / 1000:.2f} GHz x {info['vector_bits']}-bit vectors x "
+            f"{args.fma_units} FMA units; bf16 dot products count double). Codes = fp32: the share of the 256 "
+            f"code tokens equal to torch float32's on the same face.")
+    return head + "\n\n" + "\n".join(rows)
+
+
+def gpu_table(args) -> str:
+    """GPU: float32 against bf16 channels-last (+ torch.compile), images per second for batch 1..64."""
+    tmp = args.tmp
+    checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, tmp)
+    device = torch.device(args.device)
+    exact = iqpir.load_restorer(checkpoint, device=args.device, dtype="float32").engine
+    fast = runtime.MixedEngine(exact.model, device, "bfloat16")
+    quality = 0.9 if exact.model.quality_embedding.kind != "none" else None
+    engines = {"float32": exact, "bf16 channels-last": fast}
+    if not args.no_compile:
+        compiled = runtime.MixedEngine(exact.model, device, "bfloat16")
+        compiled.fast.encoder.inner = torch.compile(compiled.fast.encoder.inner)
+        compiled.fast.decoder.inner = torch.compile(compiled.fast.decoder.inner)
+        engines["bf16 channels-last + torch.compile"] = compiled
+    rows = ["| batch | " + " | ".join(f"{n}: images/s" for n in engines) + " |",
+            "| --- |" + " --- |" * len(engines)]
+    for batch in (1, 2, 4, 8, 16, 32, 64):
+        x = face_image().to(device).expand(batch, -1, -1, -1).contiguous()
+        try:
+            t = time_round_robin(engines, x, quality, 0.0, args.repeats, sync=torch.cuda.synchronize)
+        except torch.cuda.OutOfMemoryError:
+            break
+        rows.append(f"| {batch} | " + " | ".join(f"{batch / t[n]:.1f}" for n in engines) + " |")
+    return (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}; the paper gives "
+            f"{PAPER_H200_MS} ms per image on an H200.\n\n" + "\n".join(rows))
+
+
+def faces_table(args) -> str:
+    """Whole photo with two faces: detect + align + restore + paste (iqpir.faces, issue 12)."""
+    try:
+        from iqpir.faces import restore_photo
+    except ImportError as exc:
+        return f"Face pipeline: not measured: needs iqpir.faces (the faces branch) and its extra ({exc})."
+    import skimage.data
+
+    astro = torch.from_numpy(skimage.data.astronaut().copy()).permute(2, 0, 1).float() / 255
+    face = astro[:, 20:240, 120:320]
+    canvas = torch.ones(3, 768, 1024) * 0.6
+    canvas[:, 100:320, 80:280] = face
+    big = torch.nn.functional.interpolate(face[None], scale_factor=1.6, mode="bilinear", antialias=True)[0]
+    canvas[:, 300:300 + big.shape[1], 560:560 + big.shape[2]] = big.clamp(0, 1)
+    tmp = args.tmp
+    checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, tmp)
+    rows = ["| dtype | faces found | s/photo | detect | align | restore | paste |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for dtype in ("float32", "auto"):
+        restorer = iqpir.load_restorer(checkpoint, device="cpu", dtype=dtype)
+        q = 0.9 if restorer.supports_quality else None
+        def restore_faces(faces, restorer=restorer, q=q):
+            return restorer.restore(faces, quality=q)
+
+        restore_photo(canvas, restore_faces)
+        t = time.perf_counter()
+        _, report = restore_photo(canvas, restore_faces)
+        s = report["seconds"]
+        rows.append(f"| {dtype} | {len(report['faces'])} | {time.perf_counter() - t:.2f} | "
+                    + " | ".join(f"{s.get(k, 0):.2f}" for k in ("detect", "align", "restore", "paste")) + " |")
+    return "Whole photo (1024x768, two faces), one run after a warm-up:\n\n" + "\n".join(rows)
+
+
+def write_doc(path: Path, text: str) -> None:
+    doc = path.read_text() if path.is_file() else f"# Performance\n\n{MARK_BEGIN}\n{MARK_END}\n"
+    if MARK_BEGIN not in doc:
+        doc += f"\n{MARK_BEGIN}\n{MARK_END}\n"
+    before, rest = doc.split(MARK_BEGIN, 1)
+    after = rest.split(MARK_END, 1)[1]
+    path.write_text(f"{before}{MARK_BEGIN}\n{text}\n{MARK_END}{after}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="paper")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--checkpoint", default=None, help="weights (default: the fixtures' rule weights)")
+    ap.add_argument("--kind", choices=["codeformer", "iqpir"], default="codeformer",
+                    help="layout of the rule weights when no --checkpoint is given")
+    ap.add_argument("--fidelity", type=float, default=0.0, help="CodeFormer's w (CFT blocks run when > 0)")
+    ap.add_argument("--official-repo", type=Path, default=None, help="a local sczhou/CodeFormer checkout")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 2, 4])
+    ap.add_argument("--backends", default="onnx,openvino", help="exported backends to include")
+    ap.add_argument("--fma-units", type=int, default=2, help="vector FMA pipes per core, for the peak")
+    ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the per-configuration RSS runs")
+    ap.add_argument("--no-compile", action="store_true", help="GPU: skip torch.compile")
+    ap.add_argument("--faces", action="store_true", help="also time a whole photo with two faces")
+    ap.add_argument("--write", type=Path, default=None, help="put the table into this Markdown file")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    variants = {
-        "IQPIR (dual codebook + quality embedding)": [],
-        "baseline (single codebook, no embedding)": ["model.dual_codebook=false", "model.quality_embedding=none"],
-    }
-    rows = []
-    for name, overrides in variants.items():
-        cfg = C.load(preset=args.preset, overrides=overrides)
-        torch.manual_seed(0)
-        model = build_restorer(cfg.model).to(device).eval()
-        s = cfg.model.image_size
-        x = torch.rand(1, 3, s, s, device=device)
-        q = torch.ones(1, device=device)
-        params = parameter_counts(cfg.model)["total_params"]
-        for dtype in args.dtypes.split(","):
-            rows.append((name, dtype, params, time_forward(model, x, q, dtype, args.repeats, device)))
-    print(f"\npreset {args.preset}, device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"median of {args.repeats}\n")
-    print("| model | dtype | params (M) | seconds / image | vs baseline |")
-    print("| --- | --- | --- | --- | --- |")
-    base = {dt: t for n, dt, _, t in rows if n.startswith("baseline")}
-    for name, dtype, params, t in rows:
-        print(f"| {name} | {dtype} | {params / 1e6:.2f} | {t:.3f} | {100 * (t / base[dtype] - 1):+.1f}% |")
+    if 1 not in args.batches:
+        args.batches = [1, *args.batches]
+    runtime.keep_freed_memory()  # as the CLI does
+    with tempfile.TemporaryDirectory(prefix="iqpir-bench-") as tmp:
+        args.tmp = Path(tmp)  # weights and exported graphs
+        run(args)
+
+
+def run(args) -> None:
+    info = machine()
+    command = "python benchmarks/bench_restore.py " + " ".join(sys.argv[1:])
+    if args.device.startswith("cuda"):
+        table = gpu_table(args)
+        gpu_note = ""
+    else:
+        table = cpu_table(args, info)
+        gpu_note = "\n\nGPU: not measured (no GPU was available); run the same script with `--device cuda`."
+    if args.faces:
+        table += "\n\n" + faces_table(args)
+    libs = ", ".join(f"{m} {info[m]}" for m in ("onnxruntime", "openvino") if m in info)
+    text = (f"Machine: {info['cpu']}, {info['cores']} cores ({info['isa']}), {info.get('mhz', 0):.0f} MHz, "
+            f"{info['threads']} torch threads; torch {info['torch']}{', ' + libs if libs else ''}, "
+            f"Python {info['python']}.\nCommand: `{command}`\n\n{table}{gpu_note}")
+    print(text)
+    if args.write:
+        write_doc(args.write, text)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def _compare(out, reference: dict, dual: bool) -> tuple[int, float]:
     ],
 )
 def test_released_weights_compute_what_the_official_code_computes(release_files, face, kind, runs):
-    restorer = iqpir.load_restorer(release_files[kind], device="cpu")
+    restorer = iqpir.load_restorer(release_files[kind], device="cpu", dtype="float32")
     assert restorer.kind == kind and restorer.task == "faces"
     assert restorer.supports_fidelity and restorer.supports_quality == (kind == "iqpir")
     for name, knobs in runs:

@@ -60,7 +60,8 @@ def test_tiles_blend_without_seams():
 
 
 def test_api_restores_tensors_and_pil(checkpoint_dir):
-    restorer = iqpir.load_restorer(checkpoint_dir, device="cpu")
+    # float32: batches equal single crops exactly (bf16 kernels may block a batch differently)
+    restorer = iqpir.load_restorer(checkpoint_dir, device="cpu", dtype="float32")
     x = torch.rand(2, 3, 32, 32)
     out = restorer.restore(x, quality=1.0)
     assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1

@@ -7,6 +7,7 @@
     iqpir train CONFIG --data DIR --out RUN [--steps N] [--resume] [--set key=value ...]
     iqpir restore IMAGES... --checkpoint RUN --out DIR [--quality 1.0]
     iqpir restore PHOTOS... --checkpoint RUN --out DIR --faces [--upscale 2] [--bg-checkpoint RUN]
+    iqpir export CHECKPOINT --format onnx|openvino --out FILE
     iqpir evaluate RESTORED_DIR [--reference DIR] --out results.csv
     iqpir demo [--out DIR]
     iqpir app --checkpoint RUN [--host 127.0.0.1] [--port 7860]
@@ -192,7 +193,12 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
                    help="inputs are aligned faces: restore each whole at the model's size (no tiling, no detection)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32; "
+                        "float32: the exact network")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
+                   help="auto (default): torch for checkpoints, onnxruntime for .onnx, openvino for .xml "
+                        "(graphs written by `iqpir export`)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_restore_faces(p)
 
@@ -268,8 +274,38 @@ def _run_restore(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         fidelity=args.fidelity,
         aligned=args.aligned,
+        backend=args.backend,
     )
     return 1 if report.failed else 0
+
+
+# --------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="stage-2 run folder, checkpoint, `iqpir convert` folder or released IQPIR/CodeFormer .pth")
+    p.add_argument("--format", required=True, choices=["onnx", "openvino"], dest="fmt")
+    p.add_argument("--out", required=True, help="output file: .onnx (onnx) or .xml (openvino, with a .bin beside it)")
+    p.add_argument("--fidelity", action="store_true",
+                   help="include CodeFormer's CFT blocks and a fidelity input w (about 1/3 more compute; "
+                        "without it the graph restores at w = 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from iqpir.export import export
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it")
+    info = export(args.checkpoint, args.fmt, args.out, fidelity=args.fidelity)
+    print(f"iqpir export: {args.checkpoint} -> {info.path} ({args.fmt}, inputs {', '.join(info.inputs)})",
+          file=sys.stderr)
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -357,6 +393,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "degrade": ("make low-quality images with a degradation pipeline", _add_degrade, _run_degrade),
     "train": ("train stage 1 or stage 2 (also under torchrun)", _add_train, _run_train),
     "restore": ("restore images at a target quality", _add_restore, _run_restore),
+    "export": ("export a restorer to ONNX or OpenVINO IR", _add_export, _run_export),
     "evaluate": ("evaluate restored images; append a row to a results table", _add_evaluate, _run_evaluate),
     "demo": ("the end-to-end run on images that ship with installed packages", _add_demo, _run_demo),
     "app": ("serve a web page and HTTP API that restore uploaded photos", _add_app, _run_app),
@@ -375,31 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep freed memory instead of returning it to the kernel.
+    """glibc keeps freed memory for reuse (iqpir.runtime.keep_freed_memory explains why)."""
+    from iqpir.runtime import keep_freed_memory as keep
 
-    By default every large tensor is an mmap that is unmapped when freed, and the next one
-    page-faults all its memory again: measured here (2 cores, the paper network at 512x512,
-    `benchmarks/bench_restore.py`) that is 9.8 s per image against 5.3 s with this setting
-    (M_MMAP_MAX = 0: large blocks come from the heap; M_TRIM_THRESHOLD = 1 GiB: the heap is
-    not trimmed). The process keeps its peak memory, which inference and training reach on
-    every step anyway. No effect off glibc; IQPIR_DEFAULT_MALLOC=1 leaves malloc alone.
-    """
-    import ctypes
-    import os
-
-    if os.environ.get("IQPIR_DEFAULT_MALLOC") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_max, m_trim_threshold = -4, -1  # from glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
+    return keep()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "restore", "demo", "score", "evaluate"):
+    if args.command in ("train", "restore", "demo", "score", "evaluate", "export"):
         keep_freed_memory()
     try:
         return args.handler(args)

@@ -150,7 +150,7 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
     # 3. degrade the held-out images, restore at several quality targets, evaluate
     _log("restoring the held-out images")
     judge = QualityEnsemble(cfg1.iqa.metrics, normalization="fixed")
-    restorer = load_restorer(out / "stage2", device="cpu")
+    restorer = load_restorer(out / "stage2", device="cpu", dtype="float32")  # documented numbers: float32
     rows: dict[str, dict] = {}
     per_image = []
     for i, (name, ref) in enumerate(references.items()):

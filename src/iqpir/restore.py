@@ -12,17 +12,15 @@ batch of tiles plus the output image.
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image
 
-from iqpir import io
+from iqpir import io, runtime
+from iqpir.runtime import DTYPES  # noqa: F401  (the names --dtype accepts, besides "auto")
 from iqpir.training.distributed import resolve_device
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -57,7 +55,8 @@ class Restorer:
         model: the network; called as model(lq (N,3,s,s) in [0,1], quality (N,) or None,
             alpha=..., fidelity=...) and returning an object with `.restored` (N,3,s,s).
         image_size: the model's input size s.
-        device, dtype: where and how to run (bf16/fp16 through autocast).
+        device, dtype, backend: where and how to run (iqpir.runtime: "auto" is the fast
+            bf16 path where the hardware has native bf16, "float32" the exact network).
         overlap: tile overlap in pixels (default s/4).
         kind: "iqpir" (quality-conditioned) or "codeformer"; task: "faces" | "general".
         source: provenance of official weights (file, sha256, licence), else None.
@@ -67,25 +66,20 @@ class Restorer:
     """
 
     def __init__(self, model: torch.nn.Module, image_size: int, device: str | torch.device = "cpu",
-                 dtype: str = "float32", batch_size: int = 4, overlap: int | None = None, *,
-                 kind: str = "iqpir", task: str = "general", source: dict | None = None):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+                 dtype: str = "auto", batch_size: int = 4, overlap: int | None = None, *,
+                 kind: str = "iqpir", task: str = "general", source: dict | None = None, backend: str = "auto"):
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.model = model.to(self.device).eval()
+        self.engine = runtime.make_engine(model, self.device, dtype, backend)
+        self.model = self.engine.model  # the float32 network (None for an exported graph)
         self.image_size = image_size
-        self.dtype = DTYPES[dtype]
+        self.dtype = self.engine.dtype
         self.batch_size = max(1, batch_size)
         self.overlap = image_size // 4 if overlap is None else overlap
         self._window = blend_window(image_size, self.overlap)
         self.kind = kind
         self.task = task
         self.source = source
-        embedding = getattr(model, "quality_embedding", None)
-        self.supports_quality = embedding is None or embedding.kind != "none"
-        self.supports_fidelity = getattr(model, "cft", None) is not None
-        quantizer = getattr(model, "quantizer", None)
-        self.default_alpha = quantizer.alpha if quantizer is not None and quantizer.hq is not None else None
+        self.supports_quality, self.supports_fidelity, self.default_alpha = runtime.knobs(model)
 
     def check_knobs(self, quality: float | None, alpha: float | None, fidelity: float) -> float | None:
         """Validate the inference settings for this model; -> the quality to feed (None when the
@@ -96,6 +90,7 @@ class Restorer:
             raise ValueError(f"fidelity must be in [0, 1], got {fidelity}")
         if fidelity and not self.supports_fidelity:
             raise ValueError(f"this {self.kind} model has no CFT blocks: --fidelity needs CodeFormer-style weights")
+        self.engine.check(fidelity)
         if alpha is not None and self.default_alpha is None:
             raise ValueError(f"this {self.kind} model has one codebook: --alpha needs a dual-codebook (IQPIR) model")
         if alpha is not None and not 0.0 <= float(alpha) <= 2.0:
@@ -106,19 +101,9 @@ class Restorer:
             return None
         return 1.0 if quality is None else float(quality)
 
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    @torch.inference_mode()
     def _run(self, tiles: torch.Tensor, quality: float | None, alpha: float | None,
              fidelity: float = 0.0) -> torch.Tensor:
-        q = None if quality is None else torch.full((tiles.shape[0],), float(quality), device=self.device)
-        kwargs = {"fidelity": fidelity} if fidelity else {}
-        with self._autocast():
-            out = self.model(tiles.to(self.device), q, alpha=alpha, **kwargs).restored
-        return out.float().clamp(0, 1).cpu()
+        return self.engine(tiles, quality, alpha, fidelity)  # (N, 3, s, s) float32 CPU in [0, 1]
 
     def restore_one(self, image: torch.Tensor, quality: float | None = None, alpha: float | None = None,
                     fidelity: float = 0.0) -> torch.Tensor:
@@ -174,12 +159,18 @@ class Restorer:
         return torch.stack([self.restore_one(im.float().cpu(), quality, alpha, fidelity) for im in images])
 
 
-def load_restorer(path: str | Path, device: str = "auto", dtype: str = "float32", batch_size: int = 4,
-                  use_ema: bool = True) -> Restorer:
+def load_restorer(path: str | Path, device: str = "auto", dtype: str = "auto", batch_size: int = 4,
+                  use_ema: bool = True, backend: str = "auto") -> Restorer:
     """Build a Restorer from a stage-2 run folder (its latest checkpoint), a checkpoint file, a
-    folder written by `iqpir convert`, or a released IQPIR/CodeFormer `.pth` file."""
-    from iqpir import official
+    folder written by `iqpir convert`, a released IQPIR/CodeFormer `.pth` file, or a graph
+    written by `iqpir export` (.onnx, .xml). dtype/backend: see iqpir.runtime."""
+    from iqpir import export, official
 
+    if export.is_graph_file(path):
+        graph = export.read_graph(path)
+        return Restorer(graph, graph.image_size, device="cpu" if device == "auto" else device, dtype=dtype,
+                        batch_size=batch_size, kind=graph.kind, task=graph.task, source=graph.source,
+                        backend=backend)
     if official.is_official_file(path):
         model, cfg, weights = official.load_official(path)
         kind = weights.kind
@@ -194,7 +185,7 @@ def load_restorer(path: str | Path, device: str = "auto", dtype: str = "float32"
         raise ValueError(f"{path} is a stage-1 (VQGAN) checkpoint; restoring needs a stage-2 network "
                          "(an IQPIR or CodeFormer release, or iqpir train configs/*-stage2.yaml)")
     return Restorer(model, cfg.model.image_size, device=device, dtype=dtype, batch_size=batch_size,
-                    kind=kind, task=cfg.model.task, source=source)
+                    kind=kind, task=cfg.model.task, source=source, backend=backend)
 
 
 def _output_paths(inputs: Sequence[str], paths: list[Path], out: Path) -> dict[Path, Path]:
@@ -225,9 +216,9 @@ def check_output_folder(inputs: Sequence[str], paths: list[Path], out: Path) -> 
 
 
 def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path, quality: float | None = None,
-                  alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "float32",
+                  alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "auto",
                   overwrite: bool = False, progress: bool = True, fidelity: float = 0.0,
-                  aligned: bool = False) -> io.FileReport:
+                  aligned: bool = False, backend: str = "auto") -> io.FileReport:
     """Restore image files into `out`, named after their inputs; never overwrites an input.
 
     Unreadable files are named and skipped; existing outputs are kept unless `overwrite`.
@@ -241,7 +232,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path
     report = io.FileReport.empty()
     report.failed.extend((m, "no such file, folder or matching image") for m in missing)
     check_output_folder(inputs, paths, out)
-    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size)
+    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)
     restorer.check_knobs(quality, alpha, fidelity)
     targets = _output_paths(inputs, paths, out)
     it = paths
