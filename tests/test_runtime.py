@@ -3,6 +3,9 @@ fast path's fused blocks compute what the modules compute and never touch the us
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -28,10 +31,15 @@ def test_float32_is_the_network_bit_for_bit():
     model = tiny_model()
     x = torch.rand(2, 3, 64, 64)
     restorer = Restorer(model, 64, device="cpu", dtype="float32")
+    # Handed over (load_restorer), the network runs with in-place residual blocks: still exact.
+    owned = Restorer(copy.deepcopy(model), 64, device="cpu", dtype="float32", own_model=True)
+    assert any(type(m) is runtime.InPlaceResBlock for m in owned.model.modules())
+    assert not any(type(m) is runtime.InPlaceResBlock for m in model.modules())
     for q, w in ((0.9, 0.0), (0.3, 0.5)):
         with torch.inference_mode():
             expected = model(x, torch.full((2,), q), fidelity=w).restored.clamp(0, 1)
         assert torch.equal(restorer.restore(x, quality=q, fidelity=w), expected)
+        assert torch.equal(owned.restore(x, quality=q, fidelity=w), expected)
 
 
 def test_auto_means_bf16_only_where_the_cpu_has_it(monkeypatch):
@@ -137,3 +145,50 @@ def test_fast_path_keeps_the_codes_of_the_official_networks(kind, runs, tmp_path
         if "indices_hq" in a:
             same &= a["indices_hq"] == b["indices_hq"]
         assert same.float().mean() >= 0.97, (kind, quality, w, same.float().mean())
+
+
+def test_an_owned_model_is_converted_in_place_without_float32_copies():
+    """load_restorer hands its network over: the fast path converts the convolutional parts in
+    place (no float32 weights kept beside the bf16 ones) and computes what the copying path does."""
+    model = tiny_model()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    copying = runtime.MixedEngine(copy.deepcopy(model), torch.device("cpu"), "bfloat16")
+    owned_model = copy.deepcopy(model)
+    transformer_weight = owned_model.transformer.proj_in.weight
+    owned = runtime.MixedEngine(owned_model, torch.device("cpu"), "bfloat16", own=True)
+    assert owned.model is owned_model and owned.fast is owned_model
+    for name in ("encoder", "decoder", "cft"):
+        for pname, p in getattr(owned_model, name).named_parameters():
+            norm = ".norm" in f".{pname}" or pname.startswith("norm")
+            assert p.dtype == (torch.float32 if norm else torch.bfloat16), (name, pname, p.dtype)
+    assert owned_model.transformer.proj_in.weight is transformer_weight  # codes: float32, untouched
+    for q, w in ((0.9, 0.0), (0.4, 0.6)):
+        a, b = copying.outputs(x, q, None, w), owned.outputs(x, q, None, w)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_official_weights_become_the_parameters_without_a_copy():
+    """build_official assigns the file's tensors (one copy of the weights in memory, not two):
+    only views sharing a storage (IQPIR's head rows) and other dtypes are copied."""
+    import json
+
+    from iqpir import official
+
+    assets = Path(__file__).parent / "assets" / "official"
+    entries = json.loads((assets / "manifest-iqpir.json").read_text())["entries"]
+    state = {e["key"]: torch.empty(e["shape"]) for e in entries}  # paper size, never written
+    state["feat_emb.bias"] = torch.zeros(state["feat_emb.bias"].shape, dtype=torch.float16)
+    rows = state["position_emb"].shape[0]  # a contiguous view into a larger storage, as files may hold
+    state["position_emb"] = torch.empty(2 * rows, *state["position_emb"].shape[1:])[:rows]
+    weights = official.OfficialWeights("iqpir", state, "params_ema", Path("iqpir.pth"))
+    model, _ = official.build_official(weights)
+    params = dict(model.named_parameters())
+    conv = params["encoder.conv_in.weight"]
+    assert conv.data_ptr() == state["encoder.blocks.0.weight"].data_ptr()
+    assert params["transformer.proj_in.bias"].dtype == torch.float32
+    head_common, head_hq = params["transformer.head_common.weight"], params["transformer.head_hq.weight"]
+    assert head_common.is_contiguous() and head_hq.is_contiguous()
+    assert head_common.untyped_storage().nbytes() == head_common.nbytes  # not the whole (2K, C) matrix
+    pos = params["transformer.pos_emb"]
+    assert pos.untyped_storage().nbytes() == pos.nbytes
+    assert not any(t.is_meta for t in model.state_dict().values())
