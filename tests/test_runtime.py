@@ -192,3 +192,35 @@ def test_official_weights_become_the_parameters_without_a_copy():
     pos = params["transformer.pos_emb"]
     assert pos.untyped_storage().nbytes() == pos.nbytes
     assert not any(t.is_meta for t in model.state_dict().values())
+
+
+def test_weights_are_read_outside_the_kept_heap():
+    """After keep_freed_memory() large blocks come from the heap (kept when freed); weights read
+    inside weights_outside_the_heap() are mmapped, so freeing them leaves no hole in the heap."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("glibc only")
+    if not runtime.keep_freed_memory():
+        pytest.skip("IQPIR_DEFAULT_MALLOC is set or malloc is not glibc's")
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = Info
+
+    def mapped_after_alloc() -> int:
+        before = libc.mallinfo2().hblkhd
+        t = torch.empty(64 << 20, dtype=torch.uint8)
+        grown = libc.mallinfo2().hblkhd - before
+        del t
+        return grown
+
+    assert mapped_after_alloc() == 0  # from the heap
+    with runtime.weights_outside_the_heap():
+        assert mapped_after_alloc() >= 64 << 20  # its own mapping
+    assert mapped_after_alloc() == 0  # the setting is back

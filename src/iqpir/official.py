@@ -93,8 +93,11 @@ def read_official(path: str | Path) -> OfficialWeights:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {p}")
+    from iqpir.runtime import weights_outside_the_heap
+
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with weights_outside_the_heap():
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every reason maps to one line naming the file
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise OfficialCheckpointError(
