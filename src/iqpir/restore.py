@@ -12,6 +12,7 @@ batch of tiles plus the output image.
 from __future__ import annotations
 
 import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
@@ -69,6 +70,10 @@ class Restorer:
         self.model = model.to(self.device).eval()
         self.image_size = image_size
         self.dtype = DTYPES[dtype]
+        if dtype == "float16" and self.device.type == "cpu":
+            # Most CPU kernels have no float16 arithmetic: autocast emulates it, far slower than float32.
+            warnings.warn("float16 on the CPU is very slow (emulated): use --dtype float32 or bfloat16 there",
+                          UserWarning, stacklevel=2)
         self.batch_size = max(1, batch_size)
         self.overlap = image_size // 4 if overlap is None else overlap
         self._window = blend_window(image_size, self.overlap)
@@ -119,8 +124,9 @@ class Restorer:
         """
         if not 0.0 <= float(quality) <= 1.0:
             raise ValueError(f"quality must be in [0, 1], got {quality}")
-        if isinstance(images, Image.Image):
-            return io.to_pil(self.restore_one(io.from_pil(images), quality, alpha))
+        if isinstance(images, Image.Image):  # grey in, grey out; 16-bit grey in, 16-bit out
+            grey, bits = io.pil_kind(images)
+            return io.to_pil(self.restore_one(io.from_pil(images), quality, alpha), grey=grey, bits=bits)
         if isinstance(images, (list, tuple)):
             return [self.restore(im, quality, alpha) for im in images]
         if not isinstance(images, torch.Tensor):
@@ -140,75 +146,50 @@ def load_restorer(path: str | Path, device: str = "auto", dtype: str = "float32"
     """Build a Restorer from a stage-2 run folder (its latest checkpoint) or checkpoint file."""
     from iqpir.checkpoint import load_model
 
+    where = Path(path)
+    if not (where.exists() or where.with_suffix(".safetensors").is_file()):
+        raise FileNotFoundError(f"--checkpoint {path}: no such run folder or checkpoint file")
     model, cfg = load_model(path, weights="auto" if use_ema else "model")
     if not hasattr(model, "transformer"):
         raise ValueError(f"{path} is a stage-1 checkpoint; restoring needs a stage-2 run (iqpir train configs/*-stage2.yaml)")
     return Restorer(model, cfg.model.image_size, device=device, dtype=dtype, batch_size=batch_size)
 
 
-def _output_paths(inputs: Sequence[str], paths: list[Path], out: Path) -> dict[Path, Path]:
-    """Each input's output path: its path relative to the folder given, or its name for files."""
-    roots = [Path(i) for i in inputs if Path(i).is_dir()]
-    mapping = {}
-    for p in paths:
-        rel = Path(p.name)
-        for r in roots:
-            try:
-                rel = p.resolve().relative_to(r.resolve())
-                break
-            except ValueError:
-                continue
-        mapping[p] = out / rel
-    return mapping
-
-
-def check_output_folder(inputs: Sequence[str], paths: list[Path], out: Path) -> None:
-    """Refuse an output folder that is an input folder (or holds an input file)."""
-    out_r = out.resolve()
-    for i in inputs:
-        if Path(i).is_dir() and Path(i).resolve() == out_r:
-            raise ValueError(f"--out {out} is an input folder; choose another folder so no input is overwritten")
-    for p in paths:
-        if p.resolve().parent == out_r:
-            raise ValueError(f"--out {out} holds the input {p}; choose another folder so no input is overwritten")
-
-
 def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path, quality: float = 1.0,
                   alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "float32",
                   overwrite: bool = False, progress: bool = True) -> io.FileReport:
-    """Restore image files into `out`, named after their inputs; never overwrites an input.
+    """Restore image files into `out`, named after their inputs (`io.plan_outputs`: the output
+    folder may not be or lie inside an input folder; hidden folders are not inputs).
 
     Unreadable files are named and skipped; existing outputs are kept unless `overwrite`.
+    Each output keeps its input's kind: grey in, grey out; 16-bit grey in, 16-bit out.
     """
     if not 0.0 <= quality <= 1.0:
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
     out = Path(out)
-    paths, missing = io.collect_inputs(inputs)
+    plan = io.plan_outputs(inputs, out)
     report = io.FileReport.empty()
-    report.failed.extend((m, "no such file, folder or matching image") for m in missing)
-    check_output_folder(inputs, paths, out)
+    report.failed.extend(plan.failed)
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size)
-    targets = _output_paths(inputs, paths, out)
-    it = paths
+    it = plan.pairs
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(paths, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
-    for p in it:
-        target = targets[p]
+        it = tqdm(plan.pairs, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
+    for p, target in it:
         if target.exists() and not overwrite:
             report.skipped.append(p)
             continue
         try:
             img = io.read_image(p)
         except io.ImageReadError as exc:
-            report.failed.append((str(p), str(exc).split(": ", 1)[-1]))
+            report.failed.append((str(p), exc.reason))
             continue
         restored = restorer.restore_one(img.rgb, quality=quality, alpha=alpha)
-        io.write_image(target, restored, alpha=img.alpha)
+        io.write_image(target, restored, alpha=img.alpha, grey=img.grey, bits=img.bits)
         report.done.append(target)
-    msg = report.summary("restored")
+    head, _, failures = report.summary("restored").partition("\n")
     if report.skipped:
-        msg += " (skipped outputs already exist; pass --overwrite to replace them)"
-    print(f"iqpir restore: {msg} -> {out}", file=sys.stderr)
+        head += " (skipped: the outputs exist; pass --overwrite to replace them)"
+    print(f"iqpir restore: {head} -> {out}" + (f"\n{failures}" if failures else ""), file=sys.stderr)
     return report
