@@ -292,11 +292,13 @@ class OutputPlan:
     """Where a command that writes one image per input puts each output.
 
     pairs: (input, output) in input order; failed: (input, why) for inputs that matched
-    nothing and for inputs whose output another input already takes.
+    nothing and for inputs whose output another input already takes; targets: the output of
+    every input found, those last ones included.
     """
 
     pairs: list[tuple[Path, Path]]
     failed: list[tuple[str, str]]
+    targets: dict[Path, Path]
 
 
 def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -356,7 +358,7 @@ def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
             continue
         taken[key] = src
         kept.append((src, dst))
-    return OutputPlan(pairs=kept, failed=failed)
+    return OutputPlan(pairs=kept, failed=failed, targets=dict(pairs))
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

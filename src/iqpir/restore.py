@@ -155,28 +155,42 @@ def load_restorer(path: str | Path, device: str = "auto", dtype: str = "float32"
     return Restorer(model, cfg.model.image_size, device=device, dtype=dtype, batch_size=batch_size)
 
 
+def _output_paths(inputs: Sequence[str], paths: list[Path], out: Path) -> dict[Path, Path]:
+    """Each input's output path (`io.plan_outputs`): its path relative to the folder given, or its name."""
+    return io.plan_outputs(inputs, out).targets
+
+
+def check_output_folder(inputs: Sequence[str], paths: list[Path], out: Path) -> None:
+    """The rule of `io.plan_outputs`, shared with `iqpir degrade`: the output folder may not be or
+    lie inside an input folder (a second run would take the outputs for inputs), and no output
+    may replace an input."""
+    io.plan_outputs(inputs, out)
+
+
 def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path, quality: float = 1.0,
                   alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "float32",
                   overwrite: bool = False, progress: bool = True) -> io.FileReport:
-    """Restore image files into `out`, named after their inputs (`io.plan_outputs`: the output
-    folder may not be or lie inside an input folder; hidden folders are not inputs).
+    """Restore image files into `out`, named after their inputs; never overwrites an input.
 
     Unreadable files are named and skipped; existing outputs are kept unless `overwrite`.
-    Each output keeps its input's kind: grey in, grey out; 16-bit grey in, 16-bit out.
+    Grey inputs give grey outputs, 16-bit grey inputs 16-bit outputs.
     """
     if not 0.0 <= quality <= 1.0:
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
     out = Path(out)
-    plan = io.plan_outputs(inputs, out)
+    paths, missing = io.collect_inputs(inputs)
     report = io.FileReport.empty()
-    report.failed.extend(plan.failed)
+    report.failed.extend((m, "no such file, folder or matching image") for m in missing)
+    check_output_folder(inputs, paths, out)
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size)
-    it = plan.pairs
+    targets = _output_paths(inputs, paths, out)
+    it = paths
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(plan.pairs, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
-    for p, target in it:
+        it = tqdm(paths, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
+    for p in it:
+        target = targets[p]
         if target.exists() and not overwrite:
             report.skipped.append(p)
             continue
