@@ -54,7 +54,7 @@ def _training_paths(run) -> set[str]:
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     c = cfg()
     table = quality_table(c, run["data"], None, run["out"], run.get("scores"), info)
-    return {p.name for p in build_dataset(c, run["data"], None, table).paths}
+    return {p.name for p in build_dataset(c, run["data"], None, table.quality).paths}
 
 
 def test_an_unreadable_training_image_is_named_and_left_out(tmp_path, capsys):

@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from iqpir import config as C
 from iqpir.training import distributed as D
+
+if TYPE_CHECKING:
+    from iqpir.iqa.table import ScoreTable
 
 SCORES_FILE = "scores.csv"
 
@@ -24,8 +28,9 @@ def _named(items: list[tuple[str, str]], limit: int = 5) -> str:
     return "\n".join(lines)
 
 
-def quality_table(cfg: C.RunConfig, data: Path, lq_data, run_dir: Path, scores, info: D.DistInfo) -> dict[str, float]:
-    """Quality S of every training image that has one, keyed by resolved path.
+def quality_table(cfg: C.RunConfig, data: Path, lq_data, run_dir: Path, scores, info: D.DistInfo) -> ScoreTable:
+    """The score table of the run; its `.quality` is S of every training image that has one,
+    keyed by resolved path (the images of `data` only).
 
     `scores` (a table from `iqpir score`) wins; else the run's own `scores.csv` (kept from an
     earlier start of this run); else rank 0 scores `data` once with `cfg.iqa` (images under
@@ -90,7 +95,8 @@ def quality_table(cfg: C.RunConfig, data: Path, lq_data, run_dir: Path, scores, 
         why = [(str(p), failed.get(str(p.resolve()), f"not in {path}")) for p in missing]
         raise ValueError(f"none of the {len(images)} images in {data} has a quality score in {path}:\n{_named(why)}")
     keys = (str(p.resolve()) for p in images)
-    return {k: quality[k] for k in keys if k in quality}
+    table.quality = {k: quality[k] for k in keys if k in quality}
+    return table
 
 
 def build_dataset(cfg: C.RunConfig, data: Path, lq_data, quality: dict[str, float]):

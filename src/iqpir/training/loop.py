@@ -280,9 +280,9 @@ def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, 
     from iqpir.training.data import build_dataset, quality_table
 
     table = quality_table(cfg, data, lq_data, run_dir, scores, info)
-    dataset = build_dataset(cfg, data, lq_data, table)
+    dataset = build_dataset(cfg, data, lq_data, table.quality)
     if info.is_main and tc.stage == 2:
-        for line in quality_coverage(cfg.model, list(table.values())):
+        for line in quality_coverage(cfg.model, list(table.quality.values())):
             print(f"iqpir train: {line}", file=sys.stderr)
 
     task = build_task(cfg, info.device, stage1=stage1)
