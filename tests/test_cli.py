@@ -76,8 +76,8 @@ def test_every_flag_has_help_and_every_device_flag_is_the_same():
                 assert action.help, f"iqpir {name} {action.option_strings[0]} has no help text"
             if action.dest == "device":
                 devices[name] = (action.help, action.type, action.default)
-    assert set(devices) == {"score", "train", "restore", "evaluate"}
-    assert len(set(devices.values())) == 1, devices
+    assert {"score", "train", "restore", "evaluate"} <= set(devices)
+    assert len(set(devices.values())) == 1, devices  # one rule and one help text in every command
 
 
 @pytest.mark.parametrize("command", ["score", "train", "restore", "evaluate"])
@@ -100,7 +100,7 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, monkeypatch):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag,value", [("--alpha", "-1"), ("--alpha", "2"), ("--quality", "1.5"),
+@pytest.mark.parametrize("flag,value", [("--alpha", "-1"), ("--alpha", "2.5"), ("--quality", "1.5"),
                                         ("--batch-size", "0"), ("--alpha", "x")])
 def test_restore_values_are_checked_before_anything_runs(flag, value, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:

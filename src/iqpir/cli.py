@@ -39,14 +39,19 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r} is not a device: choose {DEVICE_HELP}")
 
 
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
-    return value
+def _float_in(low: float, high: float) -> Callable[[str], float]:
+    """A flag type: a number in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low:g}, {high:g}]")
+        return value
+
+    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -218,9 +223,9 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
     p.add_argument("--checkpoint", required=True, help="stage-2 run folder (its latest checkpoint) or checkpoint")
     p.add_argument("--out", required=True, help="output folder, not an input folder nor inside one")
-    p.add_argument("--quality", type=_unit_float, default=1.0, help="target quality S in [0, 1] (default 1.0)")
-    p.add_argument("--alpha", type=_unit_float, default=None,
-                   help="HQ+ fusion weight in [0, 1]: Zq = Zq1 + alpha * Zq2 (default: the model's, 0.8 official)")
+    p.add_argument("--quality", type=_float_in(0, 1), default=1.0, help="target quality S in [0, 1] (default 1.0)")
+    p.add_argument("--alpha", type=_float_in(0, 2), default=None,
+                   help="HQ+ fusion weight in [0, 2]: Zq = Zq1 + alpha * Zq2 (default: the model's, 0.8 official)")
     _add_device(p)
     p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
