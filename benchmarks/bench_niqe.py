@@ -8,7 +8,8 @@ Prints a Markdown table of images/s. Rows:
 - iqpir `niqe`, batched: (B, 3, H, W) in one vectorised pass (``cpu_chunk=B``, what a GPU
   runs), and, for larger batches, the same call with the CPU default (``cpu_chunk``, one
   image per pass);
-- iqpir `niqe_diff` forward + backward, batched (the stage-2 loss's cost);
+- iqpir `niqe_diff` forward + backward, batched (the stage-2 loss's cost), vectorised and, on
+  CPU, one image per pass;
 - pyiqa `niqe` (when pyiqa is importable), per image and batched, with LIVE's parameters
   passed as a local .mat file written from the package's own (needs scipy); offline.
 
@@ -151,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             cases.append((f"iqpir niqe, batched call, default cpu_chunk={niqe.cpu_chunk}", bs, batched(niqe, images, bs)))
     diff = build_scorer("niqe_diff", device=device, cpu_chunk=sizes[-1])
     cases.append(("iqpir niqe_diff, forward+backward (vectorised)", sizes[-1], diff_fwd_bwd(diff, images, sizes[-1])))
+    if device.type == "cpu":
+        one = build_scorer("niqe_diff", device=device, cpu_chunk=1)
+        cases.append(("iqpir niqe_diff, forward+backward, one image per pass", sizes[-1],
+                      diff_fwd_bwd(one, images, sizes[-1])))
 
     note = "skipped (--no-pyiqa)"
     if not args.no_pyiqa:

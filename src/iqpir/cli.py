@@ -28,7 +28,7 @@ def _split_list(text: str) -> list[str]:
 
 
 # Flag types: a bad value is a usage error (exit 2) naming the flag, before anything runs.
-DEVICE_HELP = "auto (CUDA, else MPS, else CPU; the default), cpu, cuda, cuda:N or mps"
+DEVICE_HELP = "auto (a GPU when there is one, else the CPU; the default), cpu, cuda, cuda:N or mps"
 SET_HELP = "override one config value, e.g. --set train.lr=1e-4 (repeatable; keys as in the YAML files)"
 
 

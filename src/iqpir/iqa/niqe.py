@@ -285,7 +285,9 @@ class NIQEDiff(NIQE):
     """Differentiable NIQE ("niqe_diff"): same features with smooth estimation (module doc).
 
     Default dtype float64 keeps it within a fraction of a percent of NIQE; float32 is
-    faster on GPUs and stays within about 1%.
+    faster on GPUs and stays within about 1%. cpu_chunk defaults to 4 here: measured side by
+    side in one process, forward and backward over 192x192 training crops took the same time
+    per crop in groups of 1, 4 or 8 on one thread, and groups did better on two busy threads.
     """
 
     name = "niqe_diff"
@@ -293,7 +295,7 @@ class NIQEDiff(NIQE):
     _smooth = True
 
     def __init__(
-        self, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float64, cpu_chunk: int = 1
+        self, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float64, cpu_chunk: int = 4
     ) -> None:
         super().__init__(block_size, dtype, cpu_chunk)
         self._eps = 1e-12 if dtype == torch.float64 else 1e-6
