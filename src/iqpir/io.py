@@ -343,7 +343,7 @@ def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
             if key in seen:
                 continue
             seen.add(key)
-            rel = key.relative_to(item_p.resolve()) if item_p.is_dir() else Path(src.name)
+            rel = src.relative_to(item_p) if item_p.is_dir() else Path(src.name)  # lexical: links stay named
             if exts is not None and rel.suffix.lower() not in exts:
                 rel = rel.with_name(rel.name + ".png")
             pairs.append((src, out / rel))
