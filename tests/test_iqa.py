@@ -338,7 +338,7 @@ def fake_pyiqa(monkeypatch, tmp_path):
 
     pyiqa = types.ModuleType("pyiqa")
     pyiqa.create_metric = create_metric
-    pyiqa.list_models = lambda: ["fakemetric"]
+    pyiqa.list_models = lambda metric_mode=None: ["fakemetric"]
     utils = types.ModuleType("pyiqa.utils")
     utils.download_util = dl
     pyiqa.utils = utils
@@ -386,3 +386,111 @@ def test_real_pyiqa_random_weights_and_missing_weights(monkeypatch, tmp_path):
     assert scorer.differentiable and scorer.native_range == (0.0, 100.0)
     s = scorer(torch.rand(2, 3, 224, 224))
     assert s.shape == (2,) and torch.isfinite(s).all()
+
+
+# --------------------------------------------------------------------------------------
+# What a new user hits: small images, typos in metric names, a table's settings
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def one_thread():
+    """Small images: with 2 OpenMP threads on busy shared cores each small op waits at a thread
+    barrier (PIQE of a 192x192 image: 2.2 s against 0.03 s on one thread, measured here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_niqe_names_the_least_size_it_needs(images, niqe):
+    from iqpir.iqa import ImageTooSmall
+
+    x = images["I04"]
+    with pytest.raises(ImageTooSmall, match=r"too small for NIQE: 160x160 px.*192x96"):
+        niqe(x[..., :160, :160])  # one 96-px block: no covariance of the block features
+    assert torch.isfinite(niqe(x[..., :96, :192])).all()  # two blocks are enough
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_image_niqe_cannot_score_does_not_sink_its_batch(images, niqe):
+    """A flat image has no complete block features (NaN, as MATLAB); the rest of its batch is scored."""
+    x = images["I04"][..., :96, :192]
+    flat = torch.full_like(x, 0.5)
+    vectorised = build_scorer("niqe", cpu_chunk=3)  # one pass over the three, as on a GPU
+    batch = vectorised(torch.cat([x, flat, x]))
+    assert torch.isnan(batch[1]) and torch.isfinite(batch[[0, 2]]).all()
+    torch.testing.assert_close(batch[[0, 2]], niqe(x).expand(2), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_small_images_fail_named_or_are_scored_upsampled(images, tmp_path):
+    from iqpir.iqa import upsample_small
+
+    folder = tmp_path / "small"
+    small = F.interpolate(images["I06"], size=(75, 100), mode="bilinear", antialias=True).clamp(0, 1)
+    write_image(folder / "s.png", small[0])
+    write_image(folder / "big.png", images["I04"][0, :, :192, :200])
+    report = score_files([str(folder)], ["niqe"], str(tmp_path / "t.csv"), progress=False)
+    (path, why), = report.failed
+    assert path.endswith("s.png") and "too small for NIQE" in why and "--upsample-small" in why
+    assert [p.name for p in report.done] == ["big.png"]
+
+    with pytest.raises(ValueError, match="without --upsample-small"):  # a table keeps its rule
+        score_files([str(folder)], ["niqe"], str(tmp_path / "t.csv"), progress=False, upsample_small=True)
+    report = score_files([str(folder)], ["niqe"], str(tmp_path / "u.csv"), progress=False, upsample_small=True)
+    assert not report.failed and len(report.done) == 2
+    table = read_score_table(tmp_path / "u.csv")
+    up = upsample_small(load_rgb(folder / "s.png")[None])
+    assert tuple(up.shape[-2:]) == (192, 256)
+    assert table.raw[str((folder / "s.png").resolve())]["niqe"] == pytest.approx(float(build_scorer("niqe")(up)[0]), rel=1e-6)
+    big = load_rgb(folder / "big.png")[None]  # scored as it is, not resized
+    assert table.raw[str((folder / "big.png").resolve())]["niqe"] == pytest.approx(float(build_scorer("niqe")(big)[0]), rel=1e-6)
+    side = json.loads(Path(str(tmp_path / "u.csv") + ".json").read_text())
+    assert table.upsample_small and "upsampled" in side["small_images"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_typo_in_a_metric_name_is_an_error_with_a_suggestion(monkeypatch, tmp_path, capsys):
+    from iqpir.cli import main
+
+    monkeypatch.setitem(sys.modules, "pyiqa", None)  # as if pyiqa were not installed
+    with pytest.raises(ValueError, match="did you mean 'piqe'"):
+        build_scorer("piqee")
+    with pytest.raises(ValueError, match="full-reference"):
+        build_scorer("ssim")
+    write_image(tmp_path / "a.png", torch.rand(3, 32, 32))
+    assert main(["score", str(tmp_path / "a.png"), "--metrics", "niqe,piqee", "--out", str(tmp_path / "t.csv")]) == 2
+    assert "did you mean 'piqe'" in capsys.readouterr().err
+    assert not (tmp_path / "t.csv").exists()
+    assert main(["evaluate", str(tmp_path), "--reference", str(tmp_path), "--metrics", "psnr,ssm",
+                 "--out", str(tmp_path / "r.csv")]) == 2
+    assert "did you mean 'ssim'" in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_table_keeps_its_normalisation_and_names_rows_of_deleted_files(tmp_path, capsys):
+    from iqpir.cli import main
+
+    out = tmp_path / "mm.csv"
+    files = [str(write_image(tmp_path / f"{i}.png", torch.rand(3, 32, 48))) for i in "ab"]
+    score_files(files, ["piqe"], str(out), normalization="minmax", progress=False)
+    before = out.read_bytes()
+    assert main(["score", *files, "--metrics", "piqe", "--out", str(out)]) == 2  # default --normalization fixed
+    assert "--normalization minmax" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    with pytest.raises(ValueError, match="upsample-small"):
+        score_files(files, ["piqe"], str(out), normalization="minmax", upsample_small=True, progress=False)
+
+    (tmp_path / "a.png").unlink()
+    report = score_files(files[1:], ["piqe"], str(out), normalization="minmax", progress=False)
+    assert len(report.skipped) == 1
+    err = capsys.readouterr().err
+    assert "1 row of files that no longer exist" in err and "a.png" in err
+
+
+def test_builtin_scorers_score_one_image_at_a_time_on_cpu():
+    """Measured side by side (benchmarks/bench_niqe.py): per image beat vectorised groups on CPU."""
+    assert build_scorer("niqe").cpu_chunk == 1 and build_scorer("piqe").cpu_chunk == 1

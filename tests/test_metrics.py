@@ -464,3 +464,26 @@ def test_cli_evaluate_exit_codes(tmp_path, astronaut, coffee, capsys):
     assert cli_main(["evaluate", str(res), "--metrics", "psnr", "--out", str(out)]) == 2  # no reference
     with open(out, newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 3
+
+
+def test_a_metric_that_cannot_score_small_images_leaves_only_its_column_out(tmp_path, astronaut, capsys):
+    """NIQE needs two 96x96 blocks: on 80-px images PSNR, SSIM and PIQE are still written."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # small images: one thread is faster on busy shared cores
+    try:
+        for folder, noise in (("gt", 0.0), ("res", 0.03)):
+            for i in range(2):
+                arr = astronaut[i * 80 : (i + 1) * 80, :80]
+                img = _noisy(arr, noise) if noise else np.ascontiguousarray(arr)
+                write_image(tmp_path / folder / f"{i}.png", torch.from_numpy(img).permute(2, 0, 1))
+        rc = cli_main(["evaluate", str(tmp_path / "res"), "--reference", str(tmp_path / "gt"),
+                       "--out", str(tmp_path / "r.csv")])  # default metrics: psnr, ssim, niqe, piqe
+    finally:
+        torch.set_num_threads(n)
+    err = capsys.readouterr().err
+    assert rc == 0
+    with open(tmp_path / "r.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["n_images"] == "2" and "niqe" not in row
+    assert float(row["psnr"]) > 20 and 0 < float(row["ssim"]) < 1 and float(row["piqe"]) > 0
+    assert "niqe left out of the row" in err and err.count("too small for NIQE: 80x80 px") == 2

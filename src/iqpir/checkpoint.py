@@ -21,10 +21,8 @@ Conventions shared with the training loop:
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from iqpir.config import RunConfig, from_dict
+from iqpir.io import atomic_write
 
 FORMAT = "iqpir-checkpoint"
 VERSION = 1
@@ -95,16 +94,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def _atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then move it onto `path` in one step (same folder, same disk)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write, fsync=True)
 
 
 def _plain_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
