@@ -83,6 +83,19 @@ def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         offset += n
 
 
+def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of `t` over the ranks of the process group (`t` itself without one).
+
+    For quantities computed inside a task's losses from the rank's own share of the batch that
+    must be those of the global batch (the adaptive GAN weight's gradient norms).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / dist.get_world_size()
+
+
 def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
     """Copy rank 0's parameters and buffers to every rank."""
     if not info.enabled:
