@@ -102,7 +102,7 @@ MUTANTS = [
     Mutant("piqe-pooling", "src/iqpir/iqa/piqe.py",
            [("100.0 * (dist + 1.0) / (n_active + 1.0)", "100.0 * dist / n_active")],
            [T + "test_iqa.py::test_piqe_matches_matlab"],
-           "PIQE pooled without the +1 of the published formula (I06 within the old 2e-3)"),
+           "PIQE pooled without the +1s of the published formula (-0.10, -0.08 points)"),
     Mutant("niqe-grey-weights", "src/iqpir/iqa/matlab.py",
            [("RGB2GRAY_WEIGHTS = (0.298936021293775, 0.587043074451121, 0.114020904255103)",
              "RGB2GRAY_WEIGHTS = (0.299, 0.587, 0.114)")],
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", nargs="*", default=[], help="run only mutants whose names contain one of these")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated copy")
+    p.add_argument("--each", action="store_true",
+                   help="run each listed test on its own: a mutant is killed only if every one of them fails")
     p.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
     args = p.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.k or any(k in m.name for k in args.k)]
@@ -204,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             root = _copy(Path(tmp) / f"m{i}")
             _apply(root, m)
             t0 = time.perf_counter()
-            rc, last = _pytest(root, m.tests, args.timeout)
+            runs = [_pytest(root, [t], args.timeout) for t in m.tests] if args.each else [_pytest(root, m.tests, args.timeout)]
             seconds = time.perf_counter() - t0
-            result = "killed" if rc == 1 else "SURVIVED" if rc == 0 else f"ERROR({rc})"
+            codes = {rc for rc, _ in runs}
+            last = " | ".join(line for _, line in runs)
+            result = "killed" if codes == {1} else "SURVIVED" if 0 in codes else f"ERROR({max(codes)})"
             rows.append((m.name, result))
             print(f"{m.name:26} {result:9} {seconds:7.1f}  {last}", flush=True)
             shutil.rmtree(root, ignore_errors=True)
