@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -77,10 +79,12 @@ class PositionDependent(torch.nn.Module):
     """Output = input + a bias set by where a pixel falls in its tile, as real networks have one
     (zero padding at tile borders, learned position embeddings, per-position quality maps):
     `tilt` rises across the tile, so neighbouring tiles disagree by tilt * stride / s where they
-    overlap; `border` brightens the outer s/16 pixels of the tile. Records its calls."""
+    overlap; `border` brightens the outer s/16 pixels of the tile. Records its calls. Its
+    `quantizer` makes it a dual-codebook model (one that takes an alpha) to the Restorer."""
 
     def __init__(self, s: int, tilt: float = 0.0, border: float = 0.0):
         super().__init__()
+        self.quantizer = SimpleNamespace(alpha=0.8, hq=True)
         u = (torch.arange(s) + 0.5) / s
         edge = torch.zeros(s)
         edge[: s // 16] = edge[s - s // 16 :] = 1.0
