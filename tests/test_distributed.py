@@ -51,7 +51,7 @@ def _collectives(rank: int, world: int, out: Path) -> None:
         torch.nn.init.constant_(net.weight, float(rank + 1))
         D.broadcast_module(net, info)
         result = {
-            "grads": [p.grad.flatten().tolist() for p in (a, b, c)] + [d.grad],
+            "grads": [None if p.grad is None else p.grad.flatten().tolist() for p in (a, b, c, d)],
             "mean_across": D.mean_across({"x": rank + 1.0, "y": 2.0 * rank}, info),
             "mean_across_ranks": D.mean_across_ranks(torch.tensor([rank * 4.0, 1.0])).tolist(),
             "flags": [D.broadcast_flag(rank == 1, info), D.broadcast_flag(False, info)],
