@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from train_helpers import small_cfg, write_train_images
 
 

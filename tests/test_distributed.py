@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from train_helpers import read_metrics, small_cfg
 
 from iqpir import checkpoint as ckpt
 from iqpir import config as C
 from iqpir.training import distributed as D
 from iqpir.training.loop import train
-from train_helpers import read_metrics, small_cfg
 
 
 def _free_ports(n: int) -> list[int]:

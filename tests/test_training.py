@@ -7,13 +7,13 @@ import signal
 
 import pytest
 import torch
+from train_helpers import SMALL, read_metrics, small_cfg
 
 from iqpir import checkpoint as ckpt
 from iqpir import config as C
 from iqpir.cli import main
 from iqpir.training.distributed import DistInfo
 from iqpir.training.loop import EMA, lr_scale, positions, train
-from train_helpers import SMALL, read_metrics, small_cfg
 
 
 def test_stage1_writes_run_folder(stage1_run):
