@@ -61,15 +61,18 @@ def _blur(x: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_niqe_matches_live_release(images, niqe, name):
     value = float(niqe(images[name])[0])
-    # The aim is 2%; the reproduction is exact to float32 precision (I04 1e-7 relative, I06 2e-5),
-    # so a tighter bound guards the MATLAB details (rgb2gray rounding, imresize, nancov/pinv).
-    assert value == pytest.approx(PUBLISHED[name][0], rel=1e-3)
+    # The reproduction is exact to float32 precision (I04 2e-9 relative, I06 1.8e-5), so the
+    # bound guards the MATLAB details: rgb2gray's weights and rounding, imresize, nancov/pinv
+    # (Rec. 601 grey weights alone move I06 by 1.9e-4).
+    assert value == pytest.approx(PUBLISHED[name][0], rel=1e-4)
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_piqe_matches_matlab(images, piqe, name):
     value = float(piqe(images[name])[0])
-    assert value == pytest.approx(PUBLISHED[name][1], rel=2e-3)  # published with two decimals
+    # Published with two decimals: half a unit of the last place plus float margin (measured
+    # +0.0044 on I04 and +0.0045 on I06; dropping the +1 of the pooling formula moves I06 by 0.08).
+    assert value == pytest.approx(PUBLISHED[name][1], abs=0.006)
 
 
 def test_scorer_protocol_and_registry(niqe, piqe):
@@ -105,9 +108,15 @@ def test_niqe_crops_to_whole_blocks_and_rejects_small_images(images, niqe):
         niqe(x[..., :64, :])
 
 
-def test_piqe_pads_like_matlab_and_uniform_is_worst(piqe):
+def test_piqe_pads_like_matlab(images, piqe):
+    """Sizes that are not multiples of 16 are padded at the bottom/right by replicating edge
+    pixels (MATLAB piqe): a 380x500 crop of real content scores as its explicitly padded copy."""
+    crop = images["I04"][..., :380, :500]
+    padded = F.pad(crop, (0, 12, 0, 4), mode="replicate")  # to 384 x 512
+    assert float(piqe(crop)[0]) == pytest.approx(float(piqe(padded)[0]), abs=1e-9)
+    assert float(piqe(crop)[0]) != pytest.approx(float(piqe(F.pad(crop, (0, 12, 0, 4), mode="reflect"))[0]), abs=1e-3)
     flat = torch.full((1, 3, 40, 50), 0.5)
-    assert float(piqe(flat)[0]) == pytest.approx(100.0)
+    assert float(piqe(flat)[0]) == pytest.approx(100.0)  # no active block: the worst score
 
 
 # --------------------------------------------------------------------------------------

@@ -5,6 +5,14 @@ overlapping tiles of the model's size, restored in batches, and blended with a s
 window, so the output has the input's size without seams and memory stays bounded by one
 batch of tiles plus the output image.
 
+Tiles overlap by half a tile by default, and the window is then the Hann window: each output
+pixel is a blend weighted towards the centres of the tiles that cover it. The network's
+output depends on where content falls in a tile (zero padding at the tile's borders, the
+learned position embedding and per-position quality maps of the latent), so neighbouring
+tiles disagree where they overlap; the half-tile cross-fade keeps that disagreement from
+showing as edges at the tile stride, which a quarter-tile overlap did (its cross-fade, made
+of the tiles' outermost pixels, was steepest at the overlap centres: a visible grid).
+
     restorer = iqpir.load_restorer("runs/stage2")          # or an official IQPIR/CodeFormer .pth
     restored = restorer.restore(image, quality=1.0)   # tensor (3,H,W)/(N,3,H,W) or PIL image
 """
@@ -37,7 +45,10 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
 def blend_window(tile: int, overlap: int) -> torch.Tensor:
     """(tile, tile) weights: 1 in the middle, a raised-cosine ramp over `overlap` pixels at the edges.
 
-    The ramp never reaches zero, so every pixel has positive total weight even at image borders.
+    ramp[k] = (1 - cos(pi (k + 1/2) / n)) / 2 for k < n = min(overlap, tile // 2), mirrored at the
+    other edge: two tiles `tile - overlap` apart have weights summing to 1 across their overlap.
+    With overlap = tile / 2 the window is the Hann window sin^2(pi (k + 1/2) / tile). The ramp
+    never reaches zero, so every pixel has positive total weight even at image borders.
     """
     ramp = torch.ones(tile)
     if overlap > 0:
@@ -58,7 +69,7 @@ class Restorer:
         image_size: the model's input size s.
         device, dtype, backend: where and how to run (iqpir.runtime: "auto" is the fast
             bf16 path where the hardware has native bf16, "float32" the exact network).
-        overlap: tile overlap in pixels (default s/4).
+        overlap: tile overlap in pixels (default s/2: Hann windows; see the module docstring).
         kind: "iqpir" (quality-conditioned) or "codeformer"; task: "faces" | "general".
         source: provenance of official weights (file, sha256, licence), else None.
 
@@ -79,7 +90,7 @@ class Restorer:
             warnings.warn("float16 on the CPU is very slow (emulated): use --dtype auto, float32 or bfloat16 there",
                           UserWarning, stacklevel=2)
         self.batch_size = max(1, batch_size)
-        self.overlap = image_size // 4 if overlap is None else overlap
+        self.overlap = image_size // 2 if overlap is None else overlap
         self._window = blend_window(image_size, self.overlap)
         self.kind = kind
         self.task = task
