@@ -76,7 +76,9 @@ def _worker(rank, world, ports, out, runs, data, stage1, scores):
 
 
 RUNS = {  # name: overrides; each runs as 1 process x batch 2 ("one") and 2 processes x batch 1 ("two")
-    "stage1": (1, "train.steps=1", "train.ckpt_every=1", "train.gan_start_step=0"),  # the GAN at once
+    # the GAN at once; codebooks drawn uniformly (the official init): codes copied from the first
+    # batch's encoder outputs put positions on near-ties that batch-size float noise flips
+    "stage1": (1, "train.steps=1", "train.ckpt_every=1", "train.gan_start_step=0", "train.codebook_init=uniform"),
     # the quality loss off: NIQE amplifies the 1e-7 differences between batch sizes
     "stage2": (2, "train.steps=2", "train.ckpt_every=1", "train.quality_start_step=100"),
 }
@@ -135,16 +137,12 @@ def test_stage2_two_processes_equal_one(ddp):
 
 def test_stage1_two_processes_equal_one(ddp):
     """With the GAN from step 1: the adaptive GAN weight is that of the global batch, and the
-    discriminator's gradients are averaged too.
-
-    The generator's gradients differ a little between batch sizes: the codebooks start as
-    encoder outputs of the first batch, so some positions sit on near-ties between two codes,
-    and the 1e-6 differences of batched convolutions pick the other one (measured 0.8%).
-    """
+    discriminator's gradients are averaged too."""
     keys = ("loss", "l1", "codebook_common", "codebook_hq", "gan", "disc")
     one, two = _losses(ddp / "stage1" / "one", keys), _losses(ddp / "stage1" / "two", keys)
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=2e-3, atol=1e-6)
+    # measured: 4e-6 (generator) and 1.4e-6 (discriminator)
     assert _relative_error(_first_moment(ddp / "stage1" / "one", "generator"),
-                           _first_moment(ddp / "stage1" / "two", "generator")) < 0.05
+                           _first_moment(ddp / "stage1" / "two", "generator")) < 1e-4
     assert _relative_error(_first_moment(ddp / "stage1" / "one", "discriminator"),
                            _first_moment(ddp / "stage1" / "two", "discriminator")) < 1e-4
