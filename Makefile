@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all mutants bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 # Everything, the slow tests included.
 test-all: $(STAMP)
 	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ''
+
+# Plants the bugs the tests exist for (tools/mutants.py lists them) in a temporary copy, one at
+# a time, and fails if the tests miss one. Not part of CI: it runs the DDP tests several times.
+mutants: $(STAMP)
+	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 $(PY) tools/mutants.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

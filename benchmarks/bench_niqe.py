@@ -6,13 +6,18 @@
 Prints a Markdown table of images/s. Rows:
 - iqpir `niqe`, per image: a Python loop over the images, one (1, 3, H, W) call each;
 - iqpir `niqe`, batched: (B, 3, H, W) in one vectorised pass (``cpu_chunk=B``, what a GPU
-  runs), and, for larger batches, the same call with the CPU default (``cpu_chunk=4``);
-- iqpir `niqe_diff` forward + backward, batched (the stage-2 loss's cost);
+  runs), and, for larger batches, the same call with the CPU default (``cpu_chunk``, one
+  image per pass);
+- iqpir `niqe_diff` forward + backward, batched (the stage-2 loss's cost), vectorised and, on
+  CPU, one image per pass;
 - pyiqa `niqe` (when pyiqa is importable), per image and batched, with LIVE's parameters
   passed as a local .mat file written from the package's own (needs scipy); offline.
 
 Images: TID2013 I04/I06 from tests/assets and noisy/blurred/flipped variants, 384x512.
-Timing: one warm-up pass, then the median of ``--repeats`` passes over all images.
+Timing: one warm-up pass of every row, then ``--repeats`` rounds that time every row once
+each, interleaved, so that a change of machine load hits all rows alike; the table gives the
+median wall time and the median CPU time of the process (on a busy machine the CPU time is
+the steadier of the two; with several threads it includes their waiting).
 """
 
 from __future__ import annotations
@@ -54,20 +59,32 @@ def make_images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
-def timed(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
+def timed_rounds(
+    cases: list[tuple[str, int, Callable[[], torch.Tensor]]], repeats: int, device: torch.device
+) -> list[tuple[str, int, float, float, torch.Tensor]]:
+    """Warm every case up, then time each once per round, interleaved: (name, batch, wall s, cpu s, result)."""
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    result = fn()  # warm-up (tables, caches, kernels)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
+    results = []
+    for _, _, fn in cases:  # warm-up (tables, caches, kernels)
+        results.append(fn())
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+    walls: list[list[float]] = [[] for _ in cases]
+    cpus: list[list[float]] = [[] for _ in cases]
+    for _ in range(repeats):
+        for i, (_, _, fn) in enumerate(cases):
+            t0, c0 = time.perf_counter(), time.process_time()
+            results[i] = fn()
+            sync()
+            walls[i].append(time.perf_counter() - t0)
+            cpus[i].append(time.process_time() - c0)
+    return [
+        (name, bs, statistics.median(w), statistics.median(c), r)
+        for (name, bs, _), w, c, r in zip(cases, walls, cpus, results)
+    ]
 
 
 def per_image(scorer, images: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -122,35 +139,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-pyiqa", action="store_true")
     args = ap.parse_args(argv)
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     device = resolve_device(args.device)
     images = make_images(args.images).to(device)
     sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
     niqe = build_scorer("niqe", device=device)
-    rows: list[tuple[str, int, float, torch.Tensor]] = []
-
-    t, ref = timed(per_image(niqe, images), args.repeats, device)
-    rows.append(("iqpir niqe, per image", 1, t, ref))
+    cases: list[tuple[str, int, Callable[[], torch.Tensor]]] = [("iqpir niqe, per image", 1, per_image(niqe, images))]
     for bs in sizes:
         vectorised = build_scorer("niqe", device=device, cpu_chunk=bs)
-        t, r = timed(batched(vectorised, images, bs), args.repeats, device)
-        rows.append(("iqpir niqe, batched (one vectorised pass per batch)", bs, t, r))
+        cases.append(("iqpir niqe, batched (one vectorised pass per batch)", bs, batched(vectorised, images, bs)))
         if device.type == "cpu" and bs > niqe.cpu_chunk:
-            t, r = timed(batched(niqe, images, bs), args.repeats, device)
-            rows.append((f"iqpir niqe, batched call, default cpu_chunk={niqe.cpu_chunk}", bs, t, r))
+            cases.append((f"iqpir niqe, batched call, default cpu_chunk={niqe.cpu_chunk}", bs, batched(niqe, images, bs)))
     diff = build_scorer("niqe_diff", device=device, cpu_chunk=sizes[-1])
-    for bs in sizes[-1:]:
-        t, r = timed(diff_fwd_bwd(diff, images, bs), args.repeats, device)
-        rows.append(("iqpir niqe_diff, forward+backward (vectorised)", bs, t, r))
+    cases.append(("iqpir niqe_diff, forward+backward (vectorised)", sizes[-1], diff_fwd_bwd(diff, images, sizes[-1])))
+    if device.type == "cpu":
+        one = build_scorer("niqe_diff", device=device, cpu_chunk=1)
+        cases.append(("iqpir niqe_diff, forward+backward, one image per pass", sizes[-1],
+                      diff_fwd_bwd(one, images, sizes[-1])))
 
     note = "skipped (--no-pyiqa)"
     if not args.no_pyiqa:
         peer, note = pyiqa_scorer(device)
         if peer is not None:
-            t, r = timed(per_image(peer, images), args.repeats, device)
-            rows.append(("pyiqa niqe (same LIVE parameters), per image", 1, t, r))
+            cases.append(("pyiqa niqe (same LIVE parameters), per image", 1, per_image(peer, images)))
             for bs in sizes:
-                t, r = timed(batched(peer, images, bs), args.repeats, device)
-                rows.append(("pyiqa niqe (same LIVE parameters), batched", bs, t, r))
+                cases.append(("pyiqa niqe (same LIVE parameters), batched", bs, batched(peer, images, bs)))
+    rows = timed_rounds(cases, args.repeats, device)
+    ref = rows[0][4]
 
     n = images.shape[0]
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
@@ -158,14 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         f"NIQE on {n} images of 512x384, device {device}, torch {torch.__version__}, threads {threads}, "
         f"median of {args.repeats}"
     )
-    if hasattr(os, "getloadavg"):
-        print(f"load average before the run: {os.getloadavg()[0]:.2f}")
+    if load is not None:
+        print(f"load average before the run: {load:.2f} (cores: {os.cpu_count()})")
     print()
-    print("| implementation | batch | images/s | ms/image | max abs diff vs iqpir per image |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, bs, t, r in rows:
+    print("| implementation | batch | images/s | ms/image | CPU ms/image | max abs diff vs iqpir per image |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, bs, t, cpu, r in rows:
         dev = (r.double() - ref.double()).abs().max().item()
-        print(f"| {name} | {bs} | {n / t:.1f} | {1000 * t / n:.1f} | {dev:.2e} |")
+        print(f"| {name} | {bs} | {n / t:.1f} | {1000 * t / n:.1f} | {1000 * cpu / n:.1f} | {dev:.2e} |")
     if note:
         print(f"\npyiqa: {note}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import re
 
 import numpy as np
 import pytest
@@ -199,6 +200,42 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     set_rng_state(unflatten_state(t["rng"], meta["rng"]))
     got = (torch.rand(3), random.random(), np.random.normal(), np.random.rand())
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+def test_corrupt_checkpoint_files_are_named(tmp_path, capsys):
+    """A truncated .safetensors or a garbage .json: one line naming the file (CLI exit 2)."""
+    from iqpir.checkpoint import CorruptCheckpointError
+    from iqpir.cli import main
+    from iqpir.io import write_image
+
+    torch.manual_seed(0)
+    cfg = run_cfg(2)
+    run = tmp_path / "run"
+    run.mkdir()
+    stem = save_checkpoint(run, {"model": build_restorer(cfg.model).state_dict()},
+                           {"config": C.to_dict(cfg), "step": 1, "arch": "restorer"})
+    write_image(tmp_path / "in.png", torch.rand(3, 32, 32))
+    args = ["restore", str(tmp_path / "in.png"), "--checkpoint", str(run), "--out", str(tmp_path / "out"),
+            "--device", "cpu"]
+    tensors, sidecar = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    good_tensors, good_json = tensors.read_bytes(), sidecar.read_text()
+    damage = {
+        "tensors cut in the data": (tensors, good_tensors[: len(good_tensors) // 2]),
+        "tensors cut in the header": (tensors, good_tensors[:20]),
+        "tensors empty": (tensors, b""),
+        "json garbage": (sidecar, b"{\"format\": \"iqpir-checkpoint\", "),
+        "json not an object": (sidecar, b"[1, 2]"),
+        "json not text": (sidecar, b"\xff\xfe\x00garbage"),
+    }
+    for what, (file, data) in damage.items():
+        tensors.write_bytes(good_tensors)
+        sidecar.write_text(good_json)
+        file.write_bytes(data)
+        with pytest.raises(CorruptCheckpointError, match=re.escape(str(file))):
+            load_checkpoint(run)
+        assert main(args) == 2, what
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(file) in err[0] and "Traceback" not in err[0], (what, err)
 
 
 def test_unknown_config_key_is_named():

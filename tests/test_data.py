@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,22 @@ def test_batch_equals_samples_in_order(preset: str) -> None:
     one = torch.cat([degrade(x[i : i + 1], cfg, preset, g) for i in range(2)])
     assert torch.allclose(batch, one, atol=1 / 255 + 1e-6)
     assert (batch != one).float().mean() < 0.01  # conv batching may move a rare value by one level
-    assert not torch.equal(batch[0], batch[1].roll(1))
+    twins = degrade(x[:1].repeat(2, 1, 1, 1), cfg, preset, _gen(5))
+    assert not torch.equal(twins[0], twins[1])  # each sample draws its own parameters (and noise)
+
+
+# sha256 (first 16 hex digits) of the 8-bit output of one seeded call. A change in the order or
+# number of random draws changes every seeded run's data and shows here. The JPEG-free presets
+# only (libjpeg versions may round differently). Re-pin, and say why in the commit, only when
+# the change of data is intended or torch changed its generators.
+PINNED = {"backlit": "799a17322b59b495", "lowlight": "aebced88693a9557", "underwater": "e2ec19dd03de710f"}
+
+
+@pytest.mark.parametrize("preset", sorted(PINNED))
+def test_seeded_output_is_pinned(preset: str) -> None:
+    y = degrade(_smooth_images(2, 24, 20, seed=4), DegradationConfig(), preset, _gen(11))
+    digest = hashlib.sha256((y * 255).round().to(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    assert digest == PINNED[preset]
 
 
 def test_int_seed_and_unknown_preset() -> None:

@@ -16,9 +16,8 @@ from iqpir import metrics as M
 from iqpir.cli import main as cli_main
 from iqpir.io import write_image
 
-skimage = pytest.importorskip("skimage")
-from skimage import data as skdata  # noqa: E402
-from skimage import metrics as skmetrics  # noqa: E402
+from skimage import data as skdata  # the dev extra: a missing scikit-image must fail, not skip the file
+from skimage import metrics as skmetrics
 
 
 def _to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -241,7 +240,8 @@ def test_uciqe_contrast_term_uses_percentiles():
 
 
 def test_frechet_distance_against_scipy():
-    scipy_linalg = pytest.importorskip("scipy.linalg")
+    from scipy import linalg as scipy_linalg  # installed with scikit-image (the dev extra)
+
     g = torch.Generator().manual_seed(0)
     a = torch.randn(200, 6, generator=g, dtype=torch.float64)
     scale = torch.diag(torch.linspace(0.5, 2, 6, dtype=torch.float64))
@@ -419,9 +419,6 @@ def test_evaluate_lpips_when_package_and_weights_present(tmp_path, astronaut, co
 
 
 def test_evaluate_default_metrics_with_the_real_nr_iqa_module(tmp_path, astronaut, coffee):
-    iqa = pytest.importorskip("iqpir.iqa")
-    if not hasattr(iqa, "build_scorer"):
-        pytest.skip("iqpir.iqa.build_scorer not available yet")
     ref, res = tmp_path / "gt", tmp_path / "method"
     for stem, arr in {"a": astronaut[:192], "c": coffee}.items():  # NIQE needs >= 2 patches of 96 px
         write_image(ref / f"{stem}.png", _to_tensor(arr)[0])
@@ -464,3 +461,26 @@ def test_cli_evaluate_exit_codes(tmp_path, astronaut, coffee, capsys):
     assert cli_main(["evaluate", str(res), "--metrics", "psnr", "--out", str(out)]) == 2  # no reference
     with open(out, newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 3
+
+
+def test_a_metric_that_cannot_score_small_images_leaves_only_its_column_out(tmp_path, astronaut, capsys):
+    """NIQE needs two 96x96 blocks: on 80-px images PSNR, SSIM and PIQE are still written."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # small images: one thread is faster on busy shared cores
+    try:
+        for folder, noise in (("gt", 0.0), ("res", 0.03)):
+            for i in range(2):
+                arr = astronaut[i * 80 : (i + 1) * 80, :80]
+                img = _noisy(arr, noise) if noise else np.ascontiguousarray(arr)
+                write_image(tmp_path / folder / f"{i}.png", torch.from_numpy(img).permute(2, 0, 1))
+        rc = cli_main(["evaluate", str(tmp_path / "res"), "--reference", str(tmp_path / "gt"),
+                       "--out", str(tmp_path / "r.csv")])  # default metrics: psnr, ssim, niqe, piqe
+    finally:
+        torch.set_num_threads(n)
+    err = capsys.readouterr().err
+    assert rc == 0
+    with open(tmp_path / "r.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["n_images"] == "2" and "niqe" not in row
+    assert float(row["psnr"]) > 20 and 0 < float(row["ssim"]) < 1 and float(row["piqe"]) > 0
+    assert "niqe left out of the row" in err and err.count("too small for NIQE: 80x80 px") == 2

@@ -342,6 +342,29 @@ def test_image_loss_reaches_the_transformer_only_on_the_soft_path(path):
         assert model.transformer.head_hq.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("alpha", [None, 0.3])
+def test_soft_path_gradient_is_that_of_the_softmax_weighted_codebooks(alpha):
+    """Soft path: d z_f / d logits is that of softmax(logits / tau) @ C for each codebook, the HQ+
+    codebook's term weighted by alpha (the model's 0.8, or the one passed), at a tau other than 1."""
+    tau = 0.5
+    model = _stage2_model(gradient_path="soft", soft_temperature=tau)
+    out = model(torch.rand(2, 3, 32, 32), torch.tensor([0.5, 0.9]), alpha=alpha)
+    out.logits_common.retain_grad()
+    out.logits_hq.retain_grad()
+    w = torch.randn(out.z_f.shape, generator=torch.Generator().manual_seed(3))
+    (out.z_f * w).sum().backward()
+
+    b, c, h, wd = out.z_f.shape
+    a = model.quantizer.alpha if alpha is None else alpha
+    for logits, codebook, scale in ((out.logits_common, model.quantizer.common.codebook, 1.0),
+                                    (out.logits_hq, model.quantizer.hq.codebook, a)):
+        x = logits.detach().requires_grad_(True)
+        soft = torch.softmax(x / tau, dim=-1) @ codebook.detach()  # (B, h*w, C)
+        (scale * soft.transpose(1, 2).reshape(b, c, h, wd) * w).sum().backward()
+        assert x.grad.abs().max() > 0
+        torch.testing.assert_close(logits.grad, x.grad, rtol=1e-4, atol=1e-6 * float(x.grad.abs().max()))
+
+
 def test_both_gradient_paths_restore_the_same_image():
     st = _stage2_model().eval()
     soft = build_restorer(tiny_cfg(gradient_path="soft")).eval()
@@ -422,4 +445,4 @@ def test_codebook_init_from_data_puts_every_code_near_an_encoder_output():
     for vq in (q.common, q.hq):
         nearest = torch.cdist(vq.codebook.detach(), flat).min(dim=1).values
         assert nearest.max() < 0.2 * z.std()
-        assert not torch.equal(q.common.codebook, torch.zeros_like(q.common.codebook))
+    assert not torch.allclose(q.common.codebook, q.hq.codebook)  # two draws, not one codebook twice

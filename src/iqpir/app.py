@@ -38,7 +38,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -302,14 +301,14 @@ def decode_image(data: bytes, keep_exif: bool) -> Decoded:
         with Image.open(BytesIO(data)) as im:
             im.load()
             upright = ImageOps.exif_transpose(im)  # also drops the orientation tag from its EXIF
-            rgb, alpha = iio._pil_to_float(upright)
+            rgb, alpha, _, _ = iio.pil_to_tensors(upright)
             exif = upright.getexif() if keep_exif else None
             icc = im.info.get("icc_profile")
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise RequestError(400, f"the image is truncated or corrupt: {exc}") from None
     return Decoded(
-        rgb=torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous(),
-        alpha=None if alpha is None else torch.from_numpy(np.ascontiguousarray(alpha))[None].contiguous(),
+        rgb=rgb,
+        alpha=alpha,
         exif=exif.tobytes() if exif else None,
         icc=icc if isinstance(icc, bytes) and icc else None,
     )

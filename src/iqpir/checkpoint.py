@@ -21,19 +21,19 @@ Conventions shared with the training loop:
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from iqpir.config import RunConfig, from_dict
+from iqpir.io import atomic_write
 
 FORMAT = "iqpir-checkpoint"
 VERSION = 1
@@ -95,16 +95,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def _atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then move it onto `path` in one step (same folder, same disk)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write, fsync=True)
 
 
 def _plain_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -169,10 +160,36 @@ def save_checkpoint(
     return stem
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be read (truncated, garbage); names the file."""
+
+
+def _corrupt(file: Path, what: str, exc: Exception) -> CorruptCheckpointError:
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return CorruptCheckpointError(f"{file}: {what} ({detail}); the file is damaged or not a checkpoint")
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(file, "unreadable checkpoint JSON", exc) from None
+    if not isinstance(meta, dict):
+        raise _corrupt(file, "unreadable checkpoint JSON", TypeError(f"a {type(meta).__name__}, not an object"))
+    return meta
+
+
+def _read_tensors(file: Path, device: str | torch.device) -> dict[str, Tensor]:
+    try:
+        return load_file(str(file), device=str(device))
+    except SafetensorError as exc:
+        raise _corrupt(file, "unreadable safetensors file", exc) from None
+
+
 def load_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     """The JSON sidecar of a checkpoint (run folder, stem or file), without reading tensors."""
     stem = resolve_checkpoint(path)
-    meta = json.loads(stem.with_suffix(".json").read_text())
+    meta = _read_json(stem.with_suffix(".json"))
     if meta.get("format") != FORMAT:
         raise ValueError(f"{stem}.json is not an iqpir checkpoint (format {meta.get('format')!r})")
     return meta
@@ -187,10 +204,10 @@ def load_checkpoint(
     saved group is present, even an empty one). Only safetensors and JSON are read.
     """
     stem = resolve_checkpoint(path)
-    meta = json.loads(stem.with_suffix(".json").read_text())
+    meta = _read_json(stem.with_suffix(".json"))
     if meta.get("format") != FORMAT:
         raise ValueError(f"{stem}.json is not an iqpir checkpoint (format {meta.get('format')!r})")
-    flat = load_file(str(stem.with_suffix(SUFFIX)), device=str(device))
+    flat = _read_tensors(stem.with_suffix(SUFFIX), device)
     groups = meta.pop("groups")
     meta.pop("format")
     meta.pop("version")

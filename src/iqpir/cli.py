@@ -3,13 +3,13 @@
     iqpir model-info --preset paper | --checkpoint FILE_OR_RUN
     iqpir convert OFFICIAL.pth --out DIR
     iqpir score IMAGES... --metrics niqe,piqe --out scores.csv
-    iqpir degrade IMAGES... --out DIR --preset bfr --seed 0
+    iqpir degrade IMAGES... --out DIR --preset bfr --seed 0 [--overwrite]
     iqpir train CONFIG --data DIR --out RUN [--steps N] [--resume] [--set key=value ...]
     iqpir restore IMAGES... --checkpoint RUN --out DIR [--quality 1.0]
     iqpir restore PHOTOS... --checkpoint RUN --out DIR --faces [--upscale 2] [--bg-checkpoint RUN]
     iqpir export CHECKPOINT --format onnx|openvino --out FILE
     iqpir evaluate RESTORED_DIR [--reference DIR] --out results.csv
-    iqpir demo [--out DIR]
+    iqpir demo [--out DIR] [--quick]
     iqpir app --checkpoint RUN [--host 127.0.0.1] [--port 7860]
 
 Library modules are imported inside the handlers so that `iqpir --help` stays fast.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Callable
 
@@ -28,6 +29,64 @@ from iqpir.config import ConfigError
 
 def _split_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# Flag types: a bad value is a usage error (exit 2) naming the flag, before anything runs.
+DEVICE_HELP = "auto (a GPU when there is one, else the CPU; the default), cpu, cuda, cuda:N or mps"
+SET_HELP = "override one config value, e.g. --set train.lr=1e-4 (repeatable; keys as in the YAML files)"
+
+
+def _device(text: str) -> str:
+    name = text.strip().lower()
+    if name in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", name):
+        return name
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device: choose {DEVICE_HELP}")
+
+
+def _float_in(low: float, high: float) -> Callable[[str], float]:
+    """A flag type: a number in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low:g}, {high:g}]")
+        return value
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+
+
+def _check_device(device: str) -> None:
+    """A device that does not exist here is a usage error, not a torch traceback later."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if device == "mps" and not (mps is not None and mps.is_available()):
+        raise ValueError("--device mps: MPS is not available on this machine (use --device cpu or auto)")
 
 
 # --------------------------------------------------------------------------------------
@@ -41,8 +100,7 @@ def _add_model_info(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, help="a YAML config file")
     g.add_argument("--checkpoint", default=None,
                    help="a run folder, checkpoint, converted folder or official IQPIR/CodeFormer/VQGAN .pth")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (with --preset/--config), e.g. model.codebook_size=512")
+    _add_set(p)
 
 
 def _run_model_info(args: argparse.Namespace) -> int:
@@ -86,9 +144,15 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
     p.add_argument("--metrics", default="niqe,piqe", help="comma-separated metric names (default: niqe,piqe)")
     p.add_argument("--out", required=True, help="output CSV (resumed when it exists)")
-    p.add_argument("--normalization", choices=["fixed", "minmax"], default="fixed")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--normalization", choices=["fixed", "minmax"], default="fixed",
+                   help="how raw scores become S in [0, 1]: fixed = each metric's documented range (default), "
+                   "minmax = the range over the scored images (the paper's); must match an existing --out table")
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="images of one size scored together (default 8; memory, not speed, on a CPU)")
+    p.add_argument("--upsample-small", action="store_true",
+                   help="score images whose shorter side is under 192 px upsampled to 192 (bicubic), as the "
+                   "stage-2 quality loss does; without it NIQE cannot score them")
+    _add_device(p)
     p.add_argument("--weights-dir", default=None, help="local folder of learned-metric weights (pyiqa models)")
 
 
@@ -103,6 +167,7 @@ def _run_score(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         weights_dir=args.weights_dir,
+        upsample_small=args.upsample_small,
     )
     return 1 if report.failed else 0
 
@@ -114,11 +179,14 @@ def _run_score(args: argparse.Namespace) -> int:
 
 def _add_degrade(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
-    p.add_argument("--out", required=True, help="output folder (must not be an input folder)")
-    p.add_argument("--preset", choices=["bfr", "lowlight", "underwater", "backlit"], default="bfr")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder, not an input folder nor inside one")
+    p.add_argument("--preset", choices=["bfr", "lowlight", "underwater", "backlit"], default="bfr",
+                   help="the degradation pipeline (default bfr: blur, downsampling, noise, JPEG)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (default 0); the same image and seed give the same output")
     p.add_argument("--config", default=None, help="YAML config whose data.degradation section is used")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set(p)
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
 
 
 def _run_degrade(args: argparse.Namespace) -> int:
@@ -126,7 +194,8 @@ def _run_degrade(args: argparse.Namespace) -> int:
     from iqpir.data.degradations import degrade_files
 
     cfg = C.load(args.config, args.overrides)
-    report = degrade_files(args.inputs, args.out, cfg.data.degradation, preset=args.preset, seed=args.seed)
+    report = degrade_files(args.inputs, args.out, cfg.data.degradation, preset=args.preset, seed=args.seed,
+                           overwrite=args.overwrite)
     return 1 if report.failed else 0
 
 
@@ -140,21 +209,26 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="folder of high-quality training images")
     p.add_argument("--lq-data", default=None, help="folder of real LQ images matched by name (paired tasks)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--steps", type=int, default=None, help="total steps (overrides train.steps)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="total steps of the run, counted from its start (overrides train.steps)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--stage1", default=None, help="stage-1 run folder or checkpoint (stage 2)")
     p.add_argument("--init", default=None,
                    help="fine-tune from these weights: a checkpoint, run folder, `iqpir convert` folder or "
                         "released IQPIR/CodeFormer .pth of this stage's network")
     p.add_argument("--scores", default=None, help="score table from `iqpir score` (default: scored once here)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_device(p)
+    _add_set(p)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from iqpir import config as C
     from iqpir.training.loop import train
 
+    from pathlib import Path
+
+    if args.stage1 is not None and not (Path(args.stage1).exists() or Path(args.stage1 + ".safetensors").is_file()):
+        raise FileNotFoundError(f"--stage1 {args.stage1}: no such run folder or checkpoint file")
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
@@ -181,21 +255,23 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_restore(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
     p.add_argument("--checkpoint", required=True,
-                   help="stage-2 run folder (its latest checkpoint), checkpoint, or released IQPIR/CodeFormer .pth")
-    p.add_argument("--out", required=True, help="output folder (must not be an input folder)")
-    p.add_argument("--quality", type=float, default=None,
+                   help="stage-2 run folder (its latest checkpoint), checkpoint, released IQPIR/CodeFormer .pth, "
+                        "or a graph from `iqpir export` (.onnx, .xml)")
+    p.add_argument("--out", required=True, help="output folder, not an input folder nor inside one")
+    p.add_argument("--quality", type=_float_in(0, 1), default=None,
                    help="target quality S in [0, 1] (default 1.0, the highest; IQPIR models only)")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="HQ+ fusion weight in [0, 2] (default: the model's, 0.8 for IQPIR; 0 drops the HQ+ codes)")
-    p.add_argument("--fidelity", type=float, default=0.0,
+    p.add_argument("--alpha", type=_float_in(0, 2), default=None,
+                   help="HQ+ fusion weight in [0, 2]: Zq = Zq1 + alpha * Zq2 (default: the model's, 0.8 for IQPIR; "
+                        "0 drops the HQ+ codes)")
+    p.add_argument("--fidelity", type=_float_in(0, 1), default=0.0,
                    help="CodeFormer's fidelity weight w in [0, 1] (models with CFT blocks; 0 = best quality)")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are aligned faces: restore each whole at the model's size (no tiling, no detection)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--batch-size", type=int, default=4)
+    _add_device(p)
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles or faces per forward pass (default 4)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32; "
-                        "float32: the exact network")
+                        "float32: the exact network; float16 on GPUs only (emulated on CPUs, very slow)")
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
                    help="auto (default): torch for checkpoints, onnxruntime for .onnx, openvino for .xml "
                         "(graphs written by `iqpir export`)")
@@ -287,7 +363,8 @@ def _run_restore(args: argparse.Namespace) -> int:
 def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="stage-2 run folder, checkpoint, `iqpir convert` folder or released IQPIR/CodeFormer .pth")
-    p.add_argument("--format", required=True, choices=["onnx", "openvino"], dest="fmt")
+    p.add_argument("--format", required=True, choices=["onnx", "openvino"], dest="fmt",
+                   help="onnx (ONNX Runtime; extra onnx) or openvino (OpenVINO IR; extra openvino)")
     p.add_argument("--out", required=True, help="output file: .onnx (onnx) or .xml (openvino, with a .bin beside it)")
     p.add_argument("--fidelity", action="store_true",
                    help="include CodeFormer's CFT blocks and a fidelity input w (about 1/3 more compute; "
@@ -321,7 +398,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="dataset name for the table row")
     p.add_argument("--out", required=True, help="results CSV; one row is appended per call")
     p.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the Y channel (BT.601) instead of RGB")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -347,7 +424,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the whole run (default 0)")
     p.add_argument("--quick", action="store_true", help="a few steps only (a smoke run, not a result)")
 
 
@@ -367,8 +444,10 @@ def _add_app(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="stage-2 run folder (its latest checkpoint) or checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    _add_device(p)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32; "
+                        "float32: the exact network")
     p.add_argument("--queue", type=int, default=8,
                    help="requests that may wait behind the one being restored; more are answered 503 (default 8)")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest upload in MB (default 25)")
@@ -418,11 +497,34 @@ def keep_freed_memory() -> bool:
     return keep()
 
 
+def _warnings_as_lines(command: str):
+    """Show iqpir's own warnings as one line, "iqpir CMD: warning: ...", not file:line plus source."""
+    import os
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(str(filename)).startswith(package + os.sep):
+            print(f"iqpir {command}: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    return original
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     if args.command in ("train", "restore", "demo", "score", "evaluate", "export"):
         keep_freed_memory()
+    previous = _warnings_as_lines(args.command)
     try:
+        if getattr(args, "device", None) is not None:
+            _check_device(args.device)
         return args.handler(args)
     except ConfigError as exc:
         print(f"iqpir {args.command}: config error: {exc}", file=sys.stderr)
@@ -433,3 +535,5 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:
         print(f"iqpir {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = previous

@@ -2,61 +2,96 @@
 
 Everything inside iqpir uses one convention: RGB, NCHW (or CHW for one image), float32 in
 [0, 1]. `read_image` brings any common file to it (EXIF orientation applied; grey, palette,
-CMYK, RGBA and 16-bit files handled) and `write_image` goes back to 8-bit files, atomically.
+CMYK, RGBA and 16-bit files handled) and remembers what the file was (grey or colour, 8 or 16
+bits), so that `write_image` can give back a file of the same kind: grey in, grey out; 16-bit
+grey in, 16-bit grey out (Pillow reads 16-bit colour files as 8-bit, so those come back 8-bit).
+
+Every file iqpir writes goes through `atomic_write`: a temporary file in the target's folder,
+then a rename, so a reader never sees half a file. The temporary file is created with mode
+0666 minus the umask, like any file a program opens for writing (0644 under umask 022);
+`tempfile.mkstemp` would make every output 0600, unreadable to colleagues and web servers.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import tempfile
+import secrets
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 class ImageReadError(OSError):
-    """A file could not be read as an image (missing, empty, truncated or not an image)."""
+    """A file could not be read as an image (missing, empty, truncated or not an image).
+
+    ``str(exc)`` is "PATH: REASON"; ``exc.reason`` is REASON alone, for reports that name
+    the path themselves.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.path, self.reason))
 
 
 @dataclass
 class LoadedImage:
     """An image in the package convention plus what is needed to write it back.
 
-    rgb: (3, H, W) float32 in [0, 1]; alpha: (1, H, W) float32 in [0, 1] or None.
+    rgb: (3, H, W) float32 in [0, 1]; alpha: (1, H, W) float32 in [0, 1] or None;
+    grey: the file held one grey channel (the three rgb channels are then equal);
+    bits: 16 for a 16-bit (or 32-bit integer/float) grey file, else 8.
     """
 
     rgb: torch.Tensor
     alpha: torch.Tensor | None
     path: Path
+    grey: bool = False
+    bits: int = 8
 
 
-def _pil_to_float(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """PIL image of any mode -> (H, W, 3) float32 RGB and optional (H, W) alpha, in [0, 1]."""
-    alpha = None
+def _pil_to_float(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool, int]:
+    """PIL image of any mode -> (H, W, 3) float32 RGB, optional (H, W) alpha, in [0, 1],
+    whether the file was grey, and its bits per channel (8 or 16)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        grey = np.clip(arr / peak, 0.0, 1.0).astype(np.float32)
-        return np.repeat(grey[..., None], 3, axis=2), None
+        wide = img.mode.startswith("I;16") or arr.max() > 255
+        grey = np.clip(arr / (65535.0 if wide else 255.0), 0.0, 1.0).astype(np.float32)
+        return np.repeat(grey[..., None], 3, axis=2), None, True, 16 if wide else 8
     if img.mode == "F":
         grey = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
-        return np.repeat(grey[..., None], 3, axis=2), None
+        return np.repeat(grey[..., None], 3, axis=2), None, True, 16
+    is_grey = img.mode in ("L", "1", "LA", "La")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("LA", "PA", "RGBA", "La", "RGBa"):
         img = img.convert("RGBA")
         arr = np.asarray(img, dtype=np.float32) / 255.0
-        return np.ascontiguousarray(arr[..., :3]), np.ascontiguousarray(arr[..., 3])
+        return np.ascontiguousarray(arr[..., :3]), np.ascontiguousarray(arr[..., 3]), is_grey, 8
     if img.mode != "RGB":
         img = img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
-    return np.asarray(img, dtype=np.float32) / 255.0, alpha
+    return np.asarray(img, dtype=np.float32) / 255.0, None, is_grey, 8
+
+
+def pil_to_tensors(img: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None, bool, int]:
+    """A decoded PIL image (orientation already applied) -> (rgb (3, H, W), alpha (1, H, W) or
+    None, both float32 in [0, 1], whether it is grey, its bits per channel (8 or 16))."""
+    rgb, alpha, grey, bits = _pil_to_float(img)
+    rgb_t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+    alpha_t = None if alpha is None else torch.from_numpy(np.ascontiguousarray(alpha))[None].contiguous()
+    return rgb_t, alpha_t, grey, bits
 
 
 def read_image(path: str | os.PathLike) -> LoadedImage:
@@ -70,21 +105,21 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     """
     p = Path(path)
     if not p.is_file():
-        raise ImageReadError(f"{p}: no such file")
+        raise ImageReadError(p, "no such file")
     if p.stat().st_size == 0:
-        raise ImageReadError(f"{p}: empty file")
+        raise ImageReadError(p, "empty file")
     try:
         with Image.open(p) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb, alpha = _pil_to_float(img)
+            rgb_t, alpha_t, grey, bits = pil_to_tensors(ImageOps.exif_transpose(img))
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(p, "not an image file (or a format Pillow cannot read)") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"{p}: cannot read image ({exc})") from exc
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ImageReadError(f"{p}: image has zero size")
-    rgb_t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
-    alpha_t = None if alpha is None else torch.from_numpy(alpha)[None].contiguous()
-    return LoadedImage(rgb=rgb_t, alpha=alpha_t, path=p)
+        why = str(exc).replace(f" '{p}'", "").replace(str(p), "the file")  # the report names the path
+        raise ImageReadError(p, f"cannot read image ({why})") from exc
+    if rgb_t.shape[1] == 0 or rgb_t.shape[2] == 0:
+        raise ImageReadError(p, "image has zero size")
+    return LoadedImage(rgb=rgb_t, alpha=alpha_t, path=p, grey=grey, bits=bits)
 
 
 def load_rgb(path: str | os.PathLike) -> torch.Tensor:
@@ -100,71 +135,129 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return arr.permute(1, 2, 0).numpy()
 
 
-def to_pil(image: torch.Tensor, alpha: torch.Tensor | None = None) -> Image.Image:
-    """(3, H, W) float in [0, 1] (+ optional (1, H, W) alpha) -> PIL RGB or RGBA."""
+def to_grey(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) RGB -> (1, H, W) luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601, as
+    Pillow's RGB -> L conversion)."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype, device=image.device)
+    return (image * w[:, None, None]).sum(0, keepdim=True)
+
+
+def to_pil(image: torch.Tensor, alpha: torch.Tensor | None = None, grey: bool = False, bits: int = 8) -> Image.Image:
+    """(3, H, W) float in [0, 1] (+ optional (1, H, W) alpha) -> PIL RGB or RGBA; with `grey`
+    L or LA (luma, `to_grey`), and with `bits=16` (no alpha) a 16-bit grey "I;16" image."""
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    if grey or image.shape[0] == 1:
+        y = to_grey(image.float()) if image.shape[0] == 3 else image.float()
+        if bits == 16 and alpha is None:
+            arr = y[0].detach().clamp(0, 1).mul(65535).round().to(torch.int32).cpu().numpy().astype(np.uint16)
+            return Image.fromarray(arr)  # uint16 -> "I;16"
+        image = y
     rgb = to_uint8(image)
     if alpha is None:
         return Image.fromarray(rgb, mode="RGB") if rgb.shape[2] == 3 else Image.fromarray(rgb[..., 0], mode="L")
     a = to_uint8(alpha)
-    return Image.fromarray(np.concatenate([rgb, a], axis=2), mode="RGBA")
+    return Image.fromarray(np.concatenate([rgb, a], axis=2), mode="RGBA" if rgb.shape[2] == 3 else "LA")
 
 
 def from_pil(img: Image.Image) -> torch.Tensor:
     """PIL image of any mode -> (3, H, W) float32 in [0, 1] (EXIF orientation applied)."""
-    rgb, _ = _pil_to_float(ImageOps.exif_transpose(img))
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+    return pil_to_tensors(ImageOps.exif_transpose(img))[0]
 
 
-def write_image(path: str | os.PathLike, image: torch.Tensor, alpha: torch.Tensor | None = None, quality: int = 95) -> Path:
-    """Write (3, H, W) float in [0, 1] atomically (temporary file in the same folder, then rename).
+def pil_kind(img: Image.Image) -> tuple[bool, int]:
+    """(grey, bits) of a PIL image, as `read_image` records them for a file."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "F"):
+        return True, 16
+    if img.mode == "I":
+        return True, 16 if np.asarray(img).max(initial=0) > 255 else 8
+    return img.mode in ("L", "1", "LA", "La"), 8
 
-    JPEG files cannot hold alpha; it is dropped for them.
+
+def _temp_file(path: Path) -> str:
+    """Create an empty, hidden temporary file next to `path` with the umask's mode; its name."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            # 0o666 & ~umask, applied by the kernel: what open(path, "w") would give the file.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return str(tmp)
+    raise FileExistsError(f"cannot create a temporary file next to {path}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object], fsync: bool = False) -> Path:
+    """Call write(tmp_path) on a temporary file next to `path`, then rename it onto `path`.
+
+    The file gets the umask's mode (0644 under umask 022). `fsync` flushes the data to the
+    disk before the rename (checkpoints). On any error the temporary file is removed.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_file(p)
+    mode = os.stat(tmp).st_mode & 0o7777
+    try:
+        write(tmp)
+        if os.stat(tmp).st_mode & 0o7777 != mode:  # a writer that made its own file (safetensors: 0600)
+            os.chmod(tmp, mode)
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+HIGH_BIT_FORMATS = ("PNG", "TIFF")  # formats Pillow writes 16-bit grey and grey + alpha to
+
+
+def write_image(path: str | os.PathLike, image: torch.Tensor, alpha: torch.Tensor | None = None, quality: int = 95,
+                grey: bool = False, bits: int = 8) -> Path:
+    """Write (3, H, W) float in [0, 1] atomically (`atomic_write`).
+
+    grey: write one luma channel (L; LA with alpha in PNG and TIFF, RGBA in other formats
+        that hold alpha), for an input that was grey.
+    bits: 16 writes 16-bit grey where the format holds it (PNG, TIFF; not with alpha),
+        else 8 bits. JPEG files cannot hold alpha; it is dropped for them.
+    """
+    p = Path(path)
     fmt = Image.registered_extensions().get(p.suffix.lower())
     if fmt is None:
         raise ValueError(f"{p}: unknown image extension {p.suffix!r}")
     if fmt == "JPEG":
         alpha = None
-    pil = to_pil(image, alpha)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pil.save(fh, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    if not grey or fmt not in HIGH_BIT_FORMATS:
+        bits = 8
+        grey = grey and alpha is None
+    pil = to_pil(image, alpha, grey=grey, bits=bits)
+    options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    return atomic_write(p, lambda tmp: pil.save(tmp, format=fmt, **options))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    """Write a text file atomically (`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def _hidden_below(path: Path, root: Path) -> bool:
+    """True when a component of `path` below `root` is hidden (.ipynb_checkpoints/, .git/, .x.png)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def collect_inputs(inputs: Iterable[str | os.PathLike], strict_files: bool = False) -> tuple[list[Path], list[str]]:
     """Expand files, folders (recursive) and glob patterns into a sorted list of image paths.
 
     A file given by name is kept whatever its extension (so that a broken or mislabelled
-    file is reported, not silently skipped); folders and globs yield image extensions only.
+    file is reported, not silently skipped); folders and globs yield image extensions only,
+    and skip hidden files and everything under hidden folders (`.ipynb_checkpoints/`, `.git/`).
 
     Returns:
         (paths, missing): the unique paths in order, and the inputs that matched nothing.
@@ -175,7 +268,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], strict_files: bool = Fal
         s = str(item)
         p = Path(s)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and is_image_path(q))
+            found = sorted(q for q in p.rglob("*") if is_image_path(q) and not _hidden_below(q, p) and q.is_file())
         elif p.is_file():
             found = [p]
         elif any(ch in s for ch in "*?["):
@@ -193,6 +286,84 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], strict_files: bool = Fal
             seen.add(key)
             unique.append(p)
     return unique, missing
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+@dataclass
+class OutputPlan:
+    """Where a command that writes one image per input puts each output.
+
+    pairs: (input, output) in input order; failed: (input, why) for inputs that matched
+    nothing and for inputs whose output another input already takes; targets: the output of
+    every input found, those last ones included.
+    """
+
+    pairs: list[tuple[Path, Path]]
+    failed: list[tuple[str, str]]
+    targets: dict[Path, Path]
+
+
+def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                 extensions: Sequence[str] | None = None, flag: str = "--out") -> OutputPlan:
+    """The one output rule of `iqpir restore` and `iqpir degrade`.
+
+    - an image found in a folder keeps its path relative to that folder; a file or glob
+      match keeps its name; with `extensions`, a name whose suffix is not among them gets
+      ".png" appended (a.pgm -> a.pgm.png);
+    - the output folder may not be an input folder nor lie inside one (a second run would
+      take the first run's outputs for inputs), and no output may be an input file;
+    - hidden files and folders are not inputs (`collect_inputs`).
+    What to do with outputs that exist already (keep or replace) is the command's flag.
+
+    Raises:
+        ValueError: the output folder is, or is inside, an input folder.
+        FileExistsError: an output would overwrite an input, or `out` is not a folder.
+    """
+    out = Path(out)
+    out_r = out.resolve()
+    if out_r.exists() and not out_r.is_dir():
+        raise FileExistsError(f"{flag} {out} exists and is not a folder")
+    for item in inputs:
+        folder = Path(item)
+        if folder.is_dir() and _is_within(out_r, folder.resolve()):
+            what = "is" if out_r == folder.resolve() else "is inside"
+            raise ValueError(
+                f"{flag} {out} {what} the input folder {item}: inputs could be overwritten, and a later run "
+                "would take the outputs for inputs; "
+                "choose an output folder outside the inputs"
+            )
+    exts = None if extensions is None else {e.lower() for e in extensions}
+    pairs: list[tuple[Path, Path]] = []
+    failed: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        item_p = Path(item)
+        found, missing = collect_inputs([item])
+        failed.extend((m, "no such file, folder or matching image") for m in missing)
+        for src in found:
+            key = src.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            rel = src.relative_to(item_p) if item_p.is_dir() else Path(src.name)  # lexical: links stay named
+            if exts is not None and rel.suffix.lower() not in exts:
+                rel = rel.with_name(rel.name + ".png")
+            pairs.append((src, out / rel))
+    taken: dict[Path, Path] = {}
+    kept = []
+    for src, dst in pairs:
+        key = dst.resolve()
+        if key in seen:
+            raise FileExistsError(f"the output of {src} would overwrite the input {dst}; choose another {flag} folder")
+        if key in taken:
+            failed.append((str(src), f"its output {dst} is already the output of {taken[key]}"))
+            continue
+        taken[key] = src
+        kept.append((src, dst))
+    return OutputPlan(pairs=kept, failed=failed, targets=dict(pairs))
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

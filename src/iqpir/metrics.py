@@ -473,7 +473,7 @@ def build_lpips(device: str | torch.device = "cpu") -> Callable[[torch.Tensor, t
         MetricUnavailable: the package or the weights are missing.
     """
     path = _hub_checkpoints() / LPIPS_BACKBONE_FILE
-    hint = f"install iqpir[perceptual] and place {LPIPS_BACKBONE_FILE} in {path.parent}"
+    hint = f"pip install 'iqpir[perceptual]' and place {LPIPS_BACKBONE_FILE} in {path.parent}"
     if importlib.util.find_spec("lpips") is None:
         raise MetricUnavailable(f"lpips skipped: package lpips not installed ({hint})")
     if not path.is_file():
@@ -498,7 +498,7 @@ def build_lpips(device: str | torch.device = "cpu") -> Callable[[torch.Tensor, t
 def build_fid_features(device: str | torch.device = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
     """InceptionV3 pool features (2048-d) of torch-fidelity, for FID.
 
-    Needs the `torch-fidelity` package and its weights file at
+    Needs the `torch-fidelity` package (`pip install 'iqpir[fid]'`) and its weights file at
     $TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth.
     Returns f(images (N, 3, H, W) in [0, 1]) -> (N, 2048) float64.
 
@@ -506,7 +506,7 @@ def build_fid_features(device: str | torch.device = "cpu") -> Callable[[torch.Te
         MetricUnavailable: the package or the weights are missing.
     """
     path = _hub_checkpoints() / FID_INCEPTION_FILE
-    hint = f"pip install torch-fidelity and place {FID_INCEPTION_FILE} in {path.parent}"
+    hint = f"pip install 'iqpir[fid]' and place {FID_INCEPTION_FILE} in {path.parent}"
     if importlib.util.find_spec("torch_fidelity") is None:
         raise MetricUnavailable(f"fid skipped: package torch-fidelity not installed ({hint})")
     if not path.is_file():
@@ -807,20 +807,28 @@ def _split_metrics(metrics: Sequence[str] | None, has_reference: bool) -> list[s
     if not has_reference:
         need = [m for m in out if m in FULL_REFERENCE]
         if need:
-            raise ValueError(f"{', '.join(need)} need reference images (--reference DIR)")
+            verb = "needs" if len(need) == 1 else "need"
+            raise ValueError(f"{', '.join(need)} {verb} reference images (--reference DIR)")
     return out
 
 
 def _build_nr_scorer(name: str, device: torch.device):
     """An NR-IQA scorer from the quality-prior module, or raise MetricUnavailable / ValueError."""
     try:
-        from iqpir.iqa import build_scorer
+        from iqpir.iqa import UnknownMetric, build_scorer, unknown_metric_error
     except ImportError as exc:
         raise MetricUnavailable(f"{name} skipped: NR-IQA module iqpir.iqa not available ({exc})") from exc
     try:
         return build_scorer(name, device=device, weights_dir=None)
+    except UnknownMetric as exc:
+        # A typo is the user's error, not a missing optional part: say so, with the closest name.
+        from iqpir.iqa.pyiqa_backend import PYIQA_FR_MODELS, PYIQA_NR_MODELS
+
+        if name in PYIQA_FR_MODELS:
+            raise ValueError(f"unknown metric {name!r}: evaluate computes {', '.join(FULL_REFERENCE)} with a "
+                             "reference, and no-reference models by name") from None
+        raise unknown_metric_error(name, PYIQA_NR_MODELS, others=FULL_REFERENCE + LOCAL_NO_REFERENCE) from exc
     except (KeyError, ValueError) as exc:
-        # Unknown names are the user's error, not a missing optional part.
         raise ValueError(f"unknown metric {name!r}: {exc}") from exc
     except (ImportError, OSError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -926,6 +934,9 @@ def evaluate_folder(
         by_rel, by_stem = _reference_index(ref_root)
 
     values: dict[str, list[float]] = {m: [] for m in per_image_fns}
+    # A metric that cannot score an image (too small for NIQE, NaN) leaves that metric out of
+    # the row, named in a note; the image still counts for the other metrics.
+    metric_failures: dict[str, list[tuple[str, str]]] = {m: [] for m in per_image_fns}
     feats_restored: list[torch.Tensor] = []
     feats_reference: list[torch.Tensor] = []
     # disable=None: a progress bar on a terminal, none in logs and CI.
@@ -936,7 +947,7 @@ def evaluate_folder(
         try:
             img = load_rgb(path).unsqueeze(0).to(dev)
         except ImageReadError as exc:
-            report.failed.append((str(path), str(exc)))
+            report.failed.append((str(path), exc.reason))
             continue
         if ref_root is not None:
             ref_path, why = _match_reference(path, root, by_rel, by_stem)
@@ -946,7 +957,7 @@ def evaluate_folder(
             try:
                 ref_img = load_rgb(ref_path).unsqueeze(0).to(dev)
             except ImageReadError as exc:
-                report.failed.append((str(path), f"reference {exc}"))
+                report.failed.append((str(path), f"its reference {ref_path}: {exc.reason}"))
                 continue
             if ref_img.shape != img.shape:
                 report.skipped.append(
@@ -957,26 +968,38 @@ def evaluate_folder(
                     )
                 )
                 continue
-        try:
-            scores = {}
-            with torch.no_grad():
-                for m, fn in per_image_fns.items():
-                    scores[m] = float(fn(img, ref_img).reshape(-1)[0])
-                    if math.isnan(scores[m]):  # e.g. NIQE of a flat image; a NaN would poison the mean
-                        raise ValueError(f"{m} is NaN for this image")
-                if fid_wanted:
-                    fr = fid_features(img)
-                    fq = fid_features(ref_img)
-        except Exception as exc:  # a metric that cannot score this image (too small, ...)
-            report.failed.append((str(path), f"{type(exc).__name__}: {exc}"))
-            continue
+        scores = {}
+        with torch.no_grad():
+            for m, fn in per_image_fns.items():
+                try:
+                    v = float(fn(img, ref_img).reshape(-1)[0])
+                except (ValueError, RuntimeError) as exc:  # too small, degenerate, ...
+                    metric_failures[m].append((str(path), str(exc).strip().splitlines()[0]))
+                    continue
+                if math.isnan(v):  # e.g. NIQE of a flat image; a NaN would poison the mean
+                    metric_failures[m].append((str(path), f"{m} is NaN for this image"))
+                    continue
+                scores[m] = v
+            if fid_wanted:
+                try:
+                    fr, fq = fid_features(img), fid_features(ref_img)
+                except (ValueError, RuntimeError) as exc:
+                    metric_failures.setdefault("fid", []).append((str(path), str(exc).strip().splitlines()[0]))
+                else:
+                    feats_restored.append(fr)
+                    feats_reference.append(fq)
         for m, v in scores.items():
             values[m].append(v)
-        if fid_wanted:
-            feats_restored.append(fr)
-            feats_reference.append(fq)
         report.done.append(path)
         report.per_image[str(path)] = scores
+    for m, fails in metric_failures.items():
+        if fails:
+            report.notes.append(
+                f"{m} left out of the row: it could not score {len(fails)} of {len(report.done)} images "
+                "(every column of a row covers the same images):\n"
+                + "\n".join(f"  {p}: {why}" for p, why in fails)
+            )
+            values[m] = []
     if not files:
         report.failed.append((str(root), "no images found"))
 
@@ -988,19 +1011,20 @@ def evaluate_folder(
     for m in columns:
         if m in values and values[m]:
             row[m] = sum(values[m]) / len(values[m])
-        elif m == "fid" and fid_wanted:
+        elif m == "fid" and fid_wanted and not metric_failures.get("fid"):
             if len(feats_restored) >= 2:
                 row[m] = frechet_distance(torch.cat(feats_restored), torch.cat(feats_reference))
             else:
                 report.notes.append("fid skipped: needs at least 2 scored images")
     report.row = row
 
-    if report.done:
+    if report.done and set(row) - set(ID_COLUMNS):
         rows = append_result(out, row) if out is not None else [row]
     else:
         rows = read_results(out)[1] if out is not None else []
         if files:
-            report.failed.append((str(root), "no image could be scored; no row written"))
+            what = "image" if not report.done else "metric"
+            report.failed.append((str(root), f"no {what} could be scored; no row written"))
     report.table = markdown_table(rows, report.directions) if rows else ""
 
     if not quiet:

@@ -5,6 +5,14 @@ overlapping tiles of the model's size, restored in batches, and blended with a s
 window, so the output has the input's size without seams and memory stays bounded by one
 batch of tiles plus the output image.
 
+Tiles overlap by half a tile by default, and the window is then the Hann window: each output
+pixel is a blend weighted towards the centres of the tiles that cover it. The network's
+output depends on where content falls in a tile (zero padding at the tile's borders, the
+learned position embedding and per-position quality maps of the latent), so neighbouring
+tiles disagree where they overlap; the half-tile cross-fade keeps that disagreement from
+showing as edges at the tile stride, which a quarter-tile overlap did (its cross-fade, made
+of the tiles' outermost pixels, was steepest at the overlap centres: a visible grid).
+
     restorer = iqpir.load_restorer("runs/stage2")          # or an official IQPIR/CodeFormer .pth
     restored = restorer.restore(image, quality=1.0)   # tensor (3,H,W)/(N,3,H,W) or PIL image
 """
@@ -12,6 +20,7 @@ batch of tiles plus the output image.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +45,10 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
 def blend_window(tile: int, overlap: int) -> torch.Tensor:
     """(tile, tile) weights: 1 in the middle, a raised-cosine ramp over `overlap` pixels at the edges.
 
-    The ramp never reaches zero, so every pixel has positive total weight even at image borders.
+    ramp[k] = (1 - cos(pi (k + 1/2) / n)) / 2 for k < n = min(overlap, tile // 2), mirrored at the
+    other edge: two tiles `tile - overlap` apart have weights summing to 1 across their overlap.
+    With overlap = tile / 2 the window is the Hann window sin^2(pi (k + 1/2) / tile). The ramp
+    never reaches zero, so every pixel has positive total weight even at image borders.
     """
     ramp = torch.ones(tile)
     if overlap > 0:
@@ -57,7 +69,7 @@ class Restorer:
         image_size: the model's input size s.
         device, dtype, backend: where and how to run (iqpir.runtime: "auto" is the fast
             bf16 path where the hardware has native bf16, "float32" the exact network).
-        overlap: tile overlap in pixels (default s/4).
+        overlap: tile overlap in pixels (default s/2: Hann windows; see the module docstring).
         kind: "iqpir" (quality-conditioned) or "codeformer"; task: "faces" | "general".
         source: provenance of official weights (file, sha256, licence), else None.
         own_model: `model` is handed over (load_restorer): the fast path converts it in place.
@@ -75,8 +87,12 @@ class Restorer:
         self.model = self.engine.model  # the network (None for a graph; bf16 parts where own_model and fast)
         self.image_size = image_size
         self.dtype = self.engine.dtype
+        if dtype == "float16" and self.device.type == "cpu":
+            # Most CPU kernels have no float16 arithmetic: autocast emulates it, far slower than float32.
+            warnings.warn("float16 on the CPU is very slow (emulated): use --dtype auto, float32 or bfloat16 there",
+                          UserWarning, stacklevel=2)
         self.batch_size = max(1, batch_size)
-        self.overlap = image_size // 4 if overlap is None else overlap
+        self.overlap = image_size // 2 if overlap is None else overlap
         self._window = blend_window(image_size, self.overlap)
         self.kind = kind
         self.task = task
@@ -144,8 +160,9 @@ class Restorer:
         (default: the model's), `fidelity` CodeFormer's w (models with CFT blocks).
         """
         self.check_knobs(quality, alpha, fidelity)
-        if isinstance(images, Image.Image):
-            return io.to_pil(self.restore_one(io.from_pil(images), quality, alpha, fidelity))
+        if isinstance(images, Image.Image):  # grey in, grey out; 16-bit grey in, 16-bit out
+            grey, bits = io.pil_kind(images)
+            return io.to_pil(self.restore_one(io.from_pil(images), quality, alpha, fidelity), grey=grey, bits=bits)
         if isinstance(images, (list, tuple)):
             return [self.restore(im, quality, alpha, fidelity) for im in images]
         if not isinstance(images, torch.Tensor):
@@ -180,6 +197,9 @@ def load_restorer(path: str | Path, device: str = "auto", dtype: str = "auto", b
     else:
         from iqpir.checkpoint import load_checkpoint_meta, load_model
 
+        where = Path(path)
+        if not (where.exists() or where.with_suffix(".safetensors").is_file()):
+            raise FileNotFoundError(f"--checkpoint {path}: no such run folder or checkpoint file")
         model, cfg = load_model(path, weights="auto" if use_ema else "model")
         source = load_checkpoint_meta(path).get("source")
         kind = (source or {}).get("kind") or ("codeformer" if cfg.model.quality_embedding == "none" else "iqpir")
@@ -191,30 +211,15 @@ def load_restorer(path: str | Path, device: str = "auto", dtype: str = "auto", b
 
 
 def _output_paths(inputs: Sequence[str], paths: list[Path], out: Path) -> dict[Path, Path]:
-    """Each input's output path: its path relative to the folder given, or its name for files."""
-    roots = [Path(i) for i in inputs if Path(i).is_dir()]
-    mapping = {}
-    for p in paths:
-        rel = Path(p.name)
-        for r in roots:
-            try:
-                rel = p.resolve().relative_to(r.resolve())
-                break
-            except ValueError:
-                continue
-        mapping[p] = out / rel
-    return mapping
+    """Each input's output path (`io.plan_outputs`): its path relative to the folder given, or its name."""
+    return io.plan_outputs(inputs, out).targets
 
 
 def check_output_folder(inputs: Sequence[str], paths: list[Path], out: Path) -> None:
-    """Refuse an output folder that is an input folder (or holds an input file)."""
-    out_r = out.resolve()
-    for i in inputs:
-        if Path(i).is_dir() and Path(i).resolve() == out_r:
-            raise ValueError(f"--out {out} is an input folder; choose another folder so no input is overwritten")
-    for p in paths:
-        if p.resolve().parent == out_r:
-            raise ValueError(f"--out {out} holds the input {p}; choose another folder so no input is overwritten")
+    """The rule of `io.plan_outputs`, shared with `iqpir degrade`: the output folder may not be or
+    lie inside an input folder (a second run would take the outputs for inputs), and no output
+    may replace an input."""
+    io.plan_outputs(inputs, out)
 
 
 def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path, quality: float | None = None,
@@ -224,6 +229,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path
     """Restore image files into `out`, named after their inputs; never overwrites an input.
 
     Unreadable files are named and skipped; existing outputs are kept unless `overwrite`.
+    Grey inputs give grey outputs, 16-bit grey inputs 16-bit outputs.
     aligned: every input is an aligned face (CodeFormer's `--has_aligned`): restored whole at
     the model's size (resized there and back when it has another size), never tiled.
     """
@@ -252,7 +258,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path
         try:
             img = io.read_image(p)
         except io.ImageReadError as exc:
-            report.failed.append((str(p), str(exc).split(": ", 1)[-1]))
+            report.failed.append((str(p), exc.reason))
             continue
         rgb = img.rgb
         if aligned:
@@ -264,12 +270,12 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path
                       "crops", file=sys.stderr)
                 warned = True
             restored = restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity)
-        io.write_image(target, restored, alpha=img.alpha)
+        io.write_image(target, restored, alpha=img.alpha, grey=img.grey, bits=img.bits)
         report.done.append(target)
-    msg = report.summary("restored")
+    head, _, failures = report.summary("restored").partition("\n")
     if report.skipped:
-        msg += " (skipped outputs already exist; pass --overwrite to replace them)"
-    print(f"iqpir restore: {msg} -> {out}", file=sys.stderr)
+        head += " (skipped: the outputs exist; pass --overwrite to replace them)"
+    print(f"iqpir restore: {head} -> {out}" + (f"\n{failures}" if failures else ""), file=sys.stderr)
     return report
 
 
@@ -383,14 +389,14 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path, out: str |
         try:
             img = io.read_image(p)
         except io.ImageReadError as exc:
-            why = str(exc).split(": ", 1)[-1]
+            why = exc.reason
             report.failed.append((str(p), why))
             entries.append({"input": str(p), "error": why})
             continue
         restored, rep = restore_photo(img.rgb, restore_faces, detector=face_detector, upscale=int(upscale),
                                       only_center_face=only_center_face, min_face=min_face, background=background,
                                       save_faces=save_faces, draw_box=draw_box)
-        io.write_image(target, restored, alpha=_tensor_upscale(img.alpha, int(upscale)))
+        io.write_image(target, restored, alpha=_tensor_upscale(img.alpha, int(upscale)), grey=img.grey, bits=img.bits)
         report.done.append(target)
         entry = {"input": str(p), "output": str(target), "size": list(img.rgb.shape[1:]), "faces": rep["faces"],
                  "skipped_faces": rep["skipped_faces"], "detector": rep["detector"], "seconds": rep["seconds"]}

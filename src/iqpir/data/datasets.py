@@ -49,6 +49,13 @@ def sample_generator(seed: int, epoch_seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
 
 
+class MissingScores(KeyError, ValueError):
+    """A score table lacks images of the dataset (a ValueError too, so the CLI reports it in one line)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 def score_key(path: str | os.PathLike) -> str:
     """The key of a path in a score table: its resolved absolute path as a string."""
     return str(Path(path).resolve())
@@ -110,7 +117,8 @@ def _crop_flip(
 class _Base(Dataset):
     """Shared: quality lookup, the optional in-memory cache, index checks."""
 
-    def __init__(self, size: int, mode: str, hflip: bool, quality: Quality, seed: int, cache: bool) -> None:
+    def __init__(self, size: int, mode: str, hflip: bool, quality: Quality, seed: int, cache: bool,
+                 skip_unscored: bool = False) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         if mode not in ("crop", "resize"):
@@ -131,18 +139,27 @@ class _Base(Dataset):
         ):
             raise TypeError("quality must be a {path: score} mapping, a callable(path) -> score or a number")
         self.quality = quality
+        self.skip_unscored = bool(skip_unscored)
+        self.left_out: list[Path] = []
 
-    def _check_scores(self, paths: list[Path]) -> None:
-        """Fail at construction, not hours into training, when a score table lacks a file."""
-        if isinstance(self.quality, Mapping):
-            missing = [p for p in paths if score_key(p) not in self.quality]
-            if missing:
-                shown = ", ".join(str(p) for p in missing[:5])
-                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                raise KeyError(
-                    f"no quality score for {len(missing)} of {len(paths)} images: {shown}{more}; "
-                    "score the folder (`iqpir score`) and pass that table"
-                )
+    def _scored(self, paths: list[Path]) -> list[Path]:
+        """The paths that have a score. A table lacking some is an error at construction (not
+        hours into training), or with `skip_unscored` those images are left out and listed
+        in `self.left_out`; leaving out every image is an error either way."""
+        if not isinstance(self.quality, Mapping):
+            return paths
+        missing = [p for p in paths if score_key(p) not in self.quality]
+        if not missing:
+            return paths
+        shown = ", ".join(str(p) for p in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        if self.skip_unscored and len(missing) < len(paths):
+            self.left_out = missing
+            return [p for p in paths if score_key(p) in self.quality]
+        raise MissingScores(
+            f"no quality score for {len(missing)} of {len(paths)} images: {shown}{more}; add them to the "
+            "score table (`iqpir score FOLDER --out TABLE` scores only the files it lacks)"
+        )
 
     def quality_of(self, path: str | os.PathLike) -> float:
         """The normalised quality S of an image (looked up by its resolved path)."""
@@ -199,11 +216,14 @@ class HQFolderDataset(_Base):
         preset: the degradation preset (default: degradation.preset).
         quality: a score table {resolved path: S} (keys `score_key(path)`), a callable
             (resolved path string) -> S, or one number for every image; required (None is a
-            TypeError). A table missing an image raises KeyError at construction, naming the
-            files; a score outside [0, 1] is a ValueError when sampled.
+            TypeError). A table missing an image raises MissingScores (a KeyError and a
+            ValueError) at construction, naming the files; a score outside [0, 1] is a
+            ValueError when sampled.
         seed: the dataset's seed, mixed with (epoch_seed, index) in `sample`.
         cache: keep decoded (and, in resize mode, resized) images in memory: for small data
             sets; each DataLoader worker holds its own copy (12 bytes per pixel).
+        skip_unscored: leave out the images the table lacks (listed in `left_out`) instead
+            of failing; at least one image must remain.
     """
 
     def __init__(
@@ -217,15 +237,16 @@ class HQFolderDataset(_Base):
         quality: Quality | None = None,
         seed: int = 0,
         cache: bool = False,
+        skip_unscored: bool = False,
     ) -> None:
-        super().__init__(size, mode, hflip, quality, seed, cache)
+        super().__init__(size, mode, hflip, quality, seed, cache, skip_unscored)
         self.root = Path(root)
         self.paths = _list_images(root, "HQ image")
         self.degradation = degradation
         self.preset = None if degradation is None else (degradation.preset if preset is None else preset)
         if self.preset is not None and self.preset not in DEGRADATIONS:
             raise ValueError(f"unknown degradation preset {self.preset!r}; choose one of {sorted(DEGRADATIONS)}")
-        self._check_scores(self.paths)
+        self.paths = self._scored(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -286,8 +307,9 @@ class PairedFolderDataset(_Base):
         quality: Quality | None = None,
         seed: int = 0,
         cache: bool = False,
+        skip_unscored: bool = False,
     ) -> None:
-        super().__init__(size, mode, hflip, quality, seed, cache)
+        super().__init__(size, mode, hflip, quality, seed, cache, skip_unscored)
         self.lq_root, self.hq_root = Path(lq_root), Path(hq_root)
         lq = _keyed(_list_images(lq_root, "LQ image"), self.lq_root, "LQ")
         hq = _keyed(_list_images(hq_root, "HQ image"), self.hq_root, "HQ")
@@ -306,9 +328,10 @@ class PairedFolderDataset(_Base):
                 f"{len(hq_only)} HQ only, e.g. {hq_only[:3]})",
                 stacklevel=2,
             )
-        self.pairs = [(lq[k], hq[k]) for k in common]
+        pairs = [(lq[k], hq[k]) for k in common]
+        kept = {score_key(p) for p in self._scored([h for _, h in pairs])}
+        self.pairs = [(lo, hi) for lo, hi in pairs if score_key(hi) in kept]
         self.paths = [h for _, h in self.pairs]
-        self._check_scores(self.paths)
 
     def __len__(self) -> int:
         return len(self.pairs)

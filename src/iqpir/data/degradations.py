@@ -45,7 +45,7 @@ from iqpir.config import (
     LowLightDegradation,
     UnderwaterDegradation,
 )
-from iqpir.io import FileReport, ImageReadError, check_batch, collect_inputs, file_digest, read_image, write_image
+from iqpir.io import FileReport, ImageReadError, check_batch, file_digest, plan_outputs, read_image, write_image
 
 # --------------------------------------------------------------------------------------
 # Random draws
@@ -432,55 +432,6 @@ def file_seed(seed: int, digest: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
-
-
-def _plan(inputs: Sequence[str | os.PathLike], out: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
-    """(source, destination) pairs in input order, and inputs that matched nothing.
-
-    A folder's images keep their path relative to the folder; a file or glob match keeps its
-    name. Raises ValueError / FileExistsError when the output folder would mix with or
-    overwrite the inputs.
-    """
-    out_r = out.resolve()
-    if out_r.exists() and not out_r.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a folder")
-    pairs: list[tuple[Path, Path]] = []
-    missing: list[tuple[str, str]] = []
-    seen_src: set[Path] = set()
-    for item in inputs:
-        item_p = Path(item)
-        if item_p.is_dir():
-            folder = item_p.resolve()
-            if _is_within(out_r, folder):
-                what = "is" if out_r == folder else "is inside"
-                raise ValueError(
-                    f"the output folder {out} {what} the input folder {item}: outputs would mix with "
-                    "(or overwrite) the inputs; choose an output folder outside the inputs"
-                )
-        found, miss = collect_inputs([item])
-        missing.extend((m, "matched no image files") for m in miss)
-        for src in found:
-            key = src.resolve()
-            if key in seen_src:
-                continue
-            seen_src.add(key)
-            rel = src.resolve().relative_to(item_p.resolve()) if item_p.is_dir() else Path(src.name)
-            if rel.suffix.lower() not in WRITE_EXTENSIONS:
-                rel = rel.with_name(rel.name + ".png")  # e.g. a.pgm -> a.pgm.png (PGM is grey only)
-            pairs.append((src, out / rel))
-    sources = {src.resolve() for src, _ in pairs}
-    for src, dst in pairs:
-        if dst.resolve() in sources:
-            raise FileExistsError(f"writing {dst} would overwrite the input {dst}; choose another output folder")
-    return pairs, missing
-
-
 def degrade_files(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -488,22 +439,25 @@ def degrade_files(
     preset: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> FileReport:
     """Degrade image files into `out_dir`, keeping their relative names and formats.
 
     Args:
-        inputs: image files, folders (recursive) and glob patterns.
-        out_dir: the output folder; it must not be (or lie inside) an input folder, and no
-            output may overwrite an input. Existing outputs are replaced (the result of the
-            same image, preset and seed is always the same).
+        inputs: image files, folders (recursive; hidden folders are not inputs) and glob patterns.
+        out_dir: the output folder (`io.plan_outputs`, the rule `iqpir restore` follows too):
+            it must not be (or lie inside) an input folder, and no output may overwrite an
+            input. A name whose format cannot be written (a.pgm) gets ".png" appended.
         cfg, preset: the degradation (preset default: cfg.preset).
         seed: each file's generator is seeded from (seed, sha256 of the file's bytes), so the
             same image and seed give the same output whatever the other inputs, their order
             or the file's name.
+        overwrite: replace existing outputs; by default they are kept and counted as skipped.
 
-    Alpha channels are carried over (except into JPEG). Unreadable files, inputs that match
-    nothing and output-name collisions are listed in `report.failed`; the rest are written.
-    The summary is printed to stderr.
+    Alpha channels are carried over (except into JPEG); grey inputs give grey outputs and
+    16-bit grey inputs 16-bit outputs. Unreadable files, inputs that match nothing and
+    output-name collisions are listed in `report.failed`; the rest are written. The summary
+    is printed to stderr.
     """
     from tqdm import tqdm
 
@@ -511,28 +465,31 @@ def degrade_files(
     if name not in DEGRADATIONS:
         raise ValueError(f"unknown degradation preset {name!r}; choose one of {sorted(DEGRADATIONS)}")
     out = Path(out_dir)
-    pairs, missing = _plan(inputs, out)
+    plan = plan_outputs(inputs, out, extensions=WRITE_EXTENSIONS)
     report = FileReport.empty()
-    report.failed.extend(missing)
-    written: dict[Path, Path] = {}
-    for src, dst in tqdm(pairs, desc=f"degrade ({name})", unit="img", disable=not progress, file=sys.stderr):
-        key = dst.resolve()
-        if key in written:
-            report.failed.append((str(src), f"output {dst} is also the output of {written[key]}; skipped"))
+    report.failed.extend(plan.failed)
+    for src, dst in tqdm(plan.pairs, desc=f"degrade ({name})", unit="img", disable=not progress, file=sys.stderr):
+        if dst.exists() and not overwrite:
+            report.skipped.append(src)
             continue
         try:
             loaded = read_image(src)
             digest = file_digest(src)
-        except (ImageReadError, OSError) as exc:
-            report.failed.append((str(src), str(exc)))
+        except ImageReadError as exc:
+            report.failed.append((str(src), exc.reason))
+            continue
+        except OSError as exc:
+            report.failed.append((str(src), f"cannot read ({exc.strerror or exc})"))
             continue
         lq = degrade(loaded.rgb[None], cfg, name, make_generator(file_seed(seed, digest)))[0]
         try:
-            write_image(dst, lq, alpha=loaded.alpha)
+            write_image(dst, lq, alpha=loaded.alpha, grey=loaded.grey, bits=loaded.bits)
         except (OSError, ValueError) as exc:
             report.failed.append((str(src), f"cannot write {dst}: {exc}"))
             continue
-        written[key] = src
         report.done.append(dst)
-    print(f"iqpir degrade: {report.summary('degraded')}", file=sys.stderr)
+    head, _, failures = report.summary("degraded").partition("\n")
+    if report.skipped:
+        head += " (skipped: the outputs exist; pass --overwrite to replace them)"
+    print(f"iqpir degrade: {head} -> {out}" + (f"\n{failures}" if failures else ""), file=sys.stderr)
     return report

@@ -15,6 +15,17 @@ import torch
 from torch import nn
 
 
+class ImageTooSmall(ValueError):
+    """An image is smaller than a metric can score; the message says the least size it needs."""
+
+    def __init__(self, metric: str, size: tuple[int, int], needs: str):
+        self.metric, self.size, self.needs = metric, tuple(size), needs
+        super().__init__(f"too small for {metric.upper()}: {size[1]}x{size[0]} px, it needs {needs}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.metric, self.size, self.needs))
+
+
 @runtime_checkable
 class Scorer(Protocol):
     """What the ensemble, the score table and the quality loss need from an NR-IQA model.
@@ -52,6 +63,21 @@ class ScorerModule(nn.Module):
             f"name={self.name!r}, native_range={self.native_range}, "
             f"lower_better={self.lower_better}, differentiable={self.differentiable}"
         )
+
+
+SMALL_SIDE = 192  # NIQE's 96-px blocks: a shorter side of 192 holds 2 x 2 of them
+
+
+def upsample_small(images: torch.Tensor, min_side: int = SMALL_SIDE) -> torch.Tensor:
+    """(N, 3, H, W) -> upsampled (bicubic, clamped to [0, 1]) so the shorter side is at least
+    `min_side`; larger images pass unchanged. The stage-2 quality loss scores its crops this
+    way, so a score table of small images scored through it is on the loss's footing."""
+    side = min(images.shape[-2:])
+    if side >= min_side:
+        return images
+    scale = min_side / side
+    size = (max(min_side, round(images.shape[-2] * scale)), max(min_side, round(images.shape[-1] * scale)))
+    return torch.nn.functional.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def normalize(

@@ -47,7 +47,7 @@ from importlib import resources
 import torch
 
 from iqpir.io import check_batch
-from iqpir.iqa.base import ScorerModule
+from iqpir.iqa.base import ImageTooSmall, ScorerModule
 from iqpir.iqa.matlab import blocks, imresize, mscn, rgb2gray
 
 # Fixed-normalisation range of NIQE (lower = better). NIQE has no upper bound. 0 is the
@@ -162,7 +162,8 @@ def niqe_features(
     """Per-block NIQE features.
 
     Args:
-        images: (N, 3, H, W) in [0, 1], H and W >= block_size.
+        images: (N, 3, H, W) in [0, 1] holding at least two whole blocks (e.g. 192x96 for
+            96-px blocks); smaller images raise ``ImageTooSmall`` (a ValueError).
         smooth: the differentiable variant (straight-through rounding, Newton alpha).
 
     Returns:
@@ -171,8 +172,11 @@ def niqe_features(
     """
     h, w = images.shape[-2:]
     r, c = h // block_size, w // block_size
-    if r == 0 or c == 0:
-        raise ValueError(f"NIQE needs images of at least {block_size}x{block_size} pixels, got {h}x{w}")
+    if r * c < 2:
+        # One block gives no covariance of the image's features (MATLAB returns NaN there).
+        raise ImageTooSmall(
+            "niqe", (h, w), f"two whole {block_size}x{block_size} blocks ({2 * block_size}x{block_size} or larger)"
+        )
     x = images.to(dtype)
     # Crop first (computequality.m crops the grey image; rgb2gray is per pixel, so the order is free).
     x = x[:, :, : r * block_size, : c * block_size]
@@ -208,16 +212,20 @@ def mvg_distance(
     mu_d = f0.sum(1) / finite.sum(1).to(feats.dtype)
     rows = finite.all(-1, keepdim=True).to(feats.dtype)  # (N, B, 1)
     n_rows = rows.sum(1)  # (N, 1)
-    mean_rows = (f0 * rows).sum(1) / n_rows
+    mean_rows = (f0 * rows).sum(1) / n_rows.clamp_min(1)
     centred = (f0 - mean_rows[:, None]) * rows
-    cov_d = centred.transpose(1, 2) @ centred / (n_rows[..., None] - 1)
-    pooled = (cov_p + cov_d) / 2
-    d = (mu_p - mu_d)[..., None]  # (N, 36, 1)
+    # Images with fewer than two complete rows have no covariance: NaN for them, computed with
+    # the pristine covariance alone so that one such image does not stop the batch's SVD.
+    ok = n_rows[:, 0] >= 2
+    cov_d = centred.transpose(1, 2) @ centred / (n_rows[..., None] - 1).clamp_min(1)
+    pooled = (cov_p + torch.where(ok[:, None, None], cov_d, cov_p)) / 2
+    d = torch.nan_to_num(mu_p - mu_d)[..., None]  # (N, 36, 1)
     if smooth:
         q = (d.transpose(1, 2) @ torch.linalg.solve(pooled, d))[:, 0, 0]
-        return torch.sqrt(q.clamp_min(0) + eps)
-    q = (d.transpose(1, 2) @ torch.linalg.pinv(pooled) @ d)[:, 0, 0]
-    return torch.sqrt(q)
+        q = torch.sqrt(q.clamp_min(0) + eps)
+    else:
+        q = torch.sqrt((d.transpose(1, 2) @ torch.linalg.pinv(pooled) @ d)[:, 0, 0])
+    return torch.where(ok, q, torch.full_like(q, float("nan")))
 
 
 class NIQE(ScorerModule):
@@ -226,12 +234,10 @@ class NIQE(ScorerModule):
     Args:
         block_size: 96 as in the release (the pristine model was fitted with it).
         dtype: computation dtype (float64 reproduces MATLAB's doubles).
-        cpu_chunk: images per feature pass on CPU (default 4). A 512x384 image needs ~30 MB
-            of float64 intermediates: large groups outgrow the caches (1 thread: 70 ms/image
-            alone, 74 in fours, 107 in a batch of 16), while single images pay the fixed cost
-            of ~150 tensor operations each, which dominates with 2 threads on a busy machine
-            (there: 980 ms/image alone, 300 in fours; benchmarks/bench_niqe.py). On GPUs the
-            whole batch goes at once.
+        cpu_chunk: images per feature pass on CPU (default 1: one image at a time). A 512x384
+            image needs ~30 MB of float64 intermediates; passes over several images outgrow the
+            caches, and side by side in one process (benchmarks/bench_niqe.py) one image at a
+            time was the fastest on CPU. On GPUs the whole batch goes at once.
     """
 
     name = "niqe"
@@ -242,7 +248,7 @@ class NIQE(ScorerModule):
     _eps = 0.0
 
     def __init__(
-        self, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float64, cpu_chunk: int = 4
+        self, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float64, cpu_chunk: int = 1
     ) -> None:
         super().__init__()
         mu, cov = load_pristine_params()
@@ -253,7 +259,11 @@ class NIQE(ScorerModule):
         self.cpu_chunk = max(1, int(cpu_chunk))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1], H, W >= 96 -> (N,) NIQE (float32)."""
+        """(N, 3, H, W) in [0, 1], at least two 96x96 blocks -> (N,) NIQE (float32).
+
+        Smaller images raise ``ImageTooSmall``; upsample them first to score them anyway
+        (``iqpir.iqa.upsample_small``, what the stage-2 quality loss does).
+        """
         check_batch(images, self.name, check_range=False)
         x = images.to(self.mu_prisparam.device)
         if x.shape[0] == 0:
@@ -275,7 +285,9 @@ class NIQEDiff(NIQE):
     """Differentiable NIQE ("niqe_diff"): same features with smooth estimation (module doc).
 
     Default dtype float64 keeps it within a fraction of a percent of NIQE; float32 is
-    faster on GPUs and stays within about 1%.
+    faster on GPUs and stays within about 1%. cpu_chunk defaults to 4 here: measured side by
+    side in one process, forward and backward over 192x192 training crops took the same time
+    per crop in groups of 1, 4 or 8 on one thread, and groups did better on two busy threads.
     """
 
     name = "niqe_diff"

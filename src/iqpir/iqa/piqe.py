@@ -78,7 +78,7 @@ class PIQE(ScorerModule):
 
     Args:
         dtype: computation dtype.
-        cpu_chunk: images per pass on CPU (default 4, for the reasons given for NIQE); on
+        cpu_chunk: images per pass on CPU (default 1, for the reasons given for NIQE); on
             GPUs the whole batch goes at once.
     """
 
@@ -87,7 +87,7 @@ class PIQE(ScorerModule):
     lower_better = True
     differentiable = False
 
-    def __init__(self, dtype: torch.dtype = torch.float64, cpu_chunk: int = 4) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64, cpu_chunk: int = 1) -> None:
         super().__init__()
         self.compute_dtype = dtype
         self.cpu_chunk = max(1, int(cpu_chunk))

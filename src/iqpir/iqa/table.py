@@ -13,9 +13,16 @@ Files
 Resuming: a file whose resolved path is in the table with the same content hash is skipped;
 a changed file is rescored. With ``minmax`` the constants are recomputed over the whole
 table (old and new rows) after every run and ``quality`` is rewritten for all rows, so S of
-an already scored image can change when new images widen the range. Switching the
-normalisation of an existing table rewrites ``quality`` the same way; asking for other
-metrics than the table holds is an error (write to a new table).
+an already scored image can change when new images widen the range. A table keeps the
+settings it was made with: asking for other metrics, another normalisation or another
+small-image rule than the table holds is an error (write to a new table). Rows of files that
+no longer exist are kept (the files may be on a disk that is not mounted) and counted in a
+warning.
+
+Small images: NIQE needs two 96x96 blocks. With ``upsample_small`` every image whose shorter
+side is under 192 px is scored after a bicubic upsampling to 192 (``iqpir.iqa.upsample_small``,
+as the stage-2 quality loss scores its crops); without it such images fail, named, with the
+reason. The sidecar records the rule (``small_images``).
 
 Writes are atomic (temporary file, then rename) and happen at the end, at least once a
 minute while scoring, and on interruption, so an interrupted run resumes where it stopped.
@@ -39,10 +46,12 @@ from typing import Any
 import torch
 
 from iqpir.io import FileReport, ImageReadError, atomic_write_text, collect_inputs, file_digest, read_image
-from iqpir.iqa.base import normalize
+from iqpir.iqa.base import SMALL_SIDE, ImageTooSmall, normalize, upsample_small
 from iqpir.iqa.ensemble import NORMALIZATIONS, QualityEnsemble
 
 TABLE_FORMAT = "iqpir-score-table/1"
+SMALL_UPSAMPLED = f"shorter side under {SMALL_SIDE} px: upsampled to {SMALL_SIDE} (bicubic) before scoring"
+SMALL_REFUSED = "not upsampled: images a metric cannot score are left out"
 HASH_COLUMN = "content_hash"
 SAVE_INTERVAL_S = 60.0
 
@@ -71,6 +80,7 @@ class ScoreTable:
     native_range: dict[str, tuple[float, float]] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    upsample_small: bool = False
 
     def __len__(self) -> int:
         return len(self.raw) if self.raw else len(self.quality)
@@ -131,6 +141,7 @@ def read_score_table(path: str | os.PathLike) -> ScoreTable:
         table.constants = {k: (float(v[0]), float(v[1])) for k, v in meta.get("constants", {}).items()}
         table.lower_better = {k: bool(v) for k, v in meta.get("lower_better", {}).items()}
         table.native_range = {k: (float(v[0]), float(v[1])) for k, v in meta.get("native_range", {}).items()}
+        table.upsample_small = meta.get("small_images") == SMALL_UPSAMPLED
     for row in rows:
         rel = Path(row["path"])
         key = str((rel if rel.is_absolute() else base / rel).resolve())
@@ -211,6 +222,7 @@ def write_score_table(table: ScoreTable, out: str | os.PathLike) -> None:
         "taken as 1 - that for lower-better metrics (paper Eq. 4)",
         "paths": "relative to the folder of the CSV",
         "content_hash": "first 16 hex digits of the file's sha256",
+        "small_images": SMALL_UPSAMPLED if table.upsample_small else SMALL_REFUSED,
         "rows": len(table.raw),
     }
     atomic_write_text(sidecar_path(out_p), json.dumps(meta, indent=2, allow_nan=True) + "\n")
@@ -244,11 +256,6 @@ def ensemble_from_table(
     )
 
 
-def _strip_path(message: str, path: Path) -> str:
-    prefix = f"{path}: "
-    return message.removeprefix(prefix)
-
-
 def score_files(
     inputs: Iterable[str | os.PathLike],
     metrics: list[str],
@@ -258,6 +265,7 @@ def score_files(
     device: str = "auto",
     weights_dir: str | None = None,
     progress: bool = True,
+    upsample_small: bool = False,
 ) -> FileReport:
     """Score image files into a resumable table (see the module docstring for the format).
 
@@ -270,6 +278,8 @@ def score_files(
         device: "auto", "cpu", "cuda", "cuda:N".
         weights_dir: local folder of learned-metric weights (pyiqa backend).
         progress: show a progress bar on stderr.
+        upsample_small: score images whose shorter side is under 192 px upsampled to 192
+            (module docstring); otherwise NIQE fails on images without two 96x96 blocks.
 
     Returns:
         FileReport: done (scored now), skipped (already in the table), failed (path, why):
@@ -285,21 +295,47 @@ def score_files(
         raise ValueError("no metrics given")
     if len(set(metrics)) != len(metrics):
         raise ValueError(f"duplicate metric names in {metrics}")
+    from iqpir.iqa import check_metric_name
+
+    for m in metrics:
+        check_metric_name(m)
     out_p = Path(out)
     report = FileReport.empty()
     paths, missing = collect_inputs(list(inputs))
     for m in missing:
         report.failed.append((m, "no such file, folder or matching image"))
 
-    if out_p.exists():
+    if out_p.exists() and read_score_table(out_p).raw:
+        # A table with rows keeps its settings; an empty one (every image failed) may change them.
         table = read_score_table(out_p)
         if table.metrics != metrics:
             raise ValueError(
                 f"{out_p}: the table holds metrics {table.metrics}, not {metrics}; write to a new --out"
             )
+        if table.normalization is not None and table.normalization != normalization:
+            raise ValueError(
+                f"{out_p}: the table is normalised with {table.normalization}, not {normalization}; pass "
+                f"--normalization {table.normalization} to add to it, or write to a new --out"
+            )
+        if table.normalization is not None and table.upsample_small != upsample_small:
+            flag = "pass --upsample-small" if table.upsample_small else "leave out --upsample-small"
+            raise ValueError(
+                f"{out_p}: the table was scored {'with' if table.upsample_small else 'without'} "
+                f"--upsample-small; {flag} to add to it, or write to a new --out"
+            )
+        gone = [k for k in table.raw if not Path(k).exists()]
+        if gone:
+            shown = ", ".join(_relative(k, out_p.resolve().parent) for k in gone[:3])
+            print(
+                f"iqpir score: warning: {out_p} keeps {len(gone)} row{'s' if len(gone) > 1 else ''} of files that no "
+                f"longer exist "
+                f"({shown}{', ...' if len(gone) > 3 else ''}); write to a new --out to drop them",
+                file=sys.stderr,
+            )
     else:
         table = ScoreTable(metrics=metrics)
     previous_normalization = table.normalization
+    table.upsample_small = upsample_small
 
     own = {_key(out_p), _key(sidecar_path(out_p))}
     todo: list[tuple[Path, str, str]] = []
@@ -336,7 +372,7 @@ def score_files(
 
     if todo:
         assert ensemble is not None
-        _score_todo(todo, ensemble, table, report, batch_size, progress, finalise)
+        _score_todo(todo, ensemble, table, report, batch_size, progress, finalise, upsample_small)
     if todo or previous_normalization != normalization or not out_p.exists():
         finalise()
     print(report.summary("scored"), file=sys.stderr)
@@ -351,6 +387,7 @@ def _score_todo(
     batch_size: int,
     progress: bool,
     save: Any,
+    upsample: bool = False,
 ) -> None:
     from tqdm import tqdm
 
@@ -373,6 +410,10 @@ def _score_todo(
             with torch.no_grad():
                 raw = ensemble.raw(torch.stack([it[3] for it in items]))
             record(items, raw)
+        except ImageTooSmall as exc:  # every image of a bucket has one size
+            for it in items:
+                report.failed.append((str(it[0]), f"cannot score: {exc}; pass --upsample-small to score "
+                                      "it upsampled, as the quality loss does"))
         except (ValueError, RuntimeError) as exc:
             if len(items) == 1:
                 report.failed.append((str(items[0][0]), f"cannot score ({exc})"))
@@ -391,9 +432,11 @@ def _score_todo(
             try:
                 rgb = read_image(p).rgb
             except ImageReadError as exc:
-                report.failed.append((str(p), _strip_path(str(exc), p)))
+                report.failed.append((str(p), exc.reason))
                 bar.update(1)
                 continue
+            if upsample:
+                rgb = upsample_small(rgb[None])[0]
             size = (int(rgb.shape[-2]), int(rgb.shape[-1]))
             buckets.setdefault(size, []).append((p, key, digest, rgb))
             if len(buckets[size]) >= batch_size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,15 +16,35 @@ if TYPE_CHECKING:
 SCORES_FILE = "scores.csv"
 
 
+def _say(info: D.DistInfo, text: str) -> None:
+    if info.is_main:
+        print(f"iqpir train: {text}", file=sys.stderr)
+
+
+def _named(items: list[tuple[str, str]], limit: int = 5) -> str:
+    lines = [f"  {p}: {why}" for p, why in items[:limit]]
+    if len(items) > limit:
+        lines.append(f"  ... and {len(items) - limit} more")
+    return "\n".join(lines)
+
+
 def quality_table(cfg: C.RunConfig, data: Path, lq_data, run_dir: Path, scores, info: D.DistInfo) -> ScoreTable:
-    """The score table of the run: `.quality` is S of every training image, keyed by resolved path.
+    """The score table of the run; its `.quality` is S of every training image that has one,
+    keyed by resolved path (the images of `data` only).
 
     `scores` (a table from `iqpir score`) wins; else the run's own `scores.csv` (kept from an
-    earlier start of this run); else rank 0 scores `data` once with `cfg.iqa` and keeps the
-    table in the run folder, so that training, the loss and inference share its constants.
+    earlier start of this run); else rank 0 scores `data` once with `cfg.iqa` (images under
+    192 px upsampled, as the quality loss scores its crops) and keeps the table in the run
+    folder, so that training, the loss and inference share its constants.
+
+    Images of `data` that the table lacks by path are looked up by content hash (a table made
+    from a copy of the folder). Images with no score at all (unreadable, too small, not in
+    the table) are named on stderr and left out of training by `build_dataset`.
     """
+    from iqpir.io import collect_inputs, file_digest
     from iqpir.iqa.table import read_score_table, score_files
 
+    failed: dict[str, str] = {}
     if scores is not None:
         path = Path(scores)
         if not path.is_file():
@@ -31,7 +52,7 @@ def quality_table(cfg: C.RunConfig, data: Path, lq_data, run_dir: Path, scores, 
     else:
         path = run_dir / SCORES_FILE
         if info.is_main:
-            print(f"iqpir train: scoring {data} with {','.join(cfg.iqa.metrics)} -> {path}", file=sys.stderr)
+            _say(info, f"scoring {data} with {','.join(cfg.iqa.metrics)} -> {path}")
             report = score_files(
                 [str(data)],
                 metrics=cfg.iqa.metrics,
@@ -39,26 +60,61 @@ def quality_table(cfg: C.RunConfig, data: Path, lq_data, run_dir: Path, scores, 
                 normalization=cfg.iqa.normalization,
                 device=str(info.device),
                 weights_dir=cfg.iqa.weights_dir or None,
+                upsample_small=True,
             )
-            if report.failed:
-                print(f"iqpir train: {len(report.failed)} training images could not be scored; they are left out",
-                      file=sys.stderr)
+            failed = {str(Path(p).resolve()): why for p, why in report.failed}
         D.barrier(info)
-    return read_score_table(path)
+    table = read_score_table(path)
+    quality = {k: v for k, v in table.quality.items() if math.isfinite(v)}
+
+    # Images the table lacks by path: match them by content (a table made from a copy of the folder).
+    images, _ = collect_inputs([data])
+    unmatched = [p for p in images if str(p.resolve()) not in quality and str(p.resolve()) not in failed]
+    if unmatched and table.hashes:
+        by_hash: dict[str, float] = {}
+        for key, digest in table.hashes.items():
+            if key in quality:
+                by_hash.setdefault(digest, quality[key])
+        if by_hash:
+            _say(info, f"{len(unmatched)} images are not in {path} by path: matching them by content")
+        for p in unmatched if by_hash else []:
+            try:
+                digest = file_digest(p)
+            except OSError:
+                continue
+            if digest in by_hash:
+                quality[str(p.resolve())] = by_hash[digest]
+
+    missing = [p for p in images if str(p.resolve()) not in quality]
+    if missing and len(missing) < len(images):
+        hint = f"add them with `iqpir score {data} --out {path}`" if scores is not None else "they cannot be scored"
+        why = [(str(p), failed.get(str(p.resolve()), f"not in {path}")) for p in missing]
+        _say(info, f"{len(missing)} of {len(images)} training images have no quality score and are left out "
+                   f"({hint}):\n{_named(why)}")
+    elif missing:
+        why = [(str(p), failed.get(str(p.resolve()), f"not in {path}")) for p in missing]
+        raise ValueError(f"none of the {len(images)} images in {data} has a quality score in {path}:\n{_named(why)}")
+    keys = (str(p.resolve()) for p in images)
+    table.quality = {k: quality[k] for k in keys if k in quality}
+    return table
 
 
 def build_dataset(cfg: C.RunConfig, data: Path, lq_data, quality: dict[str, float]):
-    """HQ folder with on-the-fly degradation, or real LQ/HQ pairs when `lq_data` is given."""
+    """HQ folder with on-the-fly degradation, or real LQ/HQ pairs when `lq_data` is given.
+
+    Images without a quality score (named by `quality_table`) are left out.
+    """
     from iqpir.data import HQFolderDataset, PairedFolderDataset
 
     if lq_data is not None:
         return PairedFolderDataset(
             lq_root=lq_data, hq_root=data, size=cfg.model.image_size, mode=cfg.data.mode,
-            hflip=cfg.data.hflip, quality=quality, seed=cfg.train.seed,
+            hflip=cfg.data.hflip, quality=quality, seed=cfg.train.seed, skip_unscored=True,
         )
     stage2 = cfg.train.stage == 2  # stage 1 reconstructs HQ images: no degradation to pay for
     return HQFolderDataset(
         root=data, size=cfg.model.image_size, mode=cfg.data.mode, hflip=cfg.data.hflip,
         degradation=cfg.data.degradation if stage2 else None,
         preset=cfg.data.degradation.preset if stage2 else None, quality=quality, seed=cfg.train.seed,
+        skip_unscored=True,
     )

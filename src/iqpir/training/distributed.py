@@ -69,18 +69,39 @@ def cleanup(info: DistInfo) -> None:
 
 
 def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """Average .grad over ranks with one all-reduce of a flat buffer (params without grad count as zero)."""
+    """Average .grad over ranks with one all-reduce of a flat buffer.
+
+    A parameter without a gradient on some ranks counts as zero there; one without a gradient
+    on every rank keeps none, as in a one-process run, so that its optimiser skips it (Adam
+    would otherwise count the step, e.g. the discriminator's before the GAN starts, and its
+    bias correction would differ from one process's).
+    """
     if not info.enabled or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [has_grad])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= info.world_size
+    anywhere = flat[-len(params) :] > 0
     offset = 0
-    for p, g in zip(params, grads):
+    for i, (p, g) in enumerate(zip(params, grads)):
         n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
+        p.grad = flat[offset : offset + n].view_as(p).clone() if anywhere[i] else None
         offset += n
+
+
+def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of `t` over the ranks of the process group (`t` itself without one).
+
+    For quantities computed inside a task's losses from the rank's own share of the batch that
+    must be those of the global batch (the adaptive GAN weight's gradient norms).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / dist.get_world_size()
 
 
 def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:

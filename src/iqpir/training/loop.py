@@ -16,6 +16,7 @@ object: the step restores it.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import signal
 import sys
@@ -261,6 +262,18 @@ def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, 
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / CHECKPOINT_DIR}")
     if tc.stage == 2 and stage1 is None and not resume:
         raise ValueError("stage 2 needs --stage1 RUN_OR_CHECKPOINT (a stage-1 run)")
+    if resume:
+        done = int(json.loads(existing[-1].with_suffix(".json").read_text())["step"])
+        if done > tc.steps:
+            raise ValueError(f"--resume: {run_dir} is at step {done}, past --steps {tc.steps} (steps count from "
+                             f"the start of the run); pass --steps above {done} to train on")
+        if done == tc.steps:
+            if info.is_main:
+                print(f"iqpir train: {run_dir} is already at step {done} = --steps: nothing to do (steps count "
+                      f"from the start of the run; pass --steps above {done} to train on). Checkpoint: "
+                      f"{existing[-1]}", file=sys.stderr)
+            return TrainResult(completed=True, step=done, run_dir=run_dir, checkpoint=existing[-1],
+                               reason="already complete")
     if info.is_main:
         (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     D.barrier(info)
@@ -387,8 +400,13 @@ def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, 
         bar.close()
     if info.is_main and writer is not None:
         writer.close()
-    return TrainResult(completed=step >= tc.steps and not reason.startswith("non-finite"), step=step,
-                       run_dir=run_dir, checkpoint=last_ckpt, reason=reason)
+    completed = step >= tc.steps and not reason.startswith("non-finite")
+    if info.is_main and completed:
+        then = (f"train stage 2 with --stage1 {run_dir}" if tc.stage == 1
+                else f"restore with `iqpir restore IMAGES --checkpoint {run_dir} --out DIR`")
+        print(f"iqpir train: done, step {step}; checkpoint {last_ckpt} (.safetensors, .json); {then}",
+              file=sys.stderr)
+    return TrainResult(completed=completed, step=step, run_dir=run_dir, checkpoint=last_ckpt, reason=reason)
 
 
 def quality_coverage(model: C.ModelConfig, qualities: list[float]) -> list[str]:
@@ -408,8 +426,9 @@ def quality_coverage(model: C.ModelConfig, qualities: list[float]) -> list[str]:
         return []
     msg = f"no training image has a quality S in {', '.join(empty)}: those conditions stay untrained"
     if counts[-1] == 0:
-        msg += ("; restoring at S = 1.0 uses one of them (score with --normalization minmax, or use "
-                "model.quality_embedding=continuous)")
+        msg += ("; restoring at S = 1.0 uses one of them. Spread the scores over [0, 1] with min-max "
+                "normalisation (--set iqa.normalization=minmax when the run scores its data, or `iqpir score "
+                "--normalization minmax` for a --scores table), or use --set model.quality_embedding=continuous")
     return [msg]
 
 

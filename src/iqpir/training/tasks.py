@@ -19,6 +19,7 @@ from torch import Tensor
 
 from iqpir import config as C
 from iqpir.models import build_discriminator, build_restorer, build_vqgan
+from iqpir.training import distributed as D
 
 if TYPE_CHECKING:
     from iqpir.iqa import QualityEnsemble
@@ -44,6 +45,9 @@ def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, 
     """
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    # Across processes, the gradients of the global batch's losses (the mean of the ranks'),
+    # so that W processes with batch B weigh the GAN term as one process with batch W*B.
+    g_rec, g_gan = D.mean_across_ranks(g_rec), D.mean_across_ranks(g_gan)
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 

@@ -1,0 +1,23 @@
+"""Fixtures shared by several test files: a folder of training images and a short stage-1 run."""
+
+from __future__ import annotations
+
+import pytest
+from train_helpers import small_cfg, write_train_images
+
+
+@pytest.fixture(scope="session")
+def train_images(tmp_path_factory):
+    return write_train_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def stage1_run(train_images, tmp_path_factory):
+    """A 4-step stage-1 run (the GAN from step 3) with its score table."""
+    from iqpir.training.loop import train
+
+    run = tmp_path_factory.mktemp("runs") / "s1"
+    cfg = small_cfg(1, "train.steps=4", "train.gan_start_step=3")
+    result = train(cfg, train_images, run, device="cpu", progress=False)
+    assert result.completed and result.step == 4
+    return run

@@ -1,0 +1,259 @@
+"""Mutation check: plant known bugs in a copy of the repository and make sure the tests catch each.
+
+    python tools/mutants.py              # every mutant; exit 1 if any survives
+    python tools/mutants.py -k ddp soft  # the mutants whose names contain "ddp" or "soft"
+    python tools/mutants.py --list       # names, files and the tests that must catch them
+
+Each mutant is one or more exact text replacements in one file. A replacement must match
+exactly once in the current code; when it does not (the code moved on), the script stops
+with the mutant and the text it looked for, so the mutant is updated rather than silently
+skipped. For each mutant the repository (without .git, virtual environments and caches) is
+copied to a temporary folder, the bug is planted there, and the listed tests run with this
+Python interpreter (`-m ''`, so slow tests listed by name run too). A mutant is killed when
+pytest reports failing tests (exit status 1); any other outcome (all pass, collection error,
+no tests) counts against it. The unmutated copy runs the same tests first: a failing
+baseline makes every "killed" meaningless, so it stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", ".pytest_cache", "*.egg-info",
+                                "demo-output", "runs")
+
+
+@dataclass
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    replacements: list[tuple[str, str]]  # (exact old text, new text); each old text occurs once
+    tests: list[str]  # pytest node ids or files that must fail
+    why: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+T = "tests/"
+MUTANTS = [
+    # -- the four bugs of the audit (issue 10) ------------------------------------------
+    Mutant("ddp-sum", "src/iqpir/training/distributed.py",
+           [("    flat /= info.world_size\n", "")],
+           [T + "test_distributed.py::test_average_gradients_is_the_exact_mean",
+            T + "test_distributed.py::test_stage2_two_processes_equal_one"],
+           "gradients summed instead of averaged across processes"),
+    Mutant("ddp-none-as-zero", "src/iqpir/training/distributed.py",
+           [("view_as(p).clone() if anywhere[i] else None", "view_as(p).clone()")],
+           [T + "test_distributed.py::test_average_gradients_is_the_exact_mean"],
+           "a parameter without a gradient on any rank gets a zero one (its Adam counts the step)"),
+    Mutant("quality-sign", "src/iqpir/training/tasks.py",
+           [("(1.0 - q)", "q")],
+           [T + "test_training.py::test_quality_loss_is_one_minus_q_and_descends_to_higher_quality"],
+           "stage-2 quality loss w*Q instead of w*(1-Q)"),
+    Mutant("soft-hq-codebook", "src/iqpir/models/restorer.py",
+           [("alpha * self._soft_codes(logits_hq, self.quantizer.hq,", "self._soft_codes(logits_hq, self.quantizer.common,")],
+           [T + "test_models.py::test_soft_path_gradient_is_that_of_the_softmax_weighted_codebooks"],
+           "HQ+ soft codes from the common codebook, alpha dropped"),
+    Mutant("box-window", "src/iqpir/restore.py",
+           [("    return ramp[:, None] * ramp[None, :]\n", "    return torch.ones(tile, tile)\n")],
+           [T + "test_restore.py::test_tiles_blend_position_dependent_outputs_smoothly"],
+           "tile blending with a box window"),
+    # -- one per invariant added with them ----------------------------------------------
+    Mutant("soft-temperature", "src/iqpir/models/restorer.py",
+           [("softmax(logits / self.cfg.soft_temperature,", "softmax(logits,")],
+           [T + "test_models.py::test_soft_path_gradient_is_that_of_the_softmax_weighted_codebooks"],
+           "soft_temperature ignored"),
+    Mutant("ddp-gan-weight", "src/iqpir/training/tasks.py",
+           [("g_rec, g_gan = D.mean_across_ranks(g_rec), D.mean_across_ranks(g_gan)\n", "\n")],
+           [T + "test_distributed.py::test_stage1_two_processes_equal_one"],
+           "adaptive GAN weight from each rank's own gradients"),
+    Mutant("ddp-disc-unsynced", "src/iqpir/training/loop.py",
+           [("D.average_gradients(disc_params, info)", "pass")],
+           [T + "test_distributed.py::test_stage1_two_processes_equal_one"],
+           "discriminator gradients not averaged across ranks"),
+    Mutant("tile-quality", "src/iqpir/restore.py",
+           [("out = self._run(tiles, quality, alpha", "out = self._run(tiles, 1.0, None")],
+           [T + "test_restore.py::test_tiled_path_passes_quality_and_alpha"],
+           "tiles restored at the default quality and alpha"),
+    Mutant("tile-ramp", "src/iqpir/restore.py",
+           [("0.5 - 0.5 * torch.cos(torch.pi * x)", "x")],
+           [T + "test_restore.py::test_blend_window_ramp_values"],
+           "linear ramp instead of the raised cosine"),
+    Mutant("tile-overlap", "src/iqpir/restore.py",
+           [("self.overlap = image_size // 2 if overlap is None", "self.overlap = image_size // 4 if overlap is None")],
+           [T + "test_restore.py::test_tiles_blend_position_dependent_outputs_smoothly"],
+           "the former quarter-tile overlap (the grid of issue 13 item 5)"),
+    Mutant("ema-update", "src/iqpir/training/loop.py",
+           [("alpha=1 - self.decay)", "alpha=self.decay)")],
+           [T + "test_training.py::test_ema_update"],
+           "EMA weights old and new swapped"),
+    Mutant("ema-resume", "src/iqpir/training/loop.py",
+           [('        ema.load_state_dict(tensors["ema"])\n', "        pass\n")],
+           [T + "test_training.py::test_resume_is_exact"],
+           "EMA not restored on --resume"),
+    Mutant("piqe-reflect", "src/iqpir/iqa/piqe.py",
+           [('(0, pw, 0, ph), mode="replicate")', '(0, pw, 0, ph), mode="reflect")')],
+           [T + "test_iqa.py::test_piqe_pads_like_matlab"],
+           "PIQE pads with reflected instead of replicated pixels"),
+    Mutant("piqe-pooling", "src/iqpir/iqa/piqe.py",
+           [("100.0 * (dist + 1.0) / (n_active + 1.0)", "100.0 * dist / n_active")],
+           [T + "test_iqa.py::test_piqe_matches_matlab"],
+           "PIQE pooled without the +1s of the published formula (-0.10, -0.08 points)"),
+    Mutant("niqe-grey-weights", "src/iqpir/iqa/matlab.py",
+           [("RGB2GRAY_WEIGHTS = (0.298936021293775, 0.587043074451121, 0.114020904255103)",
+             "RGB2GRAY_WEIGHTS = (0.299, 0.587, 0.114)")],
+           [T + "test_iqa.py::test_niqe_matches_live_release"],
+           "Rec. 601 grey weights instead of MATLAB's (within the old rel 1e-3)"),
+    Mutant("checkpoint-message", "src/iqpir/checkpoint.py",
+           [('return CorruptCheckpointError(f"{file}: {what}', 'return CorruptCheckpointError(f"{what}')],
+           [T + "test_checkpoint.py::test_corrupt_checkpoint_files_are_named"],
+           "corrupt-checkpoint message without the file"),
+    Mutant("checkpoint-raw-error", "src/iqpir/checkpoint.py",
+           [("    except SafetensorError as exc:\n", "    except KeyError as exc:\n")],
+           [T + "test_checkpoint.py::test_corrupt_checkpoint_files_are_named"],
+           "a truncated .safetensors raises safetensors' own error (a traceback in the CLI)"),
+    Mutant("degradation-order", "src/iqpir/data/degradations.py",
+           [(('        gain = _uniform(generator, cfg.exposure, "lowlight.exposure")\n'
+              '        gamma = _uniform(generator, cfg.gamma, "lowlight.gamma")\n'),
+             ('        gamma = _uniform(generator, cfg.gamma, "lowlight.gamma")\n'
+              '        gain = _uniform(generator, cfg.exposure, "lowlight.exposure")\n'))],
+           [T + "test_data.py::test_seeded_output_is_pinned"],
+           "the order of the random draws changed"),
+    Mutant("degradation-shared-draws", "src/iqpir/data/degradations.py",
+           [("def _uniform(generator: torch.Generator, values: Sequence[float], name: str) -> float:\n",
+             ("def _uniform(generator: torch.Generator, values: Sequence[float], name: str) -> float:\n"
+              "    generator = torch.Generator(generator.device).manual_seed(0)\n"))],
+           [T + "test_data.py::test_batch_equals_samples_in_order"],
+           "every sample of a batch draws the same parameters"),
+    Mutant("codebook-init-copy", "src/iqpir/models/quantizer.py",
+           [("            self.hq.init_from(z, generator)\n", "            self.hq.codebook.data.copy_(self.common.codebook)\n")],
+           [T + "test_models.py::test_codebook_init_from_data_puts_every_code_near_an_encoder_output"],
+           "the HQ+ codebook initialised as a copy of the common one"),
+    # -- the released weights (issue 9): parity with the official networks' outputs -------
+    Mutant("official-head-slots", "src/iqpir/official.py",
+           [('out["transformer.head_hq.weight"] = t[0::2]', 'out["transformer.head_hq.weight"] = t[1::2]'),
+            ('out["transformer.head_common.weight"] = t[1::2]', 'out["transformer.head_common.weight"] = t[0::2]')],
+           [T + "test_official.py::test_released_weights_compute_what_the_official_code_computes[iqpir-runs0]"],
+           "the IQPIR head's (K, 2) slots read the wrong way round (HQ+ from the odd rows)"),
+    Mutant("position-on-values", "src/iqpir/models/transformer.py",
+           [("qkv = torch.cat([qk, F.linear(x, w[2 * d :], bias[2 * d :])], dim=-1)",
+             "qkv = torch.cat([qk, F.linear(x + pos, w[2 * d :], bias[2 * d :])], dim=-1)")],
+           [T + "test_official.py::test_released_weights_compute_what_the_official_code_computes[codeformer-runs1]"],
+           "the position embedding added to the values too (CodeFormer adds it to queries and keys only)"),
+    Mutant("downsample-padding", "src/iqpir/models/vqgan.py",
+           [("F.pad(x, (0, 1, 0, 1))", "F.pad(x, (1, 0, 1, 0))")],
+           [T + "test_official.py::test_released_weights_compute_what_the_official_code_computes[codeformer-runs1]"],
+           "the stride-2 conv padded on the left and top instead of the right and bottom"),
+    Mutant("cft-fidelity-dropped", "src/iqpir/models/cft.py",
+           [("return dec + w * (dec * self.scale(h) + self.shift(h))", "return dec + (dec * self.scale(h) + self.shift(h))")],
+           [T + "test_official.py::test_released_weights_compute_what_the_official_code_computes[codeformer-runs1]"],
+           "CodeFormer's fidelity weight w not applied in the CFT blocks"),
+    Mutant("quality-bin-rounding", "src/iqpir/models/embedding.py",
+           [("torch.floor(quality * self.bins)", "torch.round(quality * self.bins)")],
+           [T + "test_official.py::test_released_weights_compute_what_the_official_code_computes[iqpir-runs0]"],
+           "the score bin rounded instead of floor(10 S)"),
+    Mutant("adain-off", "src/iqpir/models/restorer.py",
+           [("if self.cfg.adain if adain is None else adain:", "if adain:")],
+           [T + "test_official.py::test_released_weights_compute_what_the_official_code_computes[iqpir-runs0]"],
+           "the model's AdaIN setting ignored (official inference re-normalises the code features)"),
+    # -- whole photos with faces (issue 12) -----------------------------------------------
+    Mutant("paste-off-by-one", "src/iqpir/faces/align.py",
+           [("patch_to_crop = compose(out_to_crop, _translate(x0, y0))", "patch_to_crop = compose(out_to_crop, _translate(x0 + 1, y0))")],
+           [T + "test_faces.py::test_pasted_marks_land_on_the_landmarks"],
+           "the restored face pasted back one pixel to the right"),
+]
+
+
+def _apply(root: Path, m: Mutant) -> None:
+    path = root / m.file
+    text = path.read_text()
+    for old, new in m.replacements:
+        n = text.count(old)
+        if n != 1:
+            raise SystemExit(f"mutants: {m.name}: expected the text once in {m.file}, found it {n} times:\n{old!r}\n"
+                             "update the mutant to the current code")
+        text = text.replace(old, new)
+    path.write_text(text)
+
+
+def _pytest(root: Path, tests: list[str], timeout: float) -> tuple[int, str]:
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+               HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    # Its own --basetemp: pytest prunes old folders under the shared default one, which other
+    # pytest processes of the same user may do while this one runs.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "", "-p", "no:cacheprovider",
+           f"--basetemp={root.parent / 'pytest'}", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return -1, "timed out"
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    return proc.returncode, lines[-1] if lines else ""
+
+
+def _copy(dest: Path) -> Path:
+    root = dest / "repo"
+    shutil.copytree(ROOT, root, ignore=IGNORE)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-k", nargs="*", default=[], help="run only mutants whose names contain one of these")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated copy")
+    p.add_argument("--each", action="store_true",
+                   help="run each listed test on its own: a mutant is killed only if every one of them fails")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.k or any(k in m.name for k in args.k)]
+    if not chosen:
+        raise SystemExit(f"mutants: no mutant matches {args.k}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:26} {m.file}: {m.why}\n{'':26} caught by {', '.join(m.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="iqpir-mutants-") as tmp:
+        clean = _copy(Path(tmp) / "clean")
+        for m in chosen:  # every target text must be there before anything runs
+            text = (clean / m.file).read_text()
+            for old, _ in m.replacements:
+                if text.count(old) != 1:
+                    _apply(clean, m)  # raises with the details
+        if not args.no_baseline:
+            tests = sorted({t for m in chosen for t in m.tests})
+            t0 = time.perf_counter()
+            rc, last = _pytest(clean, tests, args.timeout * 2)
+            print(f"baseline: {len(tests)} tests, {last} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            if rc != 0:
+                print("mutants: the unmutated code fails these tests; fix that first", file=sys.stderr)
+                return 2
+        rows = []
+        print(f"{'mutant':26} {'result':9} {'seconds':>7}  pytest", flush=True)
+        for i, m in enumerate(chosen):
+            root = _copy(Path(tmp) / f"m{i}")
+            _apply(root, m)
+            t0 = time.perf_counter()
+            runs = [_pytest(root, [t], args.timeout) for t in m.tests] if args.each else [_pytest(root, m.tests, args.timeout)]
+            seconds = time.perf_counter() - t0
+            codes = {rc for rc, _ in runs}
+            last = " | ".join(line for _, line in runs)
+            result = "killed" if codes == {1} else "SURVIVED" if 0 in codes else f"ERROR({max(codes)})"
+            rows.append((m.name, result))
+            print(f"{m.name:26} {result:9} {seconds:7.1f}  {last}", flush=True)
+            shutil.rmtree(root, ignore_errors=True)
+    alive = [n for n, r in rows if r != "killed"]
+    print(f"{len(rows) - len(alive)} of {len(rows)} mutants killed" + (f"; not killed: {', '.join(alive)}" if alive else ""))
+    return 1 if alive else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
