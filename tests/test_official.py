@@ -280,7 +280,7 @@ def test_aligned_faces_are_restored_whole_at_the_model_size(monkeypatch):
 # -- loading assigns the file's tensors (one copy of the weights in memory) -----------------
 
 
-def tiny_release(kind: str, monkeypatch) -> tuple[dict[str, torch.Tensor], "object"]:
+def tiny_release(kind: str, monkeypatch) -> tuple[dict[str, torch.Tensor], C.RunConfig]:
     """(official state dict, config) of a random small network of `kind`'s layout (q, k, v
     attention convs, IQPIR's interleaved head, CFT blocks), with official_config answering its
     config: the paper-size encoder is too slow to run in the default suite."""
@@ -357,8 +357,8 @@ def test_strict_loading_errors_are_the_same_single_lines(tmp_path, monkeypatch):
         "unexpected": ({**state, "ft_layers.0.linear9.weight": torch.zeros(3, 4)},
                        "unexpected key 'ft_layers.0.linear9.weight' with shape (3, 4)"),
         "shape": ({**state, "feat_emb.bias": torch.zeros(7)},
-                  f"wrong shape for 'feat_emb.bias' (iqpir's 'transformer.proj_in.bias'): (7,) in the file, "
-                  f"({width},) expected"),
+                  (f"wrong shape for 'feat_emb.bias' (iqpir's 'transformer.proj_in.bias'): (7,) in the file, "
+                   f"({width},) expected")),
     }
     for name, (bad, message) in cases.items():
         path = tmp_path / f"{name}.pth"
@@ -371,7 +371,7 @@ def test_a_tensor_no_file_can_fill_is_an_error_not_left_on_meta(monkeypatch):
     """A network tensor outside the state dict (a non-persistent buffer) would stay on the meta
     device after assigning: refused in one line rather than failing in the first forward pass."""
     state, _ = tiny_release("codeformer", monkeypatch)
-    import iqpir.models as models
+    from iqpir import models
 
     build = models.build_restorer
 

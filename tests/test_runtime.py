@@ -303,7 +303,7 @@ def test_weights_are_read_outside_the_kept_heap():
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2
+        _ = libc.mallinfo2
     except (OSError, AttributeError):
         pytest.skip("glibc only")
     if not runtime.keep_freed_memory():

@@ -171,8 +171,8 @@ MUTANTS = [
            "the restored face pasted back one pixel to the right"),
     # -- memory of the CPU path (issue 15) -------------------------------------------------
     Mutant("official-copy-load", "src/iqpir/official.py",
-           [("    own = model.state_dict()\n"
-             "    model.load_state_dict({k: _own_tensor(t, own[k]) for k, t in state.items()}, strict=True, assign=True)\n",
+           [(("    own = model.state_dict()\n"
+              "    model.load_state_dict({k: _own_tensor(t, own[k]) for k, t in state.items()}, strict=True, assign=True)\n"),
              '    model = model.to_empty(device="cpu")\n    model.load_state_dict(state, strict=True)\n')],
            [T + "test_official.py::test_loading_assigns_the_files_tensors_and_computes_what_a_copy_computes"],
            "the file's tensors copied into a new network (the weights held twice)"),
@@ -195,8 +195,8 @@ MUTANTS = [
            "load_restorer does not hand its network over (a float32 copy stays)"),
     Mutant("fast-path-autocast", "src/iqpir/runtime.py",
            [("        # embedding, the Transformer, the lookup, AdaIN) must stay float32.\n        return nullcontext()\n",
-             "        # embedding, the Transformer, the lookup, AdaIN) must stay float32.\n"
-             "        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])\n")],
+             ("        # embedding, the Transformer, the lookup, AdaIN) must stay float32.\n"
+              "        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])\n"))],
            [T + "test_runtime.py::test_the_fast_path_predicts_the_codes_in_float32"],
            "the fast path under autocast (the Transformer's logits in bf16)"),
     Mutant("in-place-skip-order", "src/iqpir/runtime.py",
@@ -205,10 +205,10 @@ MUTANTS = [
            "the residual sum written into the block's input (identity skip)"),
     Mutant("user-model-classes", "src/iqpir/runtime.py",
            [("    twin = module if in_place else _share_tensors_copy(module)\n",
-             "    twin = module if in_place else _share_tensors_copy(module)\n"
-             "    for m in module.modules():\n"
-             "        if type(m) is ResBlock:\n"
-             "            m.__class__ = InPlaceResBlock\n")],
+             ("    twin = module if in_place else _share_tensors_copy(module)\n"
+              "    for m in module.modules():\n"
+              "        if type(m) is ResBlock:\n"
+              "            m.__class__ = InPlaceResBlock\n"))],
            [T + "test_runtime.py::test_fast_path_is_close_to_float32_and_leaves_the_model_alone"],
            "the fast path changes the classes of a model it was not handed"),
 ]
