@@ -239,14 +239,6 @@ def test_restore_photo_options_and_errors():
         restore_photo(photo[None], lambda x: x, detector=det)
 
 
-def test_import_loads_no_detector_backend():
-    import subprocess
-
-    code = ("import sys, iqpir.faces, iqpir.restore;"
-            "print(','.join(m for m in ('dlib', 'facexlib', 'cv2', 'skimage', 'matplotlib') if m in sys.modules))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == ""
-
-
 def test_retinaface_backend_wiring(tmp_path, monkeypatch):
     """facexlib absent: a clear error; present (a stand-in here): local weights, rows parsed."""
     from iqpir.faces.detect import RetinaFaceDetector

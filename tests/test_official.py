@@ -176,25 +176,30 @@ def test_refusals_are_one_line_naming_the_problem(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "conv").exists()
 
 
-def test_convert_records_provenance_and_keeps_the_weights(release_files, tmp_path):
+def test_convert_records_provenance_and_keeps_the_weights(tmp_path, monkeypatch):
+    """On a small network of CodeFormer's layout (tiny_release): what official_config answers
+    for the paper-size files is checked by the parity tests above."""
     from iqpir.checkpoint import load_checkpoint_meta, load_model
 
+    state, tiny = tiny_release("codeformer", monkeypatch)
+    release = tmp_path / "codeformer.pth"
+    torch.save({"params_ema": state}, release)
     out = tmp_path / "codeformer"
-    official.convert(release_files["codeformer"], out)
+    official.convert(release, out)
     meta = load_checkpoint_meta(out)
     assert meta["source"]["kind"] == "codeformer" and "non-commercial" in meta["source"]["licence"]
     import hashlib
 
-    assert meta["source"]["sha256"] == hashlib.sha256(release_files["codeformer"].read_bytes()).hexdigest()
+    assert meta["source"]["sha256"] == hashlib.sha256(release.read_bytes()).hexdigest()
     converted, cfg = load_model(out)
-    direct, direct_cfg, _ = official.load_official(release_files["codeformer"])
-    assert cfg == direct_cfg and cfg.model.adain and cfg.model.quality_embedding == "none"
+    direct, direct_cfg, _ = official.load_official(release)
+    assert cfg == direct_cfg == tiny
     a, b = converted.state_dict(), direct.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     restorer = iqpir.load_restorer(out, device="cpu")
     assert restorer.kind == "codeformer" and not restorer.supports_quality
     with pytest.raises(FileExistsError):
-        official.convert(release_files["codeformer"], out)
+        official.convert(release, out)
 
 
 def test_knobs_a_model_does_not_have_are_refused():

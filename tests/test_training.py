@@ -49,13 +49,15 @@ def test_stage2_needs_stage1(train_images, tmp_path):
 
 
 def test_resume_is_exact(train_images, tmp_path):
-    """A run stopped at step 3 and resumed logs the same losses at steps 4..6 as one uninterrupted run,
-    and ends with the same weights, discriminator and EMA."""
-    cfg = small_cfg(1, "train.steps=6", "train.gan_start_step=2", "train.lr_schedule=cosine", "train.min_lr=1e-5",
+    """A run stopped at step 2 and resumed logs the same losses at steps 3..4 as one uninterrupted run,
+    and ends with the same weights, discriminator and EMA. The GAN trains from step 2, so the
+    discriminator and its optimiser have state to carry over; two resumed steps, so the step
+    after the first resumed one (schedule, data position) is checked too."""
+    cfg = small_cfg(1, "train.steps=4", "train.gan_start_step=1", "train.lr_schedule=cosine", "train.min_lr=1e-5",
                     "train.ema_decay=0.5")
     train(cfg, train_images, tmp_path / "full", device="cpu", progress=False)
-    stopped = train(cfg, train_images, tmp_path / "part", device="cpu", progress=False, stop_at_step=3)
-    assert not stopped.completed and stopped.step == 3
+    stopped = train(cfg, train_images, tmp_path / "part", device="cpu", progress=False, stop_at_step=2)
+    assert not stopped.completed and stopped.step == 2
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, train_images, tmp_path / "part", device="cpu", progress=False)
     resumed = train(cfg, train_images, tmp_path / "part", device="cpu", progress=False, resume=True,
