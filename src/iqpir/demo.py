@@ -564,7 +564,7 @@ def write_report(out: Path, results: dict) -> None:
 degraded copies of them ({gt['ground_truths']} ground truths of mixed quality, each conditioned on its own score S;
 per S bin of width 0.1: {results['quality_bins']}). Tiny preset, 64x64 crops: stage 1 {steps['stage1']} steps,
 stage 2 {steps['stage2']} steps (its CFT blocks trained at fidelity w = 1; the restorations here use
-w = {results['fidelity']:g}), on CPU ({results['threads']} threads): {secs['total']:.0f} s, {cpus['total']:.0f} CPU seconds
+w = {results['fidelity']:g}), on CPU ({results['threads']} thread{'s' if results['threads'] != 1 else ''}): {secs['total']:.0f} s, {cpus['total']:.0f} CPU seconds
 in all. Held out: {', '.join(results['held_out'])}. Quality = {html.escape(results['quality_metric'])}.</p>
 <h2>What holds</h2><ul>{crit}</ul>
 <h2>Held-out photos, degraded by the demo's pipeline: before / after (drag the bar)</h2>{sliders}
@@ -580,7 +580,8 @@ in all. Held out: {', '.join(results['held_out'])}. Quality = {html.escape(resul
 <h2>Stage 1</h2>
 <p>Reconstruction of the clean held-out photos through the stage-1 autoencoder (the codes stage 2 learns to
 predict, decoded through the same tiles): {s1['reconstruction_psnr']:.2f} dB PSNR
-({', '.join(f'{k} {v:.2f}' for k, v in s1['per_image_psnr'].items())}); no restoration can do better.</p>
+({', '.join(f'{k} {v:.2f}' for k, v in s1['per_image_psnr'].items())}): the most that restoring from the codes alone (w = 0) can give; the CFT blocks (w &gt; 0)
+add features of the input that the codes do not hold.</p>
 <table><tr><th>codebook</th><th>codes used on the held-out photos</th><th>perplexity</th></tr>{usage}</table>
 {loss_html}
 <p>Time: {html.escape(', '.join(f'{k} {secs[k]:.0f} s ({cpus[k]:.0f} CPU s)' for k in secs if k != 'total'))}.</p>
