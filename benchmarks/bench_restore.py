@@ -15,6 +15,7 @@ tokens equal to torch float32's on the same face.
     python benchmarks/bench_restore.py --kind iqpir --repeats 3 --batches 1,2
     python benchmarks/bench_restore.py --device cuda        # GPU: fp32 vs bf16 + compile, batch 1..64
     python benchmarks/bench_restore.py --faces              # + whole photo with two faces (iqpir.faces)
+    python benchmarks/bench_restore.py --memory             # peak RSS only: API and CLI, float32 and auto
 
 Weights: --checkpoint (anything `load_restorer` reads), else the official fixtures' rule weights
 (tests/assets/official, CodeFormer or IQPIR layout): speed does not depend on the values, and
@@ -210,19 +211,71 @@ def build(spec: dict, device: str = "cpu"):
     return iqpir.load_restorer(spec["path"], device=device, dtype=spec["dtype"], backend=spec["backend"]).engine
 
 
-def rss_of(spec: dict, quality: float | None, fidelity: float) -> int:
-    """Peak RSS (bytes) of a fresh process that loads the configuration and restores one face."""
-    # VmHWM (this process's own peak), not ru_maxrss, which Linux carries over from the parent
-    # through fork + exec.
-    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            "import bench_restore as b; from iqpir.runtime import keep_freed_memory; keep_freed_memory(); "
-            f"spec = json.loads({json.dumps(spec, default=str)!r}); e = b.build(spec); "
-            f"e.outputs(b.face_image(), {quality!r}, None, {fidelity!r}); "
-            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=False)
+def rss_of(spec: dict, quality: float | None, fidelity: float, entry: str = "api") -> int:
+    """Peak RSS (bytes) of a fresh process that loads the configuration and restores one face.
+
+    entry "api": `iqpir.load_restorer(path, dtype=..., backend=...).restore(face)`, as a script
+    would (the official network and the autocast path: built and called once); "cli": `iqpir
+    restore face.png --aligned` in-process (iqpir.cli.main); "import": torch and iqpir imported,
+    nothing loaded (the floor every entry starts from). -1 when the process fails.
+    """
+    job = json.dumps({"spec": spec, "quality": quality, "fidelity": fidelity, "entry": entry}, default=str)
+    out = subprocess.run([sys.executable, __file__, "--rss-child", job], capture_output=True, text=True,
+                         env=os.environ, check=False)
     if out.returncode:
+        print(f"peak RSS of {spec.get('dtype', 'official')} ({entry}) failed:\n{out.stderr[-2000:]}", file=sys.stderr)
         return -1
-    return int(out.stdout.strip().splitlines()[-1]) * 1024
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def rss_child(job: str) -> None:
+    """The fresh process of `rss_of`: do the job, print VmHWM in bytes (this process's own peak;
+    ru_maxrss would carry the parent's peak through fork + exec)."""
+    job = json.loads(job)
+    spec, quality, fidelity, entry = job["spec"], job["quality"], job["fidelity"], job["entry"]
+    if entry == "cli":
+        from iqpir.cli import main as cli
+
+        with tempfile.TemporaryDirectory(prefix="iqpir-rss-") as tmp:
+            png = Path(tmp) / "face.png"
+            from PIL import Image
+
+            Image.fromarray((face_image()[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(png)
+            argv = ["restore", str(png), "--checkpoint", str(spec["path"]), "--out", str(Path(tmp) / "out"),
+                    "--aligned", "--device", "cpu", "--dtype", spec["dtype"], "--backend", spec["backend"]]
+            argv += ["--quality", str(quality)] if quality is not None else []
+            argv += ["--fidelity", str(fidelity)] if fidelity else []
+            if cli(argv) != 0:
+                raise SystemExit(1)
+    elif entry == "api" and "official" not in spec and spec["dtype"] != "autocast-bf16":
+        restorer = iqpir.load_restorer(spec["path"], device="cpu", dtype=spec["dtype"], backend=spec["backend"])
+        restorer.restore(face_image()[0], quality=quality, fidelity=fidelity)
+    elif entry != "import":
+        build(spec).outputs(face_image(), quality, None, fidelity)
+    hwm = [line.split()[1] for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")]
+    print(int(hwm[0]) * 1024)
+
+
+def memory_table(args) -> str:
+    """Peak RSS of one 512x512 face through the API and the CLI, torch float32 and auto, each in
+    a fresh process; and the floor (torch and iqpir imported)."""
+    checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, args.tmp)
+    probe = iqpir.load_restorer(checkpoint, device="cpu", dtype="float32")
+    quality = 0.9 if probe.supports_quality else None
+    fidelity = args.fidelity if probe.supports_fidelity else 0.0
+    del probe
+    floor = rss_of({}, None, 0.0, "import")
+    rows = ["| configuration | load_restorer(...).restore (GB) | iqpir restore --aligned (GB) | above the floor (API, CLI) |",
+            "| --- | --- | --- | --- |"]
+    for dtype in ("float32", "auto"):
+        spec = {"path": checkpoint, "dtype": dtype, "backend": "torch"}
+        api, cli = rss_of(spec, quality, fidelity, "api"), rss_of(spec, quality, fidelity, "cli")
+        rows.append(f"| torch {dtype} | {api / 1e9:.2f} | {cli / 1e9:.2f} | {(api - floor) / 1e9:.2f}, "
+                    f"{(cli - floor) / 1e9:.2f} |")
+        print(rows[-1], file=sys.stderr)
+    return (f"Peak RSS (VmHWM) of a fresh process that loads {checkpoint.name if args.checkpoint else args.kind + '.pth'} "
+            f"(official format) and restores one 512x512 face. The floor, `import torch, iqpir` and nothing else, "
+            f"is {floor / 1e9:.2f} GB with this torch build; every row includes it.\n\n" + "\n".join(rows))
 
 
 # --------------------------------------------------------------------------------------
@@ -407,8 +460,15 @@ def main() -> None:
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the per-configuration RSS runs")
     ap.add_argument("--no-compile", action="store_true", help="GPU: skip torch.compile")
     ap.add_argument("--faces", action="store_true", help="also time a whole photo with two faces")
+    ap.add_argument("--memory", action="store_true",
+                    help="only the peak-RSS table (API and CLI, float32 and auto, fresh processes)")
     ap.add_argument("--write", type=Path, default=None, help="put the table into this Markdown file")
+    ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rss_child is not None:
+        return rss_child(args.rss_child)
+    if args.memory and args.write:
+        ap.error("--memory prints the memory table only; --write takes the whole table (it has the memory table)")
     if 1 not in args.batches:
         args.batches = [1, *args.batches]
     runtime.keep_freed_memory()  # as the CLI does
@@ -420,11 +480,15 @@ def main() -> None:
 def run(args) -> None:
     info = machine()
     command = "python benchmarks/bench_restore.py " + " ".join(sys.argv[1:])
-    if args.device.startswith("cuda"):
+    if args.memory:
+        table, gpu_note = memory_table(args), ""
+    elif args.device.startswith("cuda"):
         table = gpu_table(args)
         gpu_note = ""
     else:
         table = cpu_table(args, info)
+        if args.rss:
+            table += "\n\n" + memory_table(args)
         gpu_note = "\n\nGPU: not measured (no GPU was available); run the same script with `--device cuda`."
     if args.faces:
         table += "\n\n" + faces_table(args)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import iqpir
+from iqpir import config as C
 from iqpir import official
 from iqpir.config import from_preset
 from iqpir.models import build_restorer
@@ -274,3 +275,111 @@ def test_aligned_faces_are_restored_whole_at_the_model_size(monkeypatch):
     monkeypatch.setattr(restorer, "_run", lambda tiles, *a: seen.append(tuple(tiles.shape)) or tiles.clamp(0, 1))
     out = restore_aligned(restorer, torch.rand(3, 100, 80))
     assert out.shape == (3, 100, 80) and seen == [(1, 3, 64, 64)]  # one pass, never tiled
+
+
+# -- loading assigns the file's tensors (one copy of the weights in memory) -----------------
+
+
+def tiny_release(kind: str, monkeypatch) -> tuple[dict[str, torch.Tensor], C.RunConfig]:
+    """(official state dict, config) of a random small network of `kind`'s layout (q, k, v
+    attention convs, IQPIR's interleaved head, CFT blocks), with official_config answering its
+    config: the paper-size encoder is too slow to run in the default suite."""
+    cfg = C.load(preset="tiny", overrides=[
+        "model.image_size=32", "model.base_channels=16", "model.latent_channels=32", "model.codebook_size=64",
+        "model.transformer.width=32", "model.transformer.heads=2", "model.transformer.mlp=64", "train.stage=2",
+        "model.attn_resolutions=[8]", "model.cft_resolutions=[16,32]", "model.adain=true", "model.task=faces"])
+    if kind == "codeformer":
+        cfg.model.dual_codebook, cfg.model.quality_embedding = False, "none"
+    torch.manual_seed(5)
+    model = build_restorer(cfg.model)
+    state = official.from_project(model.state_dict(), kind, n_blocks=len(model.encoder.blocks) + 3)
+    monkeypatch.setattr(official, "official_config", lambda k, s: cfg)
+    return state, cfg
+
+
+def _copy_loaded(state: dict[str, torch.Tensor], kind: str, cfg) -> torch.nn.Module:
+    """The network as it was loaded before the file's tensors were assigned: built on meta,
+    allocated, and the state dict copied in."""
+    with torch.device("meta"):
+        model = build_restorer(cfg.model)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(official.to_project(state, kind), strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["iqpir", "codeformer"])
+def test_loading_assigns_the_files_tensors_and_computes_what_a_copy_computes(kind, tmp_path, monkeypatch):
+    state, cfg = tiny_release(kind, monkeypatch)
+    # What files may hold: a channels-last tensor, a float16 one, a view into a larger storage.
+    state["encoder.blocks.0.weight"] = state["encoder.blocks.0.weight"].contiguous(memory_format=torch.channels_last)
+    state["feat_emb.bias"] = state["feat_emb.bias"].half()
+    rows = state["position_emb"].shape[0]
+    state["position_emb"] = torch.cat([state["position_emb"], state["position_emb"]])[:rows]
+    torch.save({"params_ema": state}, tmp_path / "w.pth")
+
+    weights = official.read_official(tmp_path / "w.pth")
+    in_file = {k: t.data_ptr() for k, t in weights.state.items()}
+    model, _ = official.build_official(weights)
+    reference = _copy_loaded(weights.state, kind, cfg)
+
+    expected = reference.state_dict()
+    for key, t in model.state_dict().items():
+        assert t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous(), key
+        assert t.untyped_storage().nbytes() == t.nbytes, key  # owns its memory, pins no larger storage
+        assert torch.equal(t, expected[key]), key
+    # Held once: every tensor the file stores as the network needs it is the parameter itself.
+    shared = {k for k, t in model.state_dict().items() if t.data_ptr() in in_file.values()}
+    copied = {k for k in model.state_dict() if k not in shared}
+    qkv = {k for k in copied if ".qkv." in k}  # the file's q, k, v convs, fused
+    heads = {"transformer.head_hq.weight", "transformer.head_common.weight"} if kind == "iqpir" else set()
+    assert qkv and copied == qkv | heads | {"encoder.conv_in.weight", "transformer.proj_in.bias", "transformer.pos_emb"}
+
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    quality = 0.3 if kind == "iqpir" else None
+    with torch.inference_mode():  # w > 0: every part runs (encoder features, CFT, AdaIN)
+        a, b = model(x, quality, fidelity=0.5), reference(x, quality, fidelity=0.5)
+    assert torch.equal(a.restored, b.restored) and torch.equal(a.indices_common, b.indices_common)
+    # Through load_restorer (float32, in-place residual blocks): still the copied network's image.
+    restorer = iqpir.load_restorer(tmp_path / "w.pth", device="cpu", dtype="float32")
+    assert torch.equal(restorer.restore(x, quality=quality, fidelity=0.5), b.restored.clamp(0, 1))
+    _, _, provenance = official.load_official(tmp_path / "w.pth")
+    assert provenance.state == {}  # the file's dict is not kept beside the network
+
+
+def test_strict_loading_errors_are_the_same_single_lines(tmp_path, monkeypatch):
+    """Keys and shapes are checked before anything is assigned: the errors are one line naming
+    the file's key, as with a copying load_state_dict."""
+    state, _ = tiny_release("codeformer", monkeypatch)
+    width = state["feat_emb.bias"].shape[0]
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != "feat_emb.bias"},
+                    f"missing key 'feat_emb.bias' (expected shape ({width},))"),
+        "unexpected": ({**state, "ft_layers.0.linear9.weight": torch.zeros(3, 4)},
+                       "unexpected key 'ft_layers.0.linear9.weight' with shape (3, 4)"),
+        "shape": ({**state, "feat_emb.bias": torch.zeros(7)},
+                  (f"wrong shape for 'feat_emb.bias' (iqpir's 'transformer.proj_in.bias'): (7,) in the file, "
+                   f"({width},) expected")),
+    }
+    for name, (bad, message) in cases.items():
+        path = tmp_path / f"{name}.pth"
+        with pytest.raises(official.OfficialCheckpointError) as err:
+            official.build_official(official.OfficialWeights("codeformer", bad, "", path))
+        assert str(err.value) == f"{path}: {message}"
+
+
+def test_a_tensor_no_file_can_fill_is_an_error_not_left_on_meta(monkeypatch):
+    """A network tensor outside the state dict (a non-persistent buffer) would stay on the meta
+    device after assigning: refused in one line rather than failing in the first forward pass."""
+    state, _ = tiny_release("codeformer", monkeypatch)
+    from iqpir import models
+
+    build = models.build_restorer
+
+    def with_extra_buffer(cfg):
+        model = build(cfg)
+        model.register_buffer("scratch", torch.zeros(3), persistent=False)
+        return model
+
+    monkeypatch.setattr(models, "build_restorer", with_extra_buffer)
+    with pytest.raises(official.OfficialCheckpointError, match=r"^cf\.pth: the codeformer network has tensors "):
+        official.build_official(official.OfficialWeights("codeformer", state, "", Path("cf.pth")))

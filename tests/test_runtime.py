@@ -3,6 +3,11 @@ fast path's fused blocks compute what the modules compute and never touch the us
 
 from __future__ import annotations
 
+import copy
+import gc
+import weakref
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -28,10 +33,15 @@ def test_float32_is_the_network_bit_for_bit():
     model = tiny_model()
     x = torch.rand(2, 3, 64, 64)
     restorer = Restorer(model, 64, device="cpu", dtype="float32")
+    # Handed over (load_restorer), the network runs with in-place residual blocks: still exact.
+    owned = Restorer(copy.deepcopy(model), 64, device="cpu", dtype="float32", own_model=True)
+    assert any(type(m) is runtime.InPlaceResBlock for m in owned.model.modules())
+    assert not any(type(m) is runtime.InPlaceResBlock for m in model.modules())
     for q, w in ((0.9, 0.0), (0.3, 0.5)):
         with torch.inference_mode():
             expected = model(x, torch.full((2,), q), fidelity=w).restored.clamp(0, 1)
         assert torch.equal(restorer.restore(x, quality=q, fidelity=w), expected)
+        assert torch.equal(owned.restore(x, quality=q, fidelity=w), expected)
 
 
 def test_auto_means_bf16_only_where_the_cpu_has_it(monkeypatch):
@@ -77,6 +87,7 @@ def test_inference_blocks_compute_what_the_modules_compute():
 def test_fast_path_is_close_to_float32_and_leaves_the_model_alone():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    tree = [(name, type(m), [id(t) for t in m._parameters.values()]) for name, m in model.named_modules()]
     exact = runtime.TorchEngine(model, torch.device("cpu"), "float32")
     fast = runtime.MixedEngine(model, torch.device("cpu"), "bfloat16")
     x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -99,6 +110,8 @@ def test_fast_path_is_close_to_float32_and_leaves_the_model_alone():
     assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)
     assert all(p.is_contiguous() for p in model.parameters())  # not moved to channels-last
     assert fast.model is model and fast.fast.encoder is not model.encoder
+    # Not handed over: the same modules, classes and parameter objects as before.
+    assert [(name, type(m), [id(t) for t in m._parameters.values()]) for name, m in model.named_modules()] == tree
 
 
 def test_restorer_takes_a_dtype_and_reports_it():
@@ -137,3 +150,185 @@ def test_fast_path_keeps_the_codes_of_the_official_networks(kind, runs, tmp_path
         if "indices_hq" in a:
             same &= a["indices_hq"] == b["indices_hq"]
         assert same.float().mean() >= 0.97, (kind, quality, w, same.float().mean())
+
+
+def _conv_parts(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: getattr(model, name) for name in ("encoder", "decoder", "cft")}
+
+
+def _is_norm(name: str) -> bool:
+    return ".norm" in f".{name}"  # GroupNorm parameters stay float32 on the CPU
+
+
+def test_an_owned_model_is_converted_in_place_without_float32_copies():
+    """load_restorer hands its network over: the fast path converts the convolutional parts in
+    place (no float32 weights kept beside the bf16 ones) and computes what the copying path does."""
+    model = tiny_model()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    copying = runtime.MixedEngine(copy.deepcopy(model), torch.device("cpu"), "bfloat16")
+    owned_model = copy.deepcopy(model)
+    transformer_weight = owned_model.transformer.proj_in.weight
+    # The float32 convolution weights, watched without keeping them alive.
+    replaced = {f"{part}.{n}": weakref.ref(p) for part, m in _conv_parts(owned_model).items()
+                for n, p in m.named_parameters() if not _is_norm(n)}
+    f32_bytes = {k: v.nbytes for k, v in owned_model.state_dict().items()}
+    owned = runtime.MixedEngine(owned_model, torch.device("cpu"), "bfloat16", own=True)
+    assert owned.model is owned_model and owned.fast is owned_model
+    for name, part in _conv_parts(owned_model).items():
+        for pname, p in part.named_parameters():
+            assert p.dtype == (torch.float32 if _is_norm(pname) else torch.bfloat16), (name, pname, p.dtype)
+    assert owned_model.transformer.proj_in.weight is transformer_weight  # codes: float32, untouched
+    gc.collect()
+    assert replaced and [k for k, ref in replaced.items() if ref() is not None] == []  # released, not kept
+    # The float32 tensors the network holds: the original ones less every converted weight.
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in (*owned_model.parameters(), *owned_model.buffers()) if t.dtype == torch.float32}
+    assert sum(held.values()) == sum(n for k, n in f32_bytes.items() if k not in replaced)
+    for q, w in ((0.9, 0.0), (0.4, 0.6)):
+        a, b = copying.outputs(x, q, None, w), owned.outputs(x, q, None, w)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_restorer_hands_its_model_over_to_the_fast_path(tmp_path):
+    """load_restorer owns the network it builds, so the fast path converts it in place; the
+    image is the one a copying conversion of the same weights gives."""
+    import iqpir
+    from iqpir import checkpoint as ckpt
+    from iqpir import config as C
+
+    cfg = C.load(preset="tiny", overrides=[
+        "model.image_size=32", "model.base_channels=16", "model.latent_channels=32", "model.codebook_size=64",
+        "model.transformer.width=32", "model.transformer.heads=2", "model.transformer.mlp=64", "train.stage=2",
+        "model.cft_resolutions=[16,32]"])
+    torch.manual_seed(0)
+    model = build_restorer(cfg.model).eval()
+    ckpt.save_checkpoint(ckpt.checkpoint_stem(tmp_path, 1), {"model": model.state_dict()},
+                         {"config": C.to_dict(cfg), "step": 1, "arch": "restorer"})
+    restorer = iqpir.load_restorer(tmp_path, device="cpu", dtype="bfloat16")
+    assert isinstance(restorer.engine, runtime.MixedEngine) and restorer.engine.fast is restorer.model
+    f32 = {n for n, p in restorer.model.named_parameters() if p.dtype == torch.float32}
+    assert f32 and not any(n.startswith(("encoder.", "decoder.", "cft.")) and not _is_norm(n) for n in f32)
+    copying = runtime.MixedEngine(model, torch.device("cpu"), "bfloat16")
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(restorer.restore(x, quality=0.6, fidelity=0.5), copying(x, 0.6, None, 0.5))
+    # float32: the network itself, with in-place residual blocks.
+    exact = iqpir.load_restorer(tmp_path, device="cpu", dtype="float32")
+    assert any(type(m) is runtime.InPlaceResBlock for m in exact.model.modules())
+
+
+@pytest.mark.parametrize("cin, cout", [(32, 32), (32, 64)])  # identity skip, 1x1-conv skip
+def test_in_place_residual_blocks_are_bit_identical_and_leave_their_input(cin, cout):
+    """InPlaceResBlock (float32 owned models) and InferenceResBlock (the fast path) reorder
+    nothing: the same kernels in the same order, so the same bits; the input is not written."""
+    torch.manual_seed(cin + cout)
+    block = ResBlock(cin, cout).eval()
+    for p in block.parameters():
+        p.data.normal_(0, 0.3)
+    in_place = copy.deepcopy(block)
+    in_place.__class__ = runtime.InPlaceResBlock
+    for fast, dtype in ((in_place, torch.float32), (runtime.low_precision_copy(block, torch.bfloat16,
+                                                                               torch.device("cpu")), torch.bfloat16)):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(2, cin, 12, 12).to(dtype).contiguous(memory_format=layout)
+            before = x.clone()
+            with torch.inference_mode():
+                expected = ResBlock.forward(fast, x)  # the out-of-place formulation, same weights
+                got = fast(x)
+            assert torch.equal(got, expected), (dtype, layout)
+            assert torch.equal(x, before), (dtype, layout)
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_the_fast_path_predicts_the_codes_in_float32(own):
+    """No autocast around the fast path: the quality embedding, the Transformer and the code
+    lookup run in float32, so its logits are float32's for the (bf16-encoded) latent exactly."""
+    model = tiny_model()
+    engine = runtime.MixedEngine(copy.deepcopy(model) if own else model, torch.device("cpu"), "bfloat16", own=own)
+    net = engine.fast
+    seen = {}
+    hooks = [net.transformer.register_forward_hook(lambda m, a, out: seen.update(z=a[0], logits=out)),
+             net.quality_embedding.register_forward_hook(lambda m, a, out: seen.update(maps=out)),
+             net.decoder.register_forward_pre_hook(lambda m, a: seen.update(z_f=a[0]))]
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    try:
+        out = engine.outputs(x, 0.4, None, 0.5)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(p.dtype == torch.float32 for part in (net.transformer, net.quality_embedding, net.quantizer)
+               for p in (*part.parameters(), *part.buffers()) if p.is_floating_point())
+    assert seen["z"].dtype == seen["maps"].dtype == seen["z_f"].dtype == torch.float32
+    with torch.inference_mode():
+        expected = model.transformer(seen["z"])  # the float32 Transformer, outside any autocast
+    for got, want in zip(seen["logits"], expected):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    n, _, h, w = seen["z"].shape
+    assert torch.equal(out["indices_common"], expected[0].argmax(-1).view(n, h, w))
+    assert torch.equal(out["indices_hq"], expected[1].argmax(-1).view(n, h, w))
+
+
+def test_official_weights_become_the_parameters_without_a_copy():
+    """build_official assigns the file's tensors (one copy of the weights in memory, not two):
+    only views sharing a storage (IQPIR's head rows) and other dtypes are copied."""
+    import json
+
+    from iqpir import official
+
+    assets = Path(__file__).parent / "assets" / "official"
+    entries = json.loads((assets / "manifest-iqpir.json").read_text())["entries"]
+    state = {e["key"]: torch.empty(e["shape"]) for e in entries}  # paper size, never written
+    state["feat_emb.bias"] = torch.zeros(state["feat_emb.bias"].shape, dtype=torch.float16)
+    rows = state["position_emb"].shape[0]  # a contiguous view into a larger storage, as files may hold
+    state["position_emb"] = torch.empty(2 * rows, *state["position_emb"].shape[1:])[:rows]
+    weights = official.OfficialWeights("iqpir", state, "params_ema", Path("iqpir.pth"))
+    model, _ = official.build_official(weights)
+    params = dict(model.named_parameters())
+    conv = params["encoder.conv_in.weight"]
+    assert conv.data_ptr() == state["encoder.blocks.0.weight"].data_ptr()
+    assert params["transformer.proj_in.bias"].dtype == torch.float32
+    head_common, head_hq = params["transformer.head_common.weight"], params["transformer.head_hq.weight"]
+    assert head_common.is_contiguous() and head_hq.is_contiguous()
+    assert head_common.untyped_storage().nbytes() == head_common.nbytes  # not the whole (2K, C) matrix
+    pos = params["transformer.pos_emb"]
+    assert pos.untyped_storage().nbytes() == pos.nbytes
+    assert not any(t.is_meta for t in model.state_dict().values())
+
+
+def test_weights_are_read_outside_the_kept_heap():
+    """After keep_freed_memory() large blocks come from the heap (kept when freed); weights read
+    inside weights_outside_the_heap() are mmapped, so freeing them leaves no hole in the heap.
+    (A block the heap's free memory can hold still comes from there: the weights are read first,
+    into a small heap, which is where this matters.)"""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _ = libc.mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("glibc only")
+    if not runtime.keep_freed_memory():
+        pytest.skip("IQPIR_DEFAULT_MALLOC is set or malloc is not glibc's")
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = Info
+
+    def mapped_after_alloc() -> tuple[int, int]:
+        # Larger than all the free heap memory (earlier tests leave some, kept): a block malloc
+        # cannot carve from free chunks, so it grows the heap (brk) or maps it on its own.
+        before = libc.mallinfo2()
+        size = before.fordblks + (64 << 20)
+        t = torch.empty(size, dtype=torch.uint8)  # untouched pages: virtual memory only
+        grown = libc.mallinfo2().hblkhd - before.hblkhd
+        del t
+        return grown, size
+
+    grown, _ = mapped_after_alloc()
+    assert grown == 0  # from the heap
+    with runtime.weights_outside_the_heap():
+        grown, size = mapped_after_alloc()
+        assert grown >= size  # its own mapping
+    grown, _ = mapped_after_alloc()
+    assert grown == 0  # the setting is back

@@ -169,6 +169,48 @@ MUTANTS = [
            [("patch_to_crop = compose(out_to_crop, _translate(x0, y0))", "patch_to_crop = compose(out_to_crop, _translate(x0 + 1, y0))")],
            [T + "test_faces.py::test_pasted_marks_land_on_the_landmarks"],
            "the restored face pasted back one pixel to the right"),
+    # -- memory of the CPU path (issue 15) -------------------------------------------------
+    Mutant("official-copy-load", "src/iqpir/official.py",
+           [(("    own = model.state_dict()\n"
+              "    model.load_state_dict({k: _own_tensor(t, own[k]) for k, t in state.items()}, strict=True, assign=True)\n"),
+             '    model = model.to_empty(device="cpu")\n    model.load_state_dict(state, strict=True)\n')],
+           [T + "test_official.py::test_loading_assigns_the_files_tensors_and_computes_what_a_copy_computes"],
+           "the file's tensors copied into a new network (the weights held twice)"),
+    Mutant("official-assign-views", "src/iqpir/official.py",
+           [(" or t.untyped_storage().nbytes() != t.nbytes:", ":")],
+           [T + "test_official.py::test_loading_assigns_the_files_tensors_and_computes_what_a_copy_computes"],
+           "a view assigned as a parameter pins the larger storage it is cut from"),
+    Mutant("official-meta-left", "src/iqpir/official.py",
+           [("    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):", "    if False:")],
+           [T + "test_official.py::test_a_tensor_no_file_can_fill_is_an_error_not_left_on_meta"],
+           "a tensor no state dict holds left on the meta device"),
+    Mutant("fast-path-copy-kept", "src/iqpir/runtime.py",
+           [("        self.fast = self.model if own else _with_children(self.model, **children)",
+             "        self.fast = _with_children(self.model, **children)")],
+           [T + "test_runtime.py::test_an_owned_model_is_converted_in_place_without_float32_copies"],
+           "an owned model's float32 encoder and decoder kept beside the bf16 ones"),
+    Mutant("restorer-not-owned", "src/iqpir/restore.py",
+           [("backend=backend, own_model=True)", "backend=backend, own_model=False)")],
+           [T + "test_runtime.py::test_load_restorer_hands_its_model_over_to_the_fast_path"],
+           "load_restorer does not hand its network over (a float32 copy stays)"),
+    Mutant("fast-path-autocast", "src/iqpir/runtime.py",
+           [("        # embedding, the Transformer, the lookup, AdaIN) must stay float32.\n        return nullcontext()\n",
+             ("        # embedding, the Transformer, the lookup, AdaIN) must stay float32.\n"
+              "        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])\n"))],
+           [T + "test_runtime.py::test_the_fast_path_predicts_the_codes_in_float32"],
+           "the fast path under autocast (the Transformer's logits in bf16)"),
+    Mutant("in-place-skip-order", "src/iqpir/runtime.py",
+           [("        return h.add_(self.skip(x))", "        return self.skip(x).add_(h)")],
+           [T + "test_runtime.py::test_in_place_residual_blocks_are_bit_identical_and_leave_their_input"],
+           "the residual sum written into the block's input (identity skip)"),
+    Mutant("user-model-classes", "src/iqpir/runtime.py",
+           [("    twin = module if in_place else _share_tensors_copy(module)\n",
+             ("    twin = module if in_place else _share_tensors_copy(module)\n"
+              "    for m in module.modules():\n"
+              "        if type(m) is ResBlock:\n"
+              "            m.__class__ = InPlaceResBlock\n"))],
+           [T + "test_runtime.py::test_fast_path_is_close_to_float32_and_leaves_the_model_alone"],
+           "the fast path changes the classes of a model it was not handed"),
 ]
 
 

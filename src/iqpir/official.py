@@ -93,8 +93,11 @@ def read_official(path: str | Path) -> OfficialWeights:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {p}")
+    from iqpir.runtime import weights_outside_the_heap
+
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with weights_outside_the_heap():
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every reason maps to one line naming the file
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise OfficialCheckpointError(
@@ -385,15 +388,33 @@ def build_official(weights: OfficialWeights) -> tuple[nn.Module, C.RunConfig]:
         return ", ".join(from_project({key: t}, weights.kind, n_blocks))
 
     check_state(model, state, weights.path, origins, file_name)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)
+    # The file's tensors become the parameters (assign=True), so the weights are held once, not
+    # twice (the file's dict and a network copied from it: 2 x 376 MB at the paper size).
+    own = model.state_dict()
+    model.load_state_dict({k: _own_tensor(t, own[k]) for k, t in state.items()}, strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # tensors no state dict holds
+        raise OfficialCheckpointError(f"{weights.path}: the {weights.kind} network has tensors the file cannot fill")
     return model.eval(), cfg
 
 
+def _own_tensor(t: Tensor, like: Tensor) -> Tensor:
+    """`t` as a parameter like `like` (dtype, contiguous), owning its memory: views that share a
+    storage (the IQPIR head's row slices) or a dtype the network does not use are copied."""
+    t = t.to(like.dtype)
+    if not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 def load_official(path: str | Path) -> tuple[nn.Module, C.RunConfig, OfficialWeights]:
-    """Read, check and build an official file -> (model, config, the weights' provenance)."""
+    """Read, check and build an official file -> (model, config, the weights' provenance).
+
+    The provenance's `state` is emptied: the network holds the file's tensors, and the few it
+    does not (the q, k, v convs, fused into one) are released with it.
+    """
     weights = read_official(path)
     model, cfg = build_official(weights)
+    weights.state = {}
     return model, cfg, weights
 
 

@@ -72,6 +72,7 @@ class Restorer:
         overlap: tile overlap in pixels (default s/2: Hann windows; see the module docstring).
         kind: "iqpir" (quality-conditioned) or "codeformer"; task: "faces" | "general".
         source: provenance of official weights (file, sha256, licence), else None.
+        own_model: `model` is handed over (load_restorer): the fast path converts it in place.
 
     `supports_quality` (the model has a quality condition S) and `supports_fidelity` (it has
     CodeFormer's CFT blocks, so the fidelity weight w can be > 0) say which knobs exist.
@@ -79,10 +80,11 @@ class Restorer:
 
     def __init__(self, model: torch.nn.Module, image_size: int, device: str | torch.device = "cpu",
                  dtype: str = "auto", batch_size: int = 4, overlap: int | None = None, *,
-                 kind: str = "iqpir", task: str = "general", source: dict | None = None, backend: str = "auto"):
+                 kind: str = "iqpir", task: str = "general", source: dict | None = None, backend: str = "auto",
+                 own_model: bool = False):
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.engine = runtime.make_engine(model, self.device, dtype, backend)
-        self.model = self.engine.model  # the float32 network (None for an exported graph)
+        self.engine = runtime.make_engine(model, self.device, dtype, backend, own=own_model)
+        self.model = self.engine.model  # the network (None for a graph; bf16 parts where own_model and fast)
         self.image_size = image_size
         self.dtype = self.engine.dtype
         if dtype == "float16" and self.device.type == "cpu":
@@ -205,7 +207,7 @@ def load_restorer(path: str | Path, device: str = "auto", dtype: str = "auto", b
         raise ValueError(f"{path} is a stage-1 (VQGAN) checkpoint; restoring needs a stage-2 network "
                          "(an IQPIR or CodeFormer release, or iqpir train configs/*-stage2.yaml)")
     return Restorer(model, cfg.model.image_size, device=device, dtype=dtype, batch_size=batch_size,
-                    kind=kind, task=cfg.model.task, source=source, backend=backend)
+                    kind=kind, task=cfg.model.task, source=source, backend=backend, own_model=True)
 
 
 def _output_paths(inputs: Sequence[str], paths: list[Path], out: Path) -> dict[Path, Path]:
