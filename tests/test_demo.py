@@ -32,7 +32,9 @@ def test_quick_demo_writes_report_results_and_runs(tmp_path):
     assert list(results["sweep"]) == ["0.00", "0.25", "0.50", "0.75", "1.00"]
     page = (out / "report.html").read_text()
     assert (out / "sweep.png").is_file() and (out / "strip.png").is_file() and "sweep.png" in page
-    assert "beat the degraded inputs" in page  # the verdict, whichever way it goes
+    assert "above the degraded inputs" in page  # the verdicts, whichever way they go
+    assert {"reconstruction_psnr", "codebooks"} <= set(results["stage1"])
+    assert "class='cmp'" in page and "http" not in page.replace("http-equiv", "")  # slider, no network
     # the stage-2 run folder restores on its own
     restored = tmp_path / "restored"
     assert main(["restore", str(out / "data" / "heldout" / "degraded"), "--checkpoint", str(out / "stage2"),
@@ -42,3 +44,39 @@ def test_quick_demo_writes_report_results_and_runs(tmp_path):
         from iqpir.demo import run_demo
 
         run_demo(out, quick=True)
+
+
+# Fast checks of the demo's measurements and verdicts (default suite).
+
+
+def test_codebook_usage_counts_codes_and_perplexity():
+    import torch
+
+    from iqpir.demo import codebook_usage
+
+    uniform = codebook_usage(torch.arange(16).repeat(3), 16)
+    assert uniform == {"used": 16, "size": 16, "perplexity": 16.0}
+    one = codebook_usage(torch.full((50,), 7), 16)
+    assert one == {"used": 1, "size": 16, "perplexity": 1.0}
+    half = codebook_usage(torch.tensor([0, 0, 0, 1]), 4)  # H = -(3/4 ln 3/4 + 1/4 ln 1/4)
+    assert half["perplexity"] == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), abs=0.05)
+
+
+def _evaluation(lq_psnr: float, psnr: float, qualities: list[float], lq_quality: float = 0.3) -> dict:
+    sweep = {f"{s:.2f}": {"psnr": psnr, "ssim": 0.7, "quality": q}
+             for s, q in zip((0.0, 0.25, 0.5, 0.75, 1.0), qualities)}
+    return {"lq": {"psnr": lq_psnr, "ssim": 0.6, "quality": lq_quality}, "sweep": sweep, "per_image": []}
+
+
+def test_criteria_verdicts_follow_the_numbers():
+    from iqpir.demo import criteria
+
+    good = _evaluation(22.0, 23.5, [0.40, 0.42, 0.46, 0.48, 0.50])
+    verdict = criteria({"demo": good, "iqpir_degrade": good})
+    assert all(c["holds"] for c in verdict.values())
+    assert verdict["psnr_gain"]["measured"] == 1.5
+    short = _evaluation(22.0, 22.9, [0.40, 0.42, 0.46, 0.48, 0.44])  # +0.9 dB; S = 1 below S = 0.5
+    verdict = criteria({"demo": short, "iqpir_degrade": _evaluation(14.0, 15.0, [0.2, 0.2, 0.22, 0.24, 0.249])})
+    assert not verdict["psnr_gain"]["holds"] and verdict["ssim_gain"]["holds"]
+    assert not verdict["quality_rises_with_s_demo"]["holds"]
+    assert not verdict["quality_rises_with_s_iqpir_degrade"]["holds"]  # rises, but by 0.049 < 0.05

@@ -53,6 +53,11 @@ class ModelConfig:
     num_res_blocks: int = 2
     attn_resolutions: list[int] = field(default_factory=lambda: [16])
     latent_channels: int = 256
+    # GroupNorm before the last conv of the encoder (-> Z) and of the decoder (-> image), as in
+    # VQGAN/CodeFormer (official). With few channels per group (the tiny preset's 32-64 channels
+    # in 32 groups) it removes each crop's mean and contrast per channel at the latent and at the
+    # output, and a small autoencoder then learns absolute colour very slowly: off in tiny.
+    final_norm: bool = True
     codebook_size: int = 1024
     dual_codebook: bool = True  # False: the single-codebook ablation (Table 5 a/b)
     hq_threshold: float = 0.70  # S_thr (official): HQ+ branch used when S > S_thr
@@ -63,6 +68,13 @@ class ModelConfig:
     # the code of taming's legacy quantizer that CodeFormer and IQPIR inherit, which disagrees
     # with its comment). The tiny preset keeps "commitment".
     beta_on: Literal["commitment", "codebook"] = "codebook"
+    # How the codes learn (iqpir.models.quantizer): "loss" (official: the gradient of the codebook
+    # term) or "ema" (moving averages of the encoder outputs assigned to each code, decay
+    # codebook_decay); codebook_restart > 0 moves a code whose moving average of assignments
+    # falls below that fraction of the mean onto an encoder output of the batch (0 = off, official).
+    codebook_update: Literal["loss", "ema"] = "loss"
+    codebook_decay: float = 0.99
+    codebook_restart: float = 0.0
     quality_embedding: Literal["binned", "continuous", "none"] = "binned"
     quality_bins: int = 10  # official: floor(10 * S), S = 1.0 clamped into the top bin
     fourier_features: int = 16  # continuous embedding: sin/cos pairs of S
@@ -223,6 +235,12 @@ class TrainConfig:
     quality_weight: float = 0.1
     # The quality loss is on from this iteration (counted from 1; official: current_iter >= 100000).
     quality_start_step: int = 100_000
+    # CodeFormer's fidelity blocks (model.cft_resolutions) trained in stage 2 at this fidelity
+    # weight w, with an L1 term (l1_weight, l1_range) between the image restored at w and the
+    # ground truth (CodeFormer's stage III, Zhou et al. 2022, Sec. 3.4; IQPIR's released network
+    # keeps these blocks, its paper trains no stage for them). 0 = official IQPIR stage 2: the
+    # blocks stay frozen and unused. Restoring at --fidelity w then keeps more of the input.
+    fidelity: float = 0.0
 
 
 @dataclass
@@ -294,6 +312,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.hq_threshold={m.hq_threshold} must be in [0, 1]")
     if m.transformer.width % m.transformer.heads:
         raise ConfigError("model.transformer.width must be divisible by model.transformer.heads")
+    if not 0.0 <= m.codebook_decay < 1.0:
+        raise ConfigError(f"model.codebook_decay={m.codebook_decay} must be in [0, 1)")
+    if m.codebook_restart < 0:
+        raise ConfigError(f"model.codebook_restart={m.codebook_restart} must be >= 0 (0 = off)")
     if m.quality_bins < 1:
         raise ConfigError("model.quality_bins must be >= 1")
     sizes = [m.image_size // 2**i for i in range(len(m.channel_mult))]
@@ -305,6 +327,10 @@ def validate(cfg: RunConfig) -> None:
     for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
         if getattr(cfg.train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1")
+    if not 0.0 <= cfg.train.fidelity <= 1.0:
+        raise ConfigError(f"train.fidelity={cfg.train.fidelity} must be in [0, 1]")
+    if cfg.train.fidelity > 0 and not m.cft_resolutions:
+        raise ConfigError("train.fidelity > 0 trains the CFT blocks: set model.cft_resolutions (e.g. [64])")
     if cfg.train.cosine_steps < 0:
         raise ConfigError("train.cosine_steps must be >= 0 (0 = train.steps)")
     if cfg.train.gan_weight_max < 0:

@@ -5,7 +5,9 @@ conv in; per level `num_res_blocks` residual blocks (GroupNorm + SiLU), self-att
 each residual block at the resolutions in `attn_resolutions`, a stride-2 conv between levels
 (zero-padded on the right and bottom only); a middle ResBlock-Attention-ResBlock; GroupNorm
 and a 3x3 conv to the latent (no activation between them, unlike taming-transformers). The
-decoder mirrors it with nearest-neighbour x2 upsampling. Paper preset: 512x512x3 -> 16x16x256
+decoder mirrors it with nearest-neighbour x2 upsampling. `final_norm=False` (model.final_norm,
+not official) drops the GroupNorm before the encoder's and the decoder's last conv: see
+ModelConfig.final_norm. Paper preset: 512x512x3 -> 16x16x256
 with channels [1, 2, 2, 4, 4, 8] x 64 and attention at 16x16. Official state dicts map onto
 these modules one to one (`iqpir.official`).
 
@@ -112,6 +114,7 @@ class Encoder(nn.Module):
         attn_resolutions: list[int],
         latent_channels: int,
         in_channels: int = 3,
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
@@ -131,7 +134,7 @@ class Encoder(nn.Module):
                 res //= 2
         blocks += [ResBlock(ch, ch), AttnBlock(ch), ResBlock(ch, ch)]
         self.blocks = nn.ModuleList(blocks)
-        self.norm_out = group_norm(ch)
+        self.norm_out = group_norm(ch) if final_norm else nn.Identity()
         self.conv_out = nn.Conv2d(ch, latent_channels, 3, padding=1)
 
     def forward(self, images: Tensor, features: dict[int, Tensor] | None = None) -> Tensor:
@@ -163,6 +166,7 @@ class Decoder(nn.Module):
         attn_resolutions: list[int],
         latent_channels: int,
         out_channels: int = 3,
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
         ch = base_channels * channel_mult[-1]
@@ -184,7 +188,7 @@ class Decoder(nn.Module):
                 blocks.append(Upsample(ch))
                 res *= 2
         self.blocks = nn.ModuleList(blocks)
-        self.norm_out = group_norm(ch)
+        self.norm_out = group_norm(ch) if final_norm else nn.Identity()
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, z: Tensor, fuse: Callable[[int, Tensor], Tensor] | None = None) -> Tensor:
@@ -205,6 +209,7 @@ def _arch_kwargs(cfg: ModelConfig) -> dict:
         num_res_blocks=cfg.num_res_blocks,
         attn_resolutions=list(cfg.attn_resolutions),
         latent_channels=cfg.latent_channels,
+        final_norm=cfg.final_norm,
     )
 
 
@@ -225,6 +230,9 @@ def build_quantizer(cfg: ModelConfig) -> DualCodebookQuantizer:
         alpha=cfg.alpha,
         threshold=cfg.hq_threshold,
         dual=cfg.dual_codebook,
+        update=cfg.codebook_update,
+        decay=cfg.codebook_decay,
+        restart=cfg.codebook_restart,
     )
 
 

@@ -51,6 +51,12 @@ def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, 
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
+def image_l1(restored: Tensor, target: Tensor, image_range: str) -> Tensor:
+    """Mean absolute error of [0, 1] images, measured in `image_range` (train.l1_range):
+    |(2 x - 1) - (2 y - 1)| = 2 |x - y|, the official L1 is on [-1, 1] images."""
+    return (2.0 if image_range == "signed" else 1.0) * (restored - target).abs().mean()
+
+
 class Stage1Task:
     """Dual-codebook VQ autoencoder (paper 3.1).
 
@@ -93,9 +99,7 @@ class Stage1Task:
         hq, quality = batch["hq"], batch["quality"]
         out = self.generator(hq, quality)
         rec = out.reconstruction
-        # |(2 rec - 1) - (2 hq - 1)| = 2 |rec - hq|: the official L1 is on [-1, 1] images.
-        l1_scale = 2.0 if tc.l1_range == "signed" else 1.0
-        terms: dict[str, Tensor] = {"l1": tc.l1_weight * l1_scale * (rec - hq).abs().mean()}
+        terms: dict[str, Tensor] = {"l1": tc.l1_weight * image_l1(rec, hq, tc.l1_range)}
         rec_loss = terms["l1"]
         if self.perceptual is not None:
             terms["perceptual"] = tc.perceptual_weight * self.perceptual(rec, hq).mean()
@@ -134,7 +138,8 @@ class Stage1Task:
 # The model settings that stage 1 fixes (the autoencoder, its codebooks and the fusion it was
 # trained with); the rest (embedding, Transformer, gradient path) belong to stage 2 alone.
 STAGE1_MODEL_KEYS = ("image_size", "base_channels", "channel_mult", "num_res_blocks", "attn_resolutions",
-                     "latent_channels", "codebook_size", "dual_codebook", "alpha")
+                     "latent_channels", "final_norm", "codebook_size", "dual_codebook", "alpha", "codebook_update",
+                     "codebook_restart")
 
 QUALITY_MIN_SIDE = 192  # NIQE's 96-pixel blocks at two scales need two blocks at half size
 
@@ -214,6 +219,8 @@ class Stage2Task:
         if stage1 is not None:
             self._init_from_stage1(stage1)
         self.generator.freeze_for_stage2().train()
+        if cfg.train.fidelity > 0:  # CodeFormer's stage III, folded into stage 2 (train.fidelity)
+            self.generator.cft.requires_grad_(True)
         self.target.requires_grad_(False).eval()
         self.discriminator = None
         self.quality_model = None
@@ -222,6 +229,8 @@ class Stage2Task:
             if not self.quality_model.differentiable:
                 raise ValueError(f"iqa.loss_metrics {cfg.iqa.loss_metrics}: every member of the quality loss must be differentiable")
         self.loss_names = ["feat", "index_common"] + (["index_hq"] if cfg.model.dual_codebook else [])
+        if cfg.train.fidelity > 0:
+            self.loss_names.append("fidelity_l1")
         if self.quality_model is not None:
             self.loss_names.append("quality")
         self.aux_names = []
@@ -250,13 +259,15 @@ class Stage2Task:
         with torch.no_grad(), torch.autocast(hq.device.type, enabled=False):
             targets = self.target.code_targets(hq.float())
         use_quality = self.quality_model is not None and step + 1 >= tc.quality_start_step
-        out = self.generator(lq, quality, decode=use_quality)
+        out = self.generator(lq, quality, decode=use_quality or tc.fidelity > 0, fidelity=tc.fidelity)
         terms = {"feat": tc.feat_weight * F.mse_loss(out.z_lq.float(), targets.z_q.float())}
         terms["index_common"] = tc.index_weight * F.cross_entropy(
             out.logits_common.flatten(0, 1).float(), targets.indices_common.flatten())
         if out.logits_hq is not None:
             terms["index_hq"] = tc.index_weight * F.cross_entropy(
                 out.logits_hq.flatten(0, 1).float(), targets.indices_hq.flatten())
+        if tc.fidelity > 0:
+            terms["fidelity_l1"] = tc.l1_weight * image_l1(out.restored.float(), hq.float(), tc.l1_range)
         if self.quality_model is not None:
             if use_quality:
                 q = self.quality_model(quality_input(out.restored.float().clamp(0, 1)))
