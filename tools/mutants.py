@@ -211,6 +211,25 @@ MUTANTS = [
               "            m.__class__ = InPlaceResBlock\n"))],
            [T + "test_runtime.py::test_fast_path_is_close_to_float32_and_leaves_the_model_alone"],
            "the fast path changes the classes of a model it was not handed"),
+    # how codes learn and the stage-2 fidelity term (issue 11)
+    Mutant("ema-decay-swapped", "src/iqpir/models/quantizer.py",
+           [("self.code_sum.mul_(d).add_(sums.to(self.code_sum), alpha=1 - d)",
+             "self.code_sum.mul_(1 - d).add_(sums.to(self.code_sum), alpha=d)")],
+           [T + "test_codebook_learning.py::test_ema_moving_average_weights_old_and_new_by_the_decay"],
+           "the moving average keeps the new batch instead of the history"),
+    Mutant("stale-indices-after-learning", "src/iqpir/models/quantizer.py",
+           [("            self._learn(z, indices, learn_mask)\n            indices = self.nearest(z.detach())\n",
+             "            self._learn(z, indices, learn_mask)\n")],
+           [T + "test_codebook_learning.py::test_output_is_the_lookup_of_the_returned_indices"],
+           "the output is the lookup of codes that moved after their indices were chosen"),
+    Mutant("hq-codes-learn-from-all", "src/iqpir/models/quantizer.py",
+           [("hq = self.hq(z, learn_mask=mask)", "hq = self.hq(z)")],
+           [T + "test_codebook_learning.py::test_hq_codebook_learns_only_from_the_masked_samples"],
+           "the HQ+ codes learn from low-quality samples"),
+    Mutant("cft-frozen-under-fidelity", "src/iqpir/training/tasks.py",
+           [("            self.generator.cft.requires_grad_(True)\n", "            pass\n")],
+           [T + "test_codebook_learning.py::test_fidelity_term_trains_the_cft_blocks_and_nothing_frozen"],
+           "train.fidelity trains nothing"),
 ]
 
 
