@@ -32,13 +32,7 @@ from iqpir.faces.align import apply_affine, compose
 from iqpir.faces.detect import DLIB5_NAMES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensor ops: on busy shared cores one OpenMP thread beats two (see test_plugin.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def similarity(angle_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:

@@ -402,15 +402,6 @@ def test_real_pyiqa_random_weights_and_missing_weights(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def one_thread():
-    """Small images: with 2 OpenMP threads on busy shared cores each small op waits at a thread
-    barrier (PIQE of a 192x192 image: 2.2 s against 0.03 s on one thread, measured here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.usefixtures("one_thread")
 def test_niqe_names_the_least_size_it_needs(images, niqe):

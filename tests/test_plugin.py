@@ -14,15 +14,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: with 2 OpenMP threads on 2 busy shared cores, each small conv
-    waits at a thread barrier (measured 0.55 s vs 0.01 s per U-Net forward); one thread is
-    faster and unaffected by other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise_head(unet: UNet) -> UNet:

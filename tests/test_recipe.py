@@ -18,22 +18,12 @@ from iqpir.io import load_rgb, write_image
 from iqpir.iqa.table import ScoreTable, read_score_table, score_files
 from iqpir.training import loop, tasks
 from iqpir.training.perceptual import IMAGENET_MEAN, IMAGENET_STD, PerceptualLoss
+from train_helpers import SMALL_MODEL
 
 ROOT = Path(__file__).parent.parent
 ASSETS = Path(__file__).parent / "assets"
 
-# 32x32 images, 8x8 latent: a loss evaluation takes milliseconds.
-SMALL = [
-    "model.image_size=32",
-    "model.base_channels=16",
-    "model.latent_channels=32",
-    "model.codebook_size=64",
-    "model.transformer.width=32",
-    "model.transformer.heads=2",
-    "model.transformer.mlp=64",
-    "model.disc_channels=16",
-    "train.perceptual_weight=0",
-]
+SMALL = [*SMALL_MODEL, "train.perceptual_weight=0"]
 
 
 def small_cfg(stage: int, *extra: str) -> C.RunConfig:

@@ -23,14 +23,7 @@ SMALL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small images: with 2 OpenMP threads on busy shared cores each small op waits at a thread
-    barrier (PIQE of a 192x192 image: 2.2 s against 0.03 s on one thread, measured here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(*extra: str) -> C.RunConfig:

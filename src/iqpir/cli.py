@@ -299,19 +299,18 @@ _FACE_FLAGS = {"detector": "--detector", "upscale": "--upscale", "only_center_fa
                "bg_checkpoint": "--bg-checkpoint"}
 
 
+def _restore_settings(args: argparse.Namespace) -> dict:
+    """The flags that `iqpir restore` hands to both of its modes (tiles and --faces)."""
+    return dict(checkpoint=args.checkpoint, out=args.out, quality=args.quality, alpha=args.alpha, device=args.device,
+                batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, fidelity=args.fidelity)
+
+
 def _run_restore_faces(args: argparse.Namespace) -> int:
     from iqpir.restore import restore_face_files
 
     report = restore_face_files(
         args.inputs,
-        checkpoint=args.checkpoint,
-        out=args.out,
-        quality=args.quality,
-        alpha=args.alpha,
-        device=args.device,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
+        **_restore_settings(args),
         detector=args.detector or "hog+cnn",
         upscale=1 if args.upscale is None else args.upscale,
         only_center_face=args.only_center_face,
@@ -319,7 +318,6 @@ def _run_restore_faces(args: argparse.Namespace) -> int:
         save_faces=args.save_faces,
         draw_box=args.draw_box,
         bg_checkpoint=args.bg_checkpoint,
-        fidelity=args.fidelity,
     )
     return 1 if report.failed else 0
 
@@ -340,15 +338,7 @@ def _run_restore(args: argparse.Namespace) -> int:
 
     report = restore_files(
         args.inputs,
-        checkpoint=args.checkpoint,
-        out=args.out,
-        quality=args.quality,
-        alpha=args.alpha,
-        device=args.device,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        fidelity=args.fidelity,
+        **_restore_settings(args),
         aligned=args.aligned,
         backend=args.backend,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import os
 import secrets
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,3 +413,11 @@ class FileReport:
         if self.failed:
             text += "\n" + "\n".join(f"  failed: {p}: {why}" for p, why in self.failed)
         return text
+
+    def announce(self, command: str, verb: str, out: str | Path) -> None:
+        """Print the summary of a command that writes into the folder `out` to stderr, saying
+        why files were skipped: `iqpir restore: 3 restored, 1 skipped (...) -> OUT`."""
+        head, _, failures = self.summary(verb).partition("\n")
+        if self.skipped:
+            head += " (skipped: the outputs exist; pass --overwrite to replace them)"
+        print(f"iqpir {command}: {head} -> {out}" + (f"\n{failures}" if failures else ""), file=sys.stderr)

@@ -210,16 +210,16 @@ def load_restorer(path: str | Path, device: str = "auto", dtype: str = "auto", b
                     kind=kind, task=cfg.model.task, source=source, backend=backend, own_model=True)
 
 
-def _output_paths(inputs: Sequence[str], paths: list[Path], out: Path) -> dict[Path, Path]:
-    """Each input's output path (`io.plan_outputs`): its path relative to the folder given, or its name."""
-    return io.plan_outputs(inputs, out).targets
-
-
-def check_output_folder(inputs: Sequence[str], paths: list[Path], out: Path) -> None:
-    """The rule of `io.plan_outputs`, shared with `iqpir degrade`: the output folder may not be or
-    lie inside an input folder (a second run would take the outputs for inputs), and no output
-    may replace an input."""
-    io.plan_outputs(inputs, out)
+def _plan(inputs: Sequence[str], out: str | Path) -> tuple[Path, list[Path], list[str], io.FileReport, dict[Path, Path]]:
+    """The start of every restore command: the output folder, the inputs found, the inputs that
+    matched nothing (already in the report as failures) and each input's output path, by the
+    rule of `io.plan_outputs` (shared with `iqpir degrade`: the output folder may not be or lie
+    inside an input folder, and no output may replace an input)."""
+    out = Path(out)
+    paths, missing = io.collect_inputs(inputs)
+    report = io.FileReport.empty()
+    report.failed.extend((m, "no such file, folder or matching image") for m in missing)
+    return out, paths, missing, report, io.plan_outputs(inputs, out).targets
 
 
 def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path, quality: float | None = None,
@@ -235,14 +235,9 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path
     """
     if quality is not None and not 0.0 <= quality <= 1.0:
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
-    out = Path(out)
-    paths, missing = io.collect_inputs(inputs)
-    report = io.FileReport.empty()
-    report.failed.extend((m, "no such file, folder or matching image") for m in missing)
-    check_output_folder(inputs, paths, out)
+    out, paths, _, report, targets = _plan(inputs, out)
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)
     restorer.check_knobs(quality, alpha, fidelity)
-    targets = _output_paths(inputs, paths, out)
     it = paths
     if progress:
         from tqdm import tqdm
@@ -272,10 +267,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path
             restored = restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity)
         io.write_image(target, restored, alpha=img.alpha, grey=img.grey, bits=img.bits)
         report.done.append(target)
-    head, _, failures = report.summary("restored").partition("\n")
-    if report.skipped:
-        head += " (skipped: the outputs exist; pass --overwrite to replace them)"
-    print(f"iqpir restore: {head} -> {out}" + (f"\n{failures}" if failures else ""), file=sys.stderr)
+    report.announce("restore", "restored", out)
     return report
 
 
@@ -357,11 +349,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path, out: str |
         raise ValueError(f"--upscale must be a positive integer, got {upscale}")
     if min_face < 0:
         raise ValueError(f"--min-face must be >= 0, got {min_face}")
-    out = Path(out)
-    paths, missing = io.collect_inputs(inputs)
-    report = io.FileReport.empty()
-    report.failed.extend((m, "no such file, folder or matching image") for m in missing)
-    check_output_folder(inputs, paths, out)
+    out, paths, missing, report, targets = _plan(inputs, out)
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size)
     restorer.check_knobs(quality, alpha, fidelity)
     restore_faces = face_restorer_fn(restorer, quality, alpha, fidelity)
@@ -370,7 +358,6 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path, out: str |
         background = background_fn(load_restorer(bg_checkpoint, device=device, dtype=dtype, batch_size=batch_size),
                                    int(upscale), quality)
     face_detector = get_detector(detector)
-    targets = _output_paths(inputs, paths, out)
     entries: list[dict] = [{"input": m, "error": "no such file, folder or matching image"} for m in missing]
     n_faces = n_without = 0
     start = time.perf_counter()

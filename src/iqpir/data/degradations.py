@@ -488,8 +488,5 @@ def degrade_files(
             report.failed.append((str(src), f"cannot write {dst}: {exc}"))
             continue
         report.done.append(dst)
-    head, _, failures = report.summary("degraded").partition("\n")
-    if report.skipped:
-        head += " (skipped: the outputs exist; pass --overwrite to replace them)"
-    print(f"iqpir degrade: {head} -> {out}" + (f"\n{failures}" if failures else ""), file=sys.stderr)
+    report.announce("degrade", "degraded", out)
     return report
