@@ -94,7 +94,8 @@ def prepare_data(work: Path) -> tuple[Path, Path, dict[str, torch.Tensor], float
 
 
 def degradation_overrides(preset: str) -> list[str]:
-    """The demo's mild BFR settings (general photos at 64x64 crops), or another preset's defaults."""
+    """The demo's settings (its network recipe and mild BFR degradation for general photos at 64x64
+    crops), or the same with another degradation preset's defaults."""
     from iqpir.demo import DEMO_OVERRIDES
 
     if preset == "bfr":

@@ -22,6 +22,7 @@ from iqpir import config as C
 from iqpir.cli import main
 from iqpir.export import InferenceGraph, export, read_graph
 from iqpir.models import build_restorer
+from train_helpers import SMALL_MODEL
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 HAS_OPENVINO = HAS_ONNX and importlib.util.find_spec("openvino") is not None
@@ -32,8 +33,7 @@ ASSETS = Path(__file__).parent / "assets" / "official"
 
 def tiny_cfg(quality: str = "binned", dual: bool = True, cft: bool = True):
     cfg = C.load(preset="tiny", overrides=[
-        "model.image_size=32", "model.base_channels=16", "model.latent_channels=32", "model.codebook_size=64",
-        "model.transformer.width=32", "model.transformer.heads=2", "model.transformer.mlp=64", "train.stage=2",
+        *SMALL_MODEL, "train.stage=2",
         "model.adain=true", f"model.quality_embedding={quality}", f"model.dual_codebook={str(dual).lower()}",
     ])
     cfg.model.cft_resolutions = [16, 32] if cft else []

@@ -30,6 +30,7 @@ from iqpir.faces import (
 )
 from iqpir.faces.align import apply_affine, compose
 from iqpir.faces.detect import DLIB5_NAMES
+from train_helpers import SMALL_MODEL
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -412,8 +413,7 @@ def face_checkpoint(tmp_path_factory):
     from iqpir.models import build_restorer
 
     cfg = C.load(preset="tiny", overrides=[
-        "model.image_size=32", "model.base_channels=16", "model.latent_channels=32", "model.codebook_size=64",
-        "model.transformer.width=32", "model.transformer.heads=2", "model.transformer.mlp=64", "train.stage=2",
+        *SMALL_MODEL, "train.stage=2",
     ])
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("facerun")

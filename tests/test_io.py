@@ -16,10 +16,10 @@ from iqpir import config as C
 from iqpir import io
 from iqpir.cli import main
 from iqpir.models import build_restorer
+from train_helpers import SMALL_MODEL
 
 TINY_RESTORER = [
-    "model.image_size=32", "model.base_channels=16", "model.latent_channels=32", "model.codebook_size=64",
-    "model.transformer.width=32", "model.transformer.heads=2", "model.transformer.mlp=64", "train.stage=2",
+    *SMALL_MODEL, "train.stage=2",
 ]
 
 

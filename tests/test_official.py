@@ -23,6 +23,7 @@ from iqpir import official
 from iqpir.config import from_preset
 from iqpir.models import build_restorer
 from iqpir.restore import Restorer
+from train_helpers import SMALL_MODEL
 
 ASSETS = Path(__file__).parent / "assets" / "official"
 # The issue's bar: at most 2 of 256 code indices differ, `out` within 1e-3 (max abs, unclamped).
@@ -290,8 +291,7 @@ def tiny_release(kind: str, monkeypatch) -> tuple[dict[str, torch.Tensor], C.Run
     attention convs, IQPIR's interleaved head, CFT blocks), with official_config answering its
     config: the paper-size encoder is too slow to run in the default suite."""
     cfg = C.load(preset="tiny", overrides=[
-        "model.image_size=32", "model.base_channels=16", "model.latent_channels=32", "model.codebook_size=64",
-        "model.transformer.width=32", "model.transformer.heads=2", "model.transformer.mlp=64", "train.stage=2",
+        *SMALL_MODEL, "train.stage=2",
         "model.attn_resolutions=[8]", "model.cft_resolutions=[16,32]", "model.adain=true", "model.task=faces"])
     if kind == "codeformer":
         cfg.model.dual_codebook, cfg.model.quality_embedding = False, "none"

@@ -15,6 +15,7 @@ from iqpir import config as C
 from iqpir.cli import main
 from iqpir.models import build_restorer
 from iqpir.restore import Restorer, blend_window, tile_starts
+from train_helpers import SMALL_MODEL
 
 
 class Identity(torch.nn.Module):
@@ -32,8 +33,7 @@ class Identity(torch.nn.Module):
 def checkpoint_dir(tmp_path_factory):
     """A stage-2 run folder with a random tiny (32x32) restorer."""
     cfg = C.load(preset="tiny", overrides=[
-        "model.image_size=32", "model.base_channels=16", "model.latent_channels=32", "model.codebook_size=64",
-        "model.transformer.width=32", "model.transformer.heads=2", "model.transformer.mlp=64", "train.stage=2",
+        *SMALL_MODEL, "train.stage=2",
     ])
     torch.manual_seed(0)
     model = build_restorer(cfg.model)

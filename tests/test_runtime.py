@@ -17,6 +17,7 @@ from iqpir.config import from_preset
 from iqpir.models import build_restorer
 from iqpir.models.vqgan import ResBlock, Upsample
 from iqpir.restore import Restorer
+from train_helpers import SMALL_MODEL
 
 
 def tiny_model(cft: bool = True, seed: int = 0) -> nn.Module:
@@ -197,8 +198,7 @@ def test_load_restorer_hands_its_model_over_to_the_fast_path(tmp_path):
     from iqpir import config as C
 
     cfg = C.load(preset="tiny", overrides=[
-        "model.image_size=32", "model.base_channels=16", "model.latent_channels=32", "model.codebook_size=64",
-        "model.transformer.width=32", "model.transformer.heads=2", "model.transformer.mlp=64", "train.stage=2",
+        *SMALL_MODEL, "train.stage=2",
         "model.cft_resolutions=[16,32]"])
     torch.manual_seed(0)
     model = build_restorer(cfg.model).eval()

@@ -13,12 +13,12 @@ from iqpir.cli import main
 from iqpir.io import write_image
 from iqpir.iqa.table import score_files
 from iqpir.training.loop import quality_coverage, train
+from train_helpers import SMALL_MODEL
 
 # 32x32 crops, 8x8 latent, PIQE as the prior: a run of one step takes about a second.
 SMALL = [
-    "model.image_size=32", "model.base_channels=16", "model.latent_channels=32", "model.codebook_size=64",
-    "model.transformer.width=32", "model.transformer.heads=2", "model.transformer.mlp=64",
-    "model.disc_channels=16", "train.batch_size=2", "train.log_every=1", "train.ckpt_every=100",
+    *SMALL_MODEL,
+    "train.batch_size=2", "train.log_every=1", "train.ckpt_every=100",
     "iqa.metrics=[piqe]", "data.mode=crop",
 ]
 

@@ -167,7 +167,7 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
     from iqpir.iqa import QualityEnsemble
     from iqpir.iqa.table import read_score_table, score_files
     from iqpir.restore import load_restorer
-    from iqpir.training.loop import train
+    from iqpir.training.loop import quality_bin_counts, train
 
     if quick:
         stage1_steps, stage2_steps = 20, 20
@@ -238,7 +238,7 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
         "held_out": list(HELD_OUT),
         "train_images": {"photos": len(TRAIN), "ground_truths": len(table.quality),
                          "levels": [list(v) for v in GT_LEVELS]},
-        "quality_bins": _bin_counts(list(table.quality.values()), cfg2.model.quality_bins),
+        "quality_bins": quality_bin_counts(list(table.quality.values()), cfg2.model.quality_bins),
         "steps": {"stage1": stage1_steps, "stage2": stage2_steps},
         "seconds": {k: round(v[0], 1) for k, v in marks.items()} | {"total": round(time.perf_counter() - t_start, 1)},
         "cpu_seconds": {k: round(v[1], 1) for k, v in marks.items()} | {"total": round(cpu_seconds() - c_start, 1)},
@@ -257,13 +257,6 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
 def _check(result) -> None:
     if not result.completed:  # interrupted (the run folder can be resumed) or a non-finite loss
         raise SystemExit(f"[demo] stopped: {result.reason}")
-
-
-def _bin_counts(qualities: list[float], bins: int) -> list[int]:
-    counts = [0] * bins
-    for q in qualities:
-        counts[min(int(q * bins), bins - 1)] += 1
-    return counts
 
 
 # --------------------------------------------------------------------------------------

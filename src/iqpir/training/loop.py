@@ -409,6 +409,14 @@ def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, 
     return TrainResult(completed=completed, step=step, run_dir=run_dir, checkpoint=last_ckpt, reason=reason)
 
 
+def quality_bin_counts(qualities: list[float], bins: int) -> list[int]:
+    """Training images per bin of the binned embedding (floor(bins * S), S = 1.0 in the top bin)."""
+    counts = [0] * bins
+    for q in qualities:
+        counts[min(int(q * bins), bins - 1)] += 1
+    return counts
+
+
 def quality_coverage(model: C.ModelConfig, qualities: list[float]) -> list[str]:
     """Warnings about quality conditions the training set never shows the binned embedding.
 
@@ -418,9 +426,7 @@ def quality_coverage(model: C.ModelConfig, qualities: list[float]) -> list[str]:
     if model.quality_embedding != "binned" or not qualities:
         return []
     bins = model.quality_bins
-    counts = [0] * bins
-    for q in qualities:
-        counts[min(int(q * bins), bins - 1)] += 1
+    counts = quality_bin_counts(qualities, bins)
     empty = [f"[{i / bins:.2f}, {(i + 1) / bins:.2f}{']' if i == bins - 1 else ')'}" for i, c in enumerate(counts) if c == 0]
     if not empty:
         return []
