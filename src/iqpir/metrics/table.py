@@ -95,6 +95,32 @@ def display_name(metric: str) -> str:
     return _DISPLAY_NAMES.get(metric, metric.upper())
 
 
+def _best_cells(
+    rows: Sequence[Mapping[str, object]],
+    values: Mapping[str, list[float | None]],
+    text: Mapping[str, list[str]],
+    dirs: Mapping[str, str],
+    group_by: str | None,
+) -> set[tuple[int, str]]:
+    """(row index, metric) of the best value per metric with a direction, within each group."""
+    groups: dict[object, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r.get(group_by, "") if group_by else "", []).append(i)
+    bold: set[tuple[int, str]] = set()
+    for m in values:
+        d = dirs.get(m)
+        if d not in ("higher", "lower"):
+            continue
+        for idx in groups.values():
+            # Compare the printed values, so that rows that print the same tie.
+            cand = [(float(text[m][i]), i) for i in idx if values[m][i] is not None]
+            if len(cand) < 1:
+                continue
+            best = max(v for v, _ in cand) if d == "higher" else min(v for v, _ in cand)
+            bold.update((i, m) for v, i in cand if v == best)
+    return bold
+
+
 def markdown_table(
     rows: Sequence[Mapping[str, object]],
     directions: Mapping[str, str] | None = None,
@@ -124,22 +150,7 @@ def markdown_table(
     decimals = {m: _decimals(v for v in values[m] if v is not None) for m in metric_cols}
     text = {m: [_fmt(v, decimals[m]) for v in values[m]] for m in metric_cols}
 
-    groups: dict[object, list[int]] = {}
-    for i, r in enumerate(rows):
-        groups.setdefault(r.get(group_by, "") if group_by else "", []).append(i)
-    bold: set[tuple[int, str]] = set()
-    for m in metric_cols:
-        d = dirs.get(m)
-        if d not in ("higher", "lower"):
-            continue
-        for idx in groups.values():
-            # Compare the printed values, so that rows that print the same tie.
-            cand = [(float(text[m][i]), i) for i in idx if values[m][i] is not None]
-            if len(cand) < 1:
-                continue
-            best = max(v for v, _ in cand) if d == "higher" else min(v for v, _ in cand)
-            bold.update((i, m) for v, i in cand if v == best)
-
+    bold = _best_cells(rows, values, text, dirs, group_by)
     head_names = {"method": "Method", "dataset": "Dataset", "n_images": "N"}
     header = [head_names[c] for c in id_cols]
     for m in metric_cols:
