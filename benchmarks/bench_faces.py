@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from iqpir import config as C
 from iqpir.cli import keep_freed_memory
 from iqpir.faces import get_detector, restore_photo
+from iqpir.inference import Restorer
+from iqpir.inference.photos import face_restorer_fn
 from iqpir.models import build_restorer
-from iqpir.restore import Restorer, face_restorer_fn
 
 
 def two_face_photo() -> torch.Tensor:

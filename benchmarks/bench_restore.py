@@ -1,8 +1,8 @@
 """One speed table for restoring a 512x512 face: every backend and dtype side by side.
 
 In one process, alternating the configurations round by round (median of --repeats), it times
-torch float32 (the exact network), torch "auto" (iqpir.runtime's fast path: bf16 convolutions
-where the CPU has native bf16), torch bf16 autocast (the path before iqpir.runtime), ONNX
+torch float32 (the exact network), torch "auto" (iqpir.inference.engines' fast path: bf16 convolutions
+where the CPU has native bf16), torch bf16 autocast (the path before the fast path), ONNX
 Runtime and OpenVINO (graphs from iqpir.export; when installed) and, with --official-repo, the
 official CodeFormer network in float32 on the same weights. For each: seconds per face at
 batch 1 and at the best batch, faces per second, GFLOP/s and the share of this CPU's peak,
@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 import iqpir
-from iqpir import runtime
+from iqpir import devices
+from iqpir.inference import engines
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "tests" / "assets" / "official"
@@ -71,9 +72,9 @@ def machine() -> dict:
         info["mhz"] = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000
     except (OSError, ValueError):
         pass
-    flags = runtime.cpu_flags()
+    flags = devices.cpu_flags()
     info["vector_bits"] = 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
-    info["native_bf16"] = runtime.cpu_has_native_bf16()
+    info["native_bf16"] = devices.cpu_has_native_bf16()
     info["isa"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "?"
     for module in ("onnxruntime", "openvino"):
         if importlib.util.find_spec(module):
@@ -194,7 +195,7 @@ def configurations(args, checkpoint: Path, graphs: dict[str, Path]) -> dict[str,
         configs["onnxruntime float32"] = {"path": graphs["onnx"], "dtype": "float32", "backend": "onnxruntime"}
     if "openvino" in graphs:
         configs["openvino float32"] = {"path": graphs["openvino"], "dtype": "float32", "backend": "openvino"}
-        if runtime.cpu_has_native_bf16():
+        if devices.cpu_has_native_bf16():
             configs["openvino bf16"] = {"path": graphs["openvino"], "dtype": "bfloat16", "backend": "openvino"}
     if args.official_repo:
         configs["official CodeFormer float32"] = {"official": str(args.official_repo), "path": checkpoint}
@@ -207,7 +208,7 @@ def build(spec: dict, device: str = "cpu"):
         return OfficialEngine(official_codeformer(Path(spec["official"]), Path(spec["path"])))
     if spec["dtype"] == "autocast-bf16":  # the pre-runtime path: the float32 network under autocast
         restorer = iqpir.load_restorer(spec["path"], device=device, dtype="float32")
-        return runtime.TorchEngine(restorer.model, restorer.device, "bfloat16")
+        return engines.TorchEngine(restorer.model, restorer.device, "bfloat16")
     return iqpir.load_restorer(spec["path"], device=device, dtype=spec["dtype"], backend=spec["backend"]).engine
 
 
@@ -383,23 +384,23 @@ def gpu_table(args) -> str:
     checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, tmp)
     device = torch.device(args.device)
     exact = iqpir.load_restorer(checkpoint, device=args.device, dtype="float32").engine
-    fast = runtime.MixedEngine(exact.model, device, "bfloat16")
+    fast = engines.MixedEngine(exact.model, device, "bfloat16")
     quality = 0.9 if exact.model.quality_embedding.kind != "none" else None
-    engines = {"float32": exact, "bf16 channels-last": fast}
+    runs = {"float32": exact, "bf16 channels-last": fast}
     if not args.no_compile:
-        compiled = runtime.MixedEngine(exact.model, device, "bfloat16")
+        compiled = engines.MixedEngine(exact.model, device, "bfloat16")
         compiled.fast.encoder.inner = torch.compile(compiled.fast.encoder.inner)
         compiled.fast.decoder.inner = torch.compile(compiled.fast.decoder.inner)
-        engines["bf16 channels-last + torch.compile"] = compiled
-    rows = ["| batch | " + " | ".join(f"{n}: images/s" for n in engines) + " |",
-            "| --- |" + " --- |" * len(engines)]
+        runs["bf16 channels-last + torch.compile"] = compiled
+    rows = ["| batch | " + " | ".join(f"{n}: images/s" for n in runs) + " |",
+            "| --- |" + " --- |" * len(runs)]
     for batch in (1, 2, 4, 8, 16, 32, 64):
         x = face_image().to(device).expand(batch, -1, -1, -1).contiguous()
         try:
-            t = time_round_robin(engines, x, quality, 0.0, args.repeats, sync=torch.cuda.synchronize)
+            t = time_round_robin(runs, x, quality, 0.0, args.repeats, sync=torch.cuda.synchronize)
         except torch.cuda.OutOfMemoryError:
             break
-        rows.append(f"| {batch} | " + " | ".join(f"{batch / t[n]:.1f}" for n in engines) + " |")
+        rows.append(f"| {batch} | " + " | ".join(f"{batch / t[n]:.1f}" for n in runs) + " |")
     return (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}; the paper gives "
             f"{PAPER_H200_MS} ms per image on an H200.\n\n" + "\n".join(rows))
 
@@ -471,7 +472,7 @@ def main() -> None:
         ap.error("--memory prints the memory table only; --write takes the whole table (it has the memory table)")
     if 1 not in args.batches:
         args.batches = [1, *args.batches]
-    runtime.keep_freed_memory()  # as the CLI does
+    devices.keep_freed_memory()  # as the CLI does
     with tempfile.TemporaryDirectory(prefix="iqpir-bench-") as tmp:
         args.tmp = Path(tmp)  # weights and exported graphs
         run(args)

@@ -39,7 +39,7 @@ def main() -> None:
     data = B.prepare_data(work)
     refs = data[2]
     judge = B.Judge()
-    from iqpir.restore import load_restorer
+    from iqpir.inference import load_restorer
 
     results: dict[str, dict[float, dict]] = {}
     for arm in args.arms:

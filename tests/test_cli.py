@@ -36,7 +36,7 @@ def test_import_keeps_optional_dependencies_out():
     """One fresh interpreter for every package (a second one costs about 2 s): no optional
     dependency, and no face detector backend for iqpir.faces."""
     code = (
-        "import sys, iqpir, iqpir.cli, iqpir.iqa, iqpir.iqa.table, iqpir.metrics, iqpir.data, iqpir.models, iqpir.restore,"
+        "import sys, iqpir, iqpir.cli, iqpir.iqa, iqpir.iqa.table, iqpir.metrics, iqpir.data, iqpir.models, iqpir.inference.photos, iqpir.export,"
         " iqpir.faces;"
         "bad = [m for m in ('pyiqa', 'torchvision', 'cv2', 'lpips', 'scipy', 'skimage', 'matplotlib', 'torch_fidelity',"
         " 'dlib', 'facexlib') if m in sys.modules];"
@@ -128,7 +128,7 @@ def test_a_mistyped_checkpoint_is_named_as_a_run_folder(tmp_path, capsys):
 
 
 def test_float16_on_cpu_warns():
-    from iqpir.restore import Restorer
+    from iqpir.inference import Restorer
 
     with pytest.warns(UserWarning, match="float16 on the CPU is very slow"):
         Restorer(torch.nn.Identity(), image_size=8, device="cpu", dtype="float16")

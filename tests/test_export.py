@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import SMALL_MODEL
 
 import iqpir
 from iqpir import checkpoint as ckpt
 from iqpir import config as C
 from iqpir.cli import main
-from iqpir.export import InferenceGraph, export, read_graph
+from iqpir.export import InferenceGraph, export
+from iqpir.inference.files import read_graph
 from iqpir.models import build_restorer
-from train_helpers import SMALL_MODEL
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 HAS_OPENVINO = HAS_ONNX and importlib.util.find_spec("openvino") is not None

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import SMALL_MODEL
 
 import iqpir
 from iqpir import config as C
 from iqpir import official
 from iqpir.config import from_preset
+from iqpir.inference import Restorer
 from iqpir.models import build_restorer
-from iqpir.restore import Restorer
-from train_helpers import SMALL_MODEL
 
 ASSETS = Path(__file__).parent / "assets" / "official"
 # The bar: at most 2 of 256 code indices differ, `out` within 1e-3 (max abs, unclamped).
@@ -273,7 +273,8 @@ def test_init_weights_load_a_matching_network_and_name_what_differs(tmp_path):
 
 
 def test_aligned_faces_are_restored_whole_at_the_model_size(monkeypatch):
-    from iqpir.restore import Restorer, restore_aligned
+    from iqpir.inference import Restorer
+    from iqpir.inference.photos import restore_aligned
 
     cfg = from_preset("tiny")
     restorer = Restorer(build_restorer(cfg.model), cfg.model.image_size, device="cpu")

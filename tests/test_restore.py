@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import SMALL_MODEL
 
 import iqpir
 from iqpir import checkpoint as ckpt
 from iqpir import config as C
 from iqpir.cli import main
+from iqpir.inference.restorer import Restorer, blend_window, tile_starts
 from iqpir.models import build_restorer
-from iqpir.restore import Restorer, blend_window, tile_starts
-from train_helpers import SMALL_MODEL
 
 
 class Identity(torch.nn.Module):

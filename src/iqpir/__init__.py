@@ -13,9 +13,9 @@ __all__ = ["__version__", "load_restorer"]
 
 
 def __getattr__(name: str):
-    # Lazy: the restore module pulls in the networks, which `iqpir --help` does not need.
+    # Lazy: inference pulls in the networks, which `iqpir --help` does not need.
     if name == "load_restorer":
-        from iqpir.restore import load_restorer
+        from iqpir.inference import load_restorer
 
         return load_restorer
     raise AttributeError(f"module 'iqpir' has no attribute {name!r}")

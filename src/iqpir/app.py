@@ -625,7 +625,7 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 7860, dev
         import uvicorn
     except ImportError as exc:
         raise ImportError(f"the web app needs uvicorn: {_EXTRA} ({exc})") from exc
-    from iqpir.restore import load_restorer
+    from iqpir.inference import load_restorer
 
     sock = bind(host, port)  # first: a taken port fails before the model is loaded
     try:

@@ -306,7 +306,7 @@ def _restore_settings(args: argparse.Namespace) -> dict:
 
 
 def _run_restore_faces(args: argparse.Namespace) -> int:
-    from iqpir.restore import restore_face_files
+    from iqpir.inference.photos import restore_face_files
 
     report = restore_face_files(
         args.inputs,
@@ -334,7 +334,7 @@ def _run_restore(args: argparse.Namespace) -> int:
         print(f"iqpir restore: error: {', '.join(used)} only apply to whole photos with faces; add --faces",
               file=sys.stderr)
         return 2
-    from iqpir.restore import restore_files
+    from iqpir.inference.photos import restore_files
 
     report = restore_files(
         args.inputs,
@@ -481,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def keep_freed_memory() -> bool:
-    """glibc keeps freed memory for reuse (iqpir.runtime.keep_freed_memory explains why)."""
-    from iqpir.runtime import keep_freed_memory as keep
+    """glibc keeps freed memory for reuse (iqpir.devices.keep_freed_memory explains why)."""
+    from iqpir.devices import keep_freed_memory as keep
 
     return keep()
 

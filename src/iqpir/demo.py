@@ -166,7 +166,7 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
     from iqpir.data.degradations import degrade, degrade_files
     from iqpir.iqa import QualityEnsemble
     from iqpir.iqa.table import read_score_table, score_files
-    from iqpir.restore import load_restorer
+    from iqpir.inference import load_restorer
     from iqpir.training.loop import quality_bin_counts, train
 
     if quick:
@@ -296,7 +296,7 @@ def stage1_summary(run: Path, references: dict[str, torch.Tensor]) -> dict:
     stage-2 code targets decoded, through the same tiles as restoration) and codebook usage."""
     from iqpir.checkpoint import load_model
     from iqpir.metrics import psnr
-    from iqpir.restore import Restorer
+    from iqpir.inference import Restorer
 
     vqgan, cfg = load_model(run)
     probe = _StageOne(vqgan.eval())

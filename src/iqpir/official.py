@@ -34,6 +34,16 @@ import torch
 from torch import Tensor, nn
 
 from iqpir import config as C
+from iqpir import models
+from iqpir.checkpoint import (
+    checkpoint_stem,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from iqpir.devices import weights_outside_the_heap
+from iqpir.io import atomic_write_text
 
 LICENCE_NOTE = (
     "S-Lab License 1.0 (NTU): the released IQPIR and CodeFormer weights are for non-commercial use "
@@ -93,8 +103,6 @@ def read_official(path: str | Path) -> OfficialWeights:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {p}")
-    from iqpir.runtime import weights_outside_the_heap
-
     try:
         with weights_outside_the_heap():
             obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -368,14 +376,12 @@ def check_state(
 
 def build_official(weights: OfficialWeights) -> tuple[nn.Module, C.RunConfig]:
     """-> (network in eval mode with the file's weights, its iqpir config)."""
-    from iqpir.models import build_restorer, build_vqgan
-
     try:
         cfg = official_config(weights.kind, weights.state)
     except (KeyError, IndexError, C.ConfigError) as exc:
         raise OfficialCheckpointError(f"{weights.path}: an unsupported {weights.kind} layout ({exc})") from None
     with torch.device("meta"):
-        model = build_vqgan(cfg.model) if weights.kind == "vqgan" else build_restorer(cfg.model)
+        model = models.build_vqgan(cfg.model) if weights.kind == "vqgan" else models.build_restorer(cfg.model)
     origins: dict[str, str] = {}
     try:
         state = to_project(weights.state, weights.kind, origins)
@@ -425,9 +431,6 @@ def convert(path: str | Path, out: str | Path) -> Path:
     (stage 2) or `train --stage1` (a converted VQGAN). The JSON records the source file's
     SHA-256, its kind and the weights' licence. An existing checkpoint is never overwritten.
     """
-    from iqpir.checkpoint import checkpoint_stem, list_checkpoints, save_checkpoint
-    from iqpir.io import atomic_write_text
-
     out = Path(out)
     if out.exists() and list_checkpoints(out):
         raise FileExistsError(f"{out} already holds a checkpoint; choose another --out")
@@ -463,22 +466,18 @@ def _module_counts(state: dict[str, Tensor]) -> dict[str, int]:
 def checkpoint_info(path: str | Path) -> dict:
     """Kind, sizes and parameter counts (per module, iqpir's names) of any checkpoint iqpir reads:
     an official .pth, a converted folder, a run folder or a checkpoint file."""
-    from iqpir.models import build_restorer, build_vqgan
-
     if is_official_file(path):
         weights = read_official(path)
         cfg = official_config(weights.kind, weights.state)
         origins: dict[str, str] = {}
         state = to_project(weights.state, weights.kind, origins)
         with torch.device("meta"):
-            model = build_vqgan(cfg.model) if weights.kind == "vqgan" else build_restorer(cfg.model)
+            model = models.build_vqgan(cfg.model) if weights.kind == "vqgan" else models.build_restorer(cfg.model)
         check_state(model, state, weights.path, origins)
         kind = weights.kind
         source = {"file": str(weights.path), "weights": weights.group or "state_dict", "sha256": weights.sha256(),
                   "licence": LICENCE_NOTE}
     else:
-        from iqpir.checkpoint import load_checkpoint, resolve_checkpoint
-
         tensors, meta = load_checkpoint(path)
         if "config" not in meta:
             raise ValueError(f"checkpoint {resolve_checkpoint(path)} has no config")

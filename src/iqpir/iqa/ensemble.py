@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from iqpir.iqa.base import Scorer, normalize
+from iqpir.iqa.registry import build_scorer, resolve_device
 
 NORMALIZATIONS = ("fixed", "minmax")
 
@@ -49,8 +50,6 @@ class QualityEnsemble:
         weights_dir: str | None = None,
         scorers: list[Scorer] | None = None,
     ) -> None:
-        from iqpir.iqa import build_scorer, resolve_device
-
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if not metrics:
@@ -87,8 +86,6 @@ class QualityEnsemble:
         return all(s.differentiable for s in self.scorers)
 
     def to(self, device: str | torch.device) -> QualityEnsemble:
-        from iqpir.iqa import resolve_device
-
         self.device = resolve_device(device)
         self.scorers = [s.to(self.device) for s in self.scorers]
         return self

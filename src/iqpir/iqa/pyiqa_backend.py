@@ -32,6 +32,7 @@ import torch
 
 from iqpir.io import check_batch
 from iqpir.iqa.base import ScorerModule
+from iqpir.iqa.names import unknown_metric_error
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -94,30 +95,6 @@ PYIQA_METRICS: dict[str, MetricInfo] = {
     "niqe_matlab": MetricInfo((0.0, 20.0), True, False),
     "piqe": MetricInfo((0.0, 100.0), True, False),
 }
-
-
-# The no-reference models pyiqa registers (the names in its default_model_configs.py), less
-# the set-level ones (fid, sfid, fid_dinov2, inception_score) and clipscore (it needs captions).
-# Names are checked against this list when pyiqa is not installed, so that a typo is reported
-# as a typo, not as a missing package; with pyiqa installed, its own list_models() decides.
-PYIQA_NR_MODELS = (
-    "afine_nr", "arniqa", "arniqa-clive", "arniqa-csiq", "arniqa-flive", "arniqa-kadid", "arniqa-live",
-    "arniqa-spaq", "arniqa-tid", "brisque", "brisque_matlab", "clipiqa", "clipiqa+", "clipiqa+_rn50_512",
-    "clipiqa+_vitL14_512", "cnniqa", "compare2score", "dbcnn", "entropy", "hyperiqa", "ilniqe", "laion_aes",
-    "liqe", "liqe_mix", "maclip", "maniqa", "maniqa-kadid", "maniqa-pipal", "musiq", "musiq-ava",
-    "musiq-paq2piq", "musiq-spaq", "nima", "nima-koniq", "nima-spaq", "nima-vgg16-ava", "niqe", "niqe_matlab",
-    "nrqm", "paq2piq", "pi", "piqe", "qalign", "qalign_4bit", "qalign_8bit", "qualiclip", "qualiclip+",
-    "qualiclip+-clive", "qualiclip+-flive", "qualiclip+-spaq", "tres", "tres-flive", "topiq_iaa",
-    "topiq_iaa_res50", "topiq_nr", "topiq_nr-face", "topiq_nr-face-v1", "topiq_nr-flive", "topiq_nr-spaq",
-    "topiq_nr_swin-face", "unique", "uranker", "wadiqam_nr",
-)
-# Full-reference models of pyiqa: they compare with a reference image, so they cannot score alone.
-PYIQA_FR_MODELS = (
-    "afine_all", "afine_all_scale", "afine_fr", "ahiq", "ckdn", "cw_ssim", "deepdc", "dists", "dmm", "fsim",
-    "gmsd", "lpips", "lpips+", "lpips-vgg", "lpips-vgg+", "mad", "ms_ssim", "msswd", "nlpd", "pieapp", "psnr",
-    "psnry", "ssim", "ssimc", "stlpips", "stlpips-vgg", "topiq_fr", "topiq_fr-pipal", "vif", "vsi",
-    "wadiqam_fr",
-)
 
 
 def parse_score_range(text: str | None) -> tuple[float, float] | None:
@@ -250,8 +227,6 @@ class PyiqaScorer(ScorerModule):
         self.allow_download = allow_download
         pyiqa = import_pyiqa()
         if pyiqa_name not in pyiqa.list_models(metric_mode="NR"):
-            from iqpir.iqa import unknown_metric_error
-
             raise unknown_metric_error(name, pyiqa.list_models(metric_mode="NR"))
         quiet = contextlib.redirect_stdout(io.StringIO()) if not allow_download else contextlib.nullcontext()
         with self._guard(), quiet:  # pyiqa prints "Downloading: ..." before the refused download

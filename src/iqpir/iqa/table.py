@@ -48,6 +48,7 @@ import torch
 from iqpir.io import FileReport, ImageReadError, atomic_write_text, collect_inputs, file_digest, read_image
 from iqpir.iqa.base import SMALL_SIDE, ImageTooSmall, normalize, upsample_small
 from iqpir.iqa.ensemble import NORMALIZATIONS, QualityEnsemble
+from iqpir.iqa.registry import check_metric_name
 
 TABLE_FORMAT = "iqpir-score-table/1"
 SMALL_UPSAMPLED = f"shorter side under {SMALL_SIDE} px: upsampled to {SMALL_SIDE} (bicubic) before scoring"
@@ -295,8 +296,6 @@ def score_files(
         raise ValueError("no metrics given")
     if len(set(metrics)) != len(metrics):
         raise ValueError(f"duplicate metric names in {metrics}")
-    from iqpir.iqa import check_metric_name
-
     for m in metrics:
         check_metric_name(m)
     out_p = Path(out)

@@ -122,7 +122,7 @@ def _build_nr_scorer(name: str, device: torch.device):
         return build_scorer(name, device=device, weights_dir=None)
     except UnknownMetric as exc:
         # A typo is the user's error, not a missing optional part: say so, with the closest name.
-        from iqpir.iqa.pyiqa_backend import PYIQA_FR_MODELS, PYIQA_NR_MODELS
+        from iqpir.iqa.names import PYIQA_FR_MODELS, PYIQA_NR_MODELS
 
         if name in PYIQA_FR_MODELS:
             raise ValueError(f"unknown metric {name!r}: evaluate computes {', '.join(FULL_REFERENCE)} with a "

@@ -1,40 +1,41 @@
-"""How a restorer runs: the dtype and backend choice, and the fast CPU path.
+"""How a described model runs: one Engine protocol, and `make_engine` choosing among engines.
 
-An *engine* maps a batch of model-size tiles to restored tiles:
+An *engine* maps a batch of tiles to restored tiles; the layer above (restorer.py) never knows
+which one runs (ultralytics' AutoBackend is the pattern):
 
-    engine(tiles (N, 3, s, s) float in [0, 1], quality float | None, alpha float | None,
-           fidelity float) -> (N, 3, s, s) float32 on the CPU, clamped to [0, 1]
+    engine(tiles (N, 3, h, w) float in [0, 1], quality float | None, alpha float | None,
+           fidelity float) -> (N, 3, h * scale, w * scale) float32 on the CPU, clamped to [0, 1]
 
-`make_engine` picks one from the model, the device and the `dtype` / `backend` asked for:
-
-- "float32": the network exactly as written, in float32 (bit-identical to calling the model).
-- "bfloat16" (and "auto" where the hardware has native bf16 arithmetic: AVX512-BF16 or AMX on
-  x86 CPUs, any CUDA GPU that supports it): the *mixed* path. The convolutional encoder,
-  decoder and CFT blocks (~97% of the FLOPs at 512x512, paper preset) run in bf16 with
-  channels-last activations and bf16 weights; the quality embedding, the code Transformer,
-  the codebook lookup and AdaIN stay in float32, so the predicted codes only move where the
-  encoder's bf16 rounding moves the Transformer's argmax. Residual adds and SiLUs are done in
-  place (less memory traffic around the convolutions, which is what limits them at 512 and
-  256 px).
-- "float16": autocast (CUDA; as before this module existed).
-- backend "onnxruntime" / "openvino": a graph written by `iqpir export` (iqpir.export).
+- TorchEngine "float32": the network exactly as written (bit-identical to calling the model);
+  "float16": autocast (CUDA).
+- MixedEngine "bfloat16" (and "auto" where the hardware has native bf16 arithmetic: AVX512-BF16
+  or AMX on x86 CPUs, any CUDA GPU that supports it, for networks whose parts it knows): the
+  convolutional encoder, decoder and CFT blocks (~97% of the FLOPs at 512x512, paper preset)
+  run in bf16 with channels-last activations and bf16 weights; the quality embedding, the code
+  Transformer, the codebook lookup and AdaIN stay in float32, so the predicted codes only move
+  where the encoder's bf16 rounding moves the Transformer's argmax. Residual adds and SiLUs are
+  done in place (less memory traffic around the convolutions, which is what limits them at 512
+  and 256 px).
+- OnnxRuntimeEngine / OpenVinoEngine: a graph written by `iqpir export` (backend "onnxruntime"
+  or "openvino"; extras onnx, openvino).
 
 "auto" on a CPU without native bf16 is float32: emulated bf16 is slower than float32 there.
+An int8 engine is one more class here and one more branch of `make_engine`.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import os
-import sys
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iqpir.devices import cpu_has_native_bf16, keep_freed_memory, native_bf16
+from iqpir.inference.files import GRAPH_FORMATS, DescribedModel, ExportedGraph, as_described, require_extra
 from iqpir.models.vqgan import ResBlock, Upsample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,108 +43,34 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 
 
-# --------------------------------------------------------------------------------------
-# What the machine has
-# --------------------------------------------------------------------------------------
+class Engine(Protocol):
+    """What every engine offers (see the module docstring)."""
+
+    name: str
+    dtype: str
+    model: nn.Module | None  # the network it runs (None for a graph)
+
+    def describe(self) -> str: ...
+
+    def check(self, fidelity: float) -> None:
+        """Raise ValueError for settings this engine cannot run, before any work is done."""
+
+    def outputs(self, tiles: Tensor, quality: float | None = None, alpha: float | None = None,
+                fidelity: float = 0.0) -> dict[str, Tensor]:
+        """{"restored": unclamped float32, and the code indices where the model has them}, on the CPU."""
+
+    def __call__(self, tiles: Tensor, quality: float | None = None, alpha: float | None = None,
+                 fidelity: float = 0.0) -> Tensor: ...
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (Linux), else an empty set."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
-    """True where bf16 dot products are instructions (AVX512-BF16, AMX-BF16), not emulation.
-
-    Reads /proc/cpuinfo; elsewhere (macOS, Windows) falls back to PyTorch's own dispatch level,
-    which reports "AVX512_BF16"/"AMX" style capabilities on recent builds.
-    """
-    flags = cpu_flags() if flags is None else flags
-    if flags:
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
-    return "BF16" in capability or "AMX" in capability
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes in bf16 natively (fast), rather than by emulation."""
-    if device.type == "cpu":
-        return cpu_has_native_bf16()
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return False
-
-
-def resolve_dtype(dtype: str, device: torch.device, model: nn.Module | None = None) -> str:
-    """"auto" -> "bfloat16" where the device has native bf16 and the model is an iqpir
-    restorer (the mixed path knows its parts), else "float32"; other names are checked."""
+def resolve_dtype(dtype: str, device: torch.device, model: Any = None) -> str:
+    """"auto" -> "bfloat16" where the device has native bf16 and the mixed path knows the
+    model's parts (its description says bf16), else "float32"; other names are checked."""
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
     if dtype != "auto":
         return dtype
-    return "bfloat16" if native_bf16(device) and _is_restorer(model) else "float32"
-
-
-def _is_restorer(model: nn.Module | None) -> bool:
-    from iqpir.models.restorer import Restorer
-
-    return isinstance(model, Restorer)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-_GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX
-_kept = False  # keep_freed_memory() is in effect
-
-
-def _mallopt(param: int, value: int) -> bool:
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep freed memory instead of returning it to the kernel.
-
-    By default every large tensor is an mmap that is unmapped when freed, and the next one
-    page-faults all its memory again: measured here (2 cores, the paper network at 512x512,
-    `benchmarks/bench_restore.py`) that is 9.8 s per image against 5.3 s with this setting
-    (M_MMAP_MAX = 0: large blocks come from the heap; M_TRIM_THRESHOLD = 1 GiB: the heap is
-    not trimmed). The process keeps its peak memory, which inference and training reach on
-    every step anyway. No effect off glibc; IQPIR_DEFAULT_MALLOC=1 leaves malloc alone.
-    """
-    global _kept
-    if os.environ.get("IQPIR_DEFAULT_MALLOC") or not sys.platform.startswith("linux"):
-        return False
-    _kept = _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    return _kept
-
-
-@contextmanager
-def weights_outside_the_heap():
-    """Inside, large blocks are mmapped again even after `keep_freed_memory()`: for reading a
-    weights file whose tensors are converted or dropped soon after (the fast path replaces the
-    float32 encoder and decoder by bf16 copies). Freed, they go back to the kernel instead of
-    leaving holes in the heap that the activations fit badly into (measured: ~80 MB less peak
-    RSS for `iqpir restore` of one face)."""
-    if not _kept:
-        yield
-        return
-    _mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
-    try:
-        yield
-    finally:
-        _mallopt(_M_MMAP_MAX, 0)
+    return "bfloat16" if native_bf16(device) and model is not None and as_described(model).bf16 else "float32"
 
 
 # --------------------------------------------------------------------------------------
@@ -151,20 +78,41 @@ def weights_outside_the_heap():
 # --------------------------------------------------------------------------------------
 
 
+def _call_iqpir(net: nn.Module, x: Tensor, q: Tensor | None, alpha: float | None, fidelity: float) -> dict:
+    """model(x, quality, alpha=..., [fidelity=...]) -> .restored and the code indices (iqpir.models.Restorer)."""
+    kwargs = {"fidelity": fidelity} if fidelity else {}
+    out = net(x, q, alpha=alpha, **kwargs)
+    result = {"restored": out.restored}
+    for name in ("indices_common", "indices_hq"):
+        if getattr(out, name, None) is not None:
+            result[name] = getattr(out, name)
+    return result
+
+
+def _call_image(net: nn.Module, x: Tensor, q: Tensor | None, alpha: float | None, fidelity: float) -> dict:
+    """model(x) or, with a quality, model(x, quality) -> the restored tensor (plug-in networks, upscalers)."""
+    return {"restored": net(x) if q is None else net(x, q)}
+
+
+# How torch networks are called, by DescribedModel.call.
+CALLS: dict[str, Callable[..., dict]] = {"iqpir": _call_iqpir, "image": _call_image}
+
+
 class TorchEngine:
     """The network itself: float32 exactly, or float16 under autocast.
 
-    `model` is called as model(lq, quality (N,) | None, alpha=..., [fidelity=...]) and returns
-    an object with `.restored` (see iqpir.models.Restorer).
+    `call` names how the network is called (CALLS; "iqpir": model(lq, quality (N,) | None,
+    alpha=..., [fidelity=...]) returning an object with `.restored`, see iqpir.models.Restorer).
     """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: str = "float32", *,
-                 own: bool = False) -> None:
+                 own: bool = False, call: str = "iqpir") -> None:
         self.model = model.to(device).eval()
         self.device = device
         self.dtype = dtype
+        self.call = CALLS[call]
         if own and dtype == "float32":  # bit-identical, fewer activations alive at 512 px
             for m in self.model.modules():
                 if type(m) is ResBlock:
@@ -190,14 +138,9 @@ class TorchEngine:
         """{"restored": (N, 3, s, s) float32 unclamped, "indices_common": (N, h, w) int64, and
         "indices_hq" for dual-codebook models}, all on the CPU."""
         q = None if quality is None else torch.full((tiles.shape[0],), float(quality), device=self.device)
-        kwargs = {"fidelity": fidelity} if fidelity else {}
         with self._context():
-            out = self._network()(tiles.to(self.device), q, alpha=alpha, **kwargs)
-        result = {"restored": out.restored.float().cpu()}
-        for name in ("indices_common", "indices_hq"):
-            if getattr(out, name, None) is not None:
-                result[name] = getattr(out, name).cpu()
-        return result
+            out = self.call(self._network(), tiles.to(self.device), q, alpha, fidelity)
+        return {name: t.float().cpu() if name == "restored" else t.cpu() for name, t in out.items()}
 
     def __call__(self, tiles: Tensor, quality: float | None = None, alpha: float | None = None,
                  fidelity: float = 0.0) -> Tensor:
@@ -340,8 +283,8 @@ class MixedEngine(TorchEngine):
     """
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: str = "bfloat16", *,
-                 own: bool = False) -> None:
-        super().__init__(model, device, "float32")
+                 own: bool = False, call: str = "iqpir") -> None:
+        super().__init__(model, device, "float32", call=call)
         self.dtype = dtype
         low = DTYPES[dtype]
         names = ["encoder", "decoder"] + ["cft"] * (getattr(model, "cft", None) is not None)
@@ -365,11 +308,120 @@ class MixedEngine(TorchEngine):
         return self.fast
 
 
-def make_engine(model, device: torch.device, dtype: str = "auto", backend: str = "auto", *, own: bool = False):
-    """The engine for `model` (an nn.Module, or an exported graph from iqpir.export) on `device`.
+# --------------------------------------------------------------------------------------
+# Graph engines (exported by iqpir.export)
+# --------------------------------------------------------------------------------------
 
-    own: the caller hands `model` over (nobody else uses it), so the fast path may convert it in
-    place rather than keep a float32 copy beside the bf16 one (MixedEngine).
+
+class _GraphEngine:
+    """Common part of the ONNX Runtime and OpenVINO engines (the Engine protocol above)."""
+
+    model = None
+
+    def __init__(self, graph: ExportedGraph, dtype: str) -> None:
+        self.graph = graph
+        self.dtype = dtype
+
+    def check(self, fidelity: float) -> None:
+        """Refuse settings the graph cannot run (before any work is done)."""
+        if fidelity and "fidelity" not in self.graph.inputs:
+            raise ValueError(f"{self.graph.path} was exported without the CFT blocks: "
+                             "re-export it with --fidelity to restore with --fidelity > 0")
+
+    def _feeds(self, tiles: Tensor, quality: float | None, alpha: float | None, fidelity: float) -> dict:
+        self.check(fidelity)
+        n = tiles.shape[0]
+        feeds = {"image": tiles.float().cpu().contiguous().numpy()}
+        if "quality" in self.graph.inputs:
+            feeds["quality"] = torch.full((n,), 1.0 if quality is None else float(quality)).numpy()
+        if "alpha" in self.graph.inputs:
+            a = self.graph.default_alpha if alpha is None else alpha
+            feeds["alpha"] = torch.tensor(float(a)).numpy()
+        if "fidelity" in self.graph.inputs:
+            feeds["fidelity"] = torch.tensor(float(fidelity)).numpy()
+        return feeds
+
+    def __call__(self, tiles: Tensor, quality: float | None = None, alpha: float | None = None,
+                 fidelity: float = 0.0) -> Tensor:
+        return self.outputs(tiles, quality, alpha, fidelity)["restored"].clamp(0, 1)
+
+
+class OnnxRuntimeEngine(_GraphEngine):
+    name = "onnxruntime"
+
+    def __init__(self, graph: ExportedGraph, dtype: str = "float32", threads: int | None = None) -> None:
+        super().__init__(graph, dtype)
+        ort = require_extra("onnxruntime", "onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(graph.path), options, providers=["CPUExecutionProvider"])
+
+    def describe(self) -> str:
+        return "onnxruntime float32"
+
+    def outputs(self, tiles, quality=None, alpha=None, fidelity=0.0) -> dict[str, Tensor]:
+        values = self.session.run(None, self._feeds(tiles, quality, alpha, fidelity))
+        return {name: torch.from_numpy(v) for name, v in zip(self.graph.outputs, values)}
+
+
+class OpenVinoEngine(_GraphEngine):
+    name = "openvino"
+
+    def __init__(self, graph: ExportedGraph, dtype: str = "float32", threads: int | None = None) -> None:
+        super().__init__(graph, dtype)
+        ov = require_extra("openvino", "openvino")
+        config = {
+            # OpenVINO runs in bf16 by default on CPUs with native bf16: ask for what was chosen.
+            "INFERENCE_PRECISION_HINT": "bf16" if dtype == "bfloat16" else "f32",
+            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        self.compiled = ov.Core().compile_model(str(graph.path), "CPU", config)
+
+    def describe(self) -> str:
+        return f"openvino {self.dtype}"
+
+    def outputs(self, tiles, quality=None, alpha=None, fidelity=0.0) -> dict[str, Tensor]:
+        result = self.compiled(self._feeds(tiles, quality, alpha, fidelity))
+        return {name: torch.from_numpy(result[self.compiled.output(i)].copy())
+                for i, name in enumerate(self.graph.outputs)}
+
+
+def graph_engine(graph: ExportedGraph, device: torch.device, dtype: str = "auto", backend: str = "auto"):
+    """The engine for an exported graph: ONNX Runtime for .onnx, OpenVINO for .xml (or an .onnx
+    with backend "openvino"). dtype "auto" is float32 on ONNX Runtime, bf16 on OpenVINO where
+    the CPU has native bf16."""
+    if device.type != "cpu":
+        raise ValueError(f"exported graphs run on the CPU here, not {device}; use --backend torch on {device.type}")
+    if backend == "auto":
+        backend = "onnxruntime" if graph.format == "onnx" else "openvino"
+    if backend == "torch":
+        raise ValueError(f"{graph.path} is an exported graph: restore it with --backend onnxruntime or openvino")
+    if backend == "onnxruntime":
+        if graph.format != "onnx":
+            raise ValueError(f"{graph.path}: ONNX Runtime reads .onnx files; use --backend openvino for .xml")
+        if dtype not in ("auto", "float32"):
+            raise ValueError(f"--backend onnxruntime runs float32 only, got --dtype {dtype}")
+        return OnnxRuntimeEngine(graph, "float32")
+    if dtype == "auto":
+        dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--backend openvino runs float32 or bfloat16, got --dtype {dtype}")
+    return OpenVinoEngine(graph, dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The choice
+# --------------------------------------------------------------------------------------
+
+
+def make_engine(model: DescribedModel | nn.Module | ExportedGraph, device: torch.device, dtype: str = "auto",
+                backend: str = "auto", *, own: bool = False) -> Engine:
+    """The engine for a described model (or a bare network or exported graph) on `device`.
+
+    own: the caller hands the network over (nobody else uses it), so the fast path may convert
+    it in place rather than keep a float32 copy beside the bf16 one (MixedEngine).
 
     A torch engine on the CPU also calls `keep_freed_memory()`, as the CLI does: the process
     then keeps its peak heap (the restorer reaches it on every image anyway) instead of paying
@@ -377,32 +429,17 @@ def make_engine(model, device: torch.device, dtype: str = "auto", backend: str =
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    from iqpir import export
-
-    if isinstance(model, export.ExportedGraph):
-        return export.graph_engine(model, device, dtype, backend)
+    described = as_described(model)
+    if described.format in GRAPH_FORMATS:
+        return graph_engine(described.model, device, dtype, backend)
     if backend not in ("auto", "torch"):
         raise ValueError(f"--backend {backend} runs a graph written by `iqpir export`; "
                          f"export the checkpoint first (iqpir export CHECKPOINT --format ...)")
-    dtype = resolve_dtype(dtype, device, model)
+    dtype = resolve_dtype(dtype, device, described)
     if device.type == "cpu":
         # What the CLI does for every command: large activations stop being re-faulted from the
         # kernel on every forward pass. Process-wide (glibc only); IQPIR_DEFAULT_MALLOC=1 opts out.
         keep_freed_memory()
-    if dtype == "bfloat16" and _is_restorer(model):
-        return MixedEngine(model, device, dtype, own=own)
-    return TorchEngine(model, device, dtype, own=own)
-
-
-def knobs(model) -> tuple[bool, bool, float | None]:
-    """(supports_quality, supports_fidelity, default_alpha) of a network or exported graph."""
-    from iqpir import export
-
-    if isinstance(model, export.ExportedGraph):
-        return model.supports_quality, model.supports_fidelity, model.default_alpha
-    embedding = getattr(model, "quality_embedding", None)
-    supports_quality = embedding is None or embedding.kind != "none"
-    supports_fidelity = getattr(model, "cft", None) is not None
-    quantizer = getattr(model, "quantizer", None)
-    default_alpha = quantizer.alpha if quantizer is not None and quantizer.hq is not None else None
-    return supports_quality, supports_fidelity, default_alpha
+    if dtype == "bfloat16" and described.bf16:
+        return MixedEngine(described.model, device, dtype, own=own, call=described.call)
+    return TorchEngine(described.model, device, dtype, own=own, call=described.call)

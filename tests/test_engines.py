@@ -1,4 +1,4 @@
-"""The inference runtime: float32 stays exact, "auto" picks bf16 only where it is native, the
+"""The inference engines: float32 stays exact, "auto" picks bf16 only where it is native, the
 fast path's fused blocks compute what the modules compute and never touch the user's model."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from train_helpers import SMALL_MODEL
 
-from iqpir import runtime
+from iqpir import devices
 from iqpir.config import from_preset
+from iqpir.inference import Restorer, engines
 from iqpir.models import build_restorer
 from iqpir.models.vqgan import ResBlock, Upsample
-from iqpir.restore import Restorer
-from train_helpers import SMALL_MODEL
 
 
 def tiny_model(cft: bool = True, seed: int = 0) -> nn.Module:
@@ -36,8 +36,8 @@ def test_float32_is_the_network_bit_for_bit():
     restorer = Restorer(model, 64, device="cpu", dtype="float32")
     # Handed over (load_restorer), the network runs with in-place residual blocks: still exact.
     owned = Restorer(copy.deepcopy(model), 64, device="cpu", dtype="float32", own_model=True)
-    assert any(type(m) is runtime.InPlaceResBlock for m in owned.model.modules())
-    assert not any(type(m) is runtime.InPlaceResBlock for m in model.modules())
+    assert any(type(m) is engines.InPlaceResBlock for m in owned.model.modules())
+    assert not any(type(m) is engines.InPlaceResBlock for m in model.modules())
     for q, w in ((0.9, 0.0), (0.3, 0.5)):
         with torch.inference_mode():
             expected = model(x, torch.full((2,), q), fidelity=w).restored.clamp(0, 1)
@@ -48,18 +48,18 @@ def test_float32_is_the_network_bit_for_bit():
 def test_auto_means_bf16_only_where_the_cpu_has_it(monkeypatch):
     cpu = torch.device("cpu")
     model = tiny_model(cft=False)
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
-    assert runtime.resolve_dtype("auto", cpu, model) == "bfloat16"
-    assert isinstance(runtime.make_engine(model, cpu, "auto"), runtime.MixedEngine)
-    assert runtime.resolve_dtype("auto", cpu, nn.Identity()) == "float32"  # not a restorer
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16", "amx_tile"}))
-    assert runtime.resolve_dtype("auto", cpu, model) == "bfloat16"
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    assert runtime.resolve_dtype("auto", cpu, model) == "float32"
-    assert type(runtime.make_engine(model, cpu, "auto")) is runtime.TorchEngine
-    assert runtime.resolve_dtype("float32", cpu, model) == "float32"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert engines.resolve_dtype("auto", cpu, model) == "bfloat16"
+    assert isinstance(engines.make_engine(model, cpu, "auto"), engines.MixedEngine)
+    assert engines.resolve_dtype("auto", cpu, nn.Identity()) == "float32"  # not a restorer
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16", "amx_tile"}))
+    assert engines.resolve_dtype("auto", cpu, model) == "bfloat16"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert engines.resolve_dtype("auto", cpu, model) == "float32"
+    assert type(engines.make_engine(model, cpu, "auto")) is engines.TorchEngine
+    assert engines.resolve_dtype("float32", cpu, model) == "float32"
     with pytest.raises(ValueError, match="dtype must be one of"):
-        runtime.resolve_dtype("int8", cpu, model)
+        engines.resolve_dtype("int8", cpu, model)
 
 
 def test_inference_blocks_compute_what_the_modules_compute():
@@ -71,15 +71,15 @@ def test_inference_blocks_compute_what_the_modules_compute():
             p.data.normal_(0, 0.3)
         x = torch.randn(2, cin, 10, 10)
         with torch.inference_mode():
-            fast = runtime.low_precision_copy(block, torch.float32, torch.device("cpu"))
-            assert type(fast) is runtime.InferenceResBlock
+            fast = engines.low_precision_copy(block, torch.float32, torch.device("cpu"))
+            assert type(fast) is engines.InferenceResBlock
             torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), block(x),
                                        atol=1e-4, rtol=1e-4)
     for h, w in ((5, 7), (1, 1), (16, 16)):
         up = Upsample(8).eval()
         x = torch.randn(2, 8, h, w)
         with torch.inference_mode():
-            fast = runtime.InferenceUpsample(up.conv)
+            fast = engines.InferenceUpsample(up.conv)
             y = fast(x.contiguous(memory_format=torch.channels_last))
             assert y.shape == (2, 8, 2 * h, 2 * w) and y.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(y, up(x), atol=1e-5, rtol=1e-5)
@@ -89,8 +89,8 @@ def test_fast_path_is_close_to_float32_and_leaves_the_model_alone():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tree = [(name, type(m), [id(t) for t in m._parameters.values()]) for name, m in model.named_modules()]
-    exact = runtime.TorchEngine(model, torch.device("cpu"), "float32")
-    fast = runtime.MixedEngine(model, torch.device("cpu"), "bfloat16")
+    exact = engines.TorchEngine(model, torch.device("cpu"), "float32")
+    fast = engines.MixedEngine(model, torch.device("cpu"), "bfloat16")
     x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     for q, w in ((1.0, 0.0), (0.4, 0.7)):
         a, b = exact.outputs(x, q, None, w), fast.outputs(x, q, None, w)
@@ -118,7 +118,7 @@ def test_fast_path_is_close_to_float32_and_leaves_the_model_alone():
 def test_restorer_takes_a_dtype_and_reports_it():
     model = tiny_model(cft=False)
     r = Restorer(model, 64, device="cpu", dtype="bfloat16")
-    assert r.dtype == "bfloat16" and r.model is model and isinstance(r.engine, runtime.MixedEngine)
+    assert r.dtype == "bfloat16" and r.model is model and isinstance(r.engine, engines.MixedEngine)
     out = r.restore(torch.rand(3, 64, 64), quality=0.8)
     assert out.dtype == torch.float32 and out.shape == (3, 64, 64) and 0 <= out.min() and out.max() <= 1
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -142,7 +142,7 @@ def test_fast_path_keeps_the_codes_of_the_official_networks(kind, runs, tmp_path
 
     torch.save({"params_ema": rule_state_dict(kind)}, tmp_path / "w.pth")
     exact = iqpir.load_restorer(tmp_path / "w.pth", device="cpu", dtype="float32").engine
-    fast = runtime.MixedEngine(exact.model, torch.device("cpu"), "bfloat16")
+    fast = engines.MixedEngine(exact.model, torch.device("cpu"), "bfloat16")
     face = Image.open(Path(__file__).parent / "assets" / "official" / "input.png").convert("RGB")
     x = torch.from_numpy(np.array(face)).permute(2, 0, 1).float()[None] / 255
     for quality, w in runs:
@@ -166,14 +166,14 @@ def test_an_owned_model_is_converted_in_place_without_float32_copies():
     place (no float32 weights kept beside the bf16 ones) and computes what the copying path does."""
     model = tiny_model()
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    copying = runtime.MixedEngine(copy.deepcopy(model), torch.device("cpu"), "bfloat16")
+    copying = engines.MixedEngine(copy.deepcopy(model), torch.device("cpu"), "bfloat16")
     owned_model = copy.deepcopy(model)
     transformer_weight = owned_model.transformer.proj_in.weight
     # The float32 convolution weights, watched without keeping them alive.
     replaced = {f"{part}.{n}": weakref.ref(p) for part, m in _conv_parts(owned_model).items()
                 for n, p in m.named_parameters() if not _is_norm(n)}
     f32_bytes = {k: v.nbytes for k, v in owned_model.state_dict().items()}
-    owned = runtime.MixedEngine(owned_model, torch.device("cpu"), "bfloat16", own=True)
+    owned = engines.MixedEngine(owned_model, torch.device("cpu"), "bfloat16", own=True)
     assert owned.model is owned_model and owned.fast is owned_model
     for name, part in _conv_parts(owned_model).items():
         for pname, p in part.named_parameters():
@@ -205,15 +205,15 @@ def test_load_restorer_hands_its_model_over_to_the_fast_path(tmp_path):
     ckpt.save_checkpoint(ckpt.checkpoint_stem(tmp_path, 1), {"model": model.state_dict()},
                          {"config": C.to_dict(cfg), "step": 1, "arch": "restorer"})
     restorer = iqpir.load_restorer(tmp_path, device="cpu", dtype="bfloat16")
-    assert isinstance(restorer.engine, runtime.MixedEngine) and restorer.engine.fast is restorer.model
+    assert isinstance(restorer.engine, engines.MixedEngine) and restorer.engine.fast is restorer.model
     f32 = {n for n, p in restorer.model.named_parameters() if p.dtype == torch.float32}
     assert f32 and not any(n.startswith(("encoder.", "decoder.", "cft.")) and not _is_norm(n) for n in f32)
-    copying = runtime.MixedEngine(model, torch.device("cpu"), "bfloat16")
+    copying = engines.MixedEngine(model, torch.device("cpu"), "bfloat16")
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     assert torch.equal(restorer.restore(x, quality=0.6, fidelity=0.5), copying(x, 0.6, None, 0.5))
     # float32: the network itself, with in-place residual blocks.
     exact = iqpir.load_restorer(tmp_path, device="cpu", dtype="float32")
-    assert any(type(m) is runtime.InPlaceResBlock for m in exact.model.modules())
+    assert any(type(m) is engines.InPlaceResBlock for m in exact.model.modules())
 
 
 @pytest.mark.parametrize("cin, cout", [(32, 32), (32, 64)])  # identity skip, 1x1-conv skip
@@ -225,8 +225,8 @@ def test_in_place_residual_blocks_are_bit_identical_and_leave_their_input(cin, c
     for p in block.parameters():
         p.data.normal_(0, 0.3)
     in_place = copy.deepcopy(block)
-    in_place.__class__ = runtime.InPlaceResBlock
-    for fast, dtype in ((in_place, torch.float32), (runtime.low_precision_copy(block, torch.bfloat16,
+    in_place.__class__ = engines.InPlaceResBlock
+    for fast, dtype in ((in_place, torch.float32), (engines.low_precision_copy(block, torch.bfloat16,
                                                                                torch.device("cpu")), torch.bfloat16)):
         for layout in (torch.contiguous_format, torch.channels_last):
             x = torch.randn(2, cin, 12, 12).to(dtype).contiguous(memory_format=layout)
@@ -243,7 +243,7 @@ def test_the_fast_path_predicts_the_codes_in_float32(own):
     """No autocast around the fast path: the quality embedding, the Transformer and the code
     lookup run in float32, so its logits are float32's for the (bf16-encoded) latent exactly."""
     model = tiny_model()
-    engine = runtime.MixedEngine(copy.deepcopy(model) if own else model, torch.device("cpu"), "bfloat16", own=own)
+    engine = engines.MixedEngine(copy.deepcopy(model) if own else model, torch.device("cpu"), "bfloat16", own=own)
     net = engine.fast
     seen = {}
     hooks = [net.transformer.register_forward_hook(lambda m, a, out: seen.update(z=a[0], logits=out)),
@@ -306,7 +306,7 @@ def test_weights_are_read_outside_the_kept_heap():
         _ = libc.mallinfo2
     except (OSError, AttributeError):
         pytest.skip("glibc only")
-    if not runtime.keep_freed_memory():
+    if not devices.keep_freed_memory():
         pytest.skip("IQPIR_DEFAULT_MALLOC is set or malloc is not glibc's")
 
     class Info(ctypes.Structure):
@@ -327,7 +327,7 @@ def test_weights_are_read_outside_the_kept_heap():
 
     grown, _ = mapped_after_alloc()
     assert grown == 0  # from the heap
-    with runtime.weights_outside_the_heap():
+    with devices.weights_outside_the_heap():
         grown, size = mapped_after_alloc()
         assert grown >= size  # its own mapping
     grown, _ = mapped_after_alloc()

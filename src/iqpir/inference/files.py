@@ -1,0 +1,240 @@
+"""What a path holds -> a described model: the network (or graph) and what callers need to know.
+
+    described = describe("runs/stage2")     # or a checkpoint file, an `iqpir convert` folder,
+                                            # an official IQPIR/CodeFormer .pth, an .onnx/.xml graph
+    described.model       nn.Module (float32, eval, CPU) or ExportedGraph
+    described.quality / .alpha / .fidelity    which knobs exist (alpha: its default, None: no knob)
+    described.image_size, .size_multiple, .scale    the sizes it takes and gives
+
+`DETECTORS` is the one table of what `describe` recognises, tried in order; a new kind of file
+(the packaged default model, a spandrel upscaler) is one new entry. Nothing here runs a
+network or knows about tiles (engines.py, restorer.py) or image files (photos.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from iqpir import official
+from iqpir.checkpoint import load_checkpoint_meta, load_model
+from iqpir.models import Restorer as IQPIRNetwork
+
+GRAPH_SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
+GRAPH_FORMATS = tuple(GRAPH_SUFFIXES.values())
+METADATA_KEY = "iqpir"
+
+# Why a model lacks a knob, as the end of "this {kind} model ..." (IQPIR/CodeFormer wording);
+# other kinds of model give their own reasons in DescribedModel.refusals.
+NO_KNOB = {
+    "quality": "has no quality condition: leave --quality out",
+    "alpha": "has one codebook: --alpha needs a dual-codebook (IQPIR) model",
+    "fidelity": "has no CFT blocks: --fidelity needs CodeFormer-style weights",
+}
+
+
+def require_extra(module: str, extra: str):
+    """Import an optional dependency, or fail with the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{module} is not installed: pip install 'iqpir[{extra}]'") from None
+
+
+@dataclass
+class DescribedModel:
+    """A model ready for an engine, and its capabilities (spandrel's ModelDescriptor is the pattern).
+
+    model: an nn.Module in float32, eval mode, on the CPU (format "torch"), or an ExportedGraph.
+    call: how a torch network is called (engines.CALLS): "iqpir" is
+        model(x, quality (N,) | None, alpha=..., [fidelity=...]) -> an object with `.restored`;
+        "image" is model(x) or model(x, quality) -> the restored tensor.
+    image_size: the input size s the network takes (s x s tiles); None: any size whose sides are
+        multiples of `size_multiple` (fully convolutional networks).
+    scale: output size / input size (1 for restoration, 2 or 4 for upscalers).
+    quality, alpha, fidelity: the knobs: a quality condition S, the HQ+ fusion weight (its
+        default; None when the model has no second codebook), CodeFormer's fidelity w.
+    bf16: the mixed bf16 path knows this network's parts (engines.MixedEngine).
+    source: provenance of weights not trained here (file, sha256, licence), else None.
+    refusals: knob -> why this model lacks it, where NO_KNOB's wording does not fit.
+    """
+
+    model: Any
+    kind: str
+    task: str = "general"
+    image_size: int | None = None
+    size_multiple: int = 1
+    scale: int = 1
+    quality: bool = False
+    alpha: float | None = None
+    fidelity: bool = False
+    bf16: bool = False
+    format: str = "torch"
+    call: str = "iqpir"
+    source: dict | None = None
+    refusals: dict[str, str] = field(default_factory=dict)
+
+    def refusal(self, knob: str) -> str:
+        """One line: why `knob` cannot be set on this model."""
+        return f"this {self.kind} model {self.refusals.get(knob, NO_KNOB[knob])}"
+
+
+def describe_network(model: nn.Module, image_size: int | None = None, *, kind: str = "iqpir",
+                     task: str = "general", source: dict | None = None) -> DescribedModel:
+    """An IQPIR-family network (iqpir.models.Restorer, or a module with its call and parts) ->
+    its description; the knobs are read from the parts it has."""
+    embedding = getattr(model, "quality_embedding", None)
+    quantizer = getattr(model, "quantizer", None)
+    return DescribedModel(
+        model=model, kind=kind, task=task, image_size=image_size, source=source,
+        quality=embedding is None or embedding.kind != "none",
+        alpha=quantizer.alpha if quantizer is not None and quantizer.hq is not None else None,
+        fidelity=getattr(model, "cft", None) is not None,
+        bf16=isinstance(model, IQPIRNetwork),
+    )
+
+
+def as_described(model: Any, image_size: int | None = None, **network) -> DescribedModel:
+    """A DescribedModel as it is; an ExportedGraph or a network (with `describe_network`'s
+    keywords) described."""
+    if isinstance(model, DescribedModel):
+        return model
+    if isinstance(model, ExportedGraph):
+        return graph_description(model)
+    return describe_network(model, image_size, **network)
+
+
+def _stage2(model: nn.Module, path: str | Path) -> None:
+    if not hasattr(model, "transformer"):
+        raise ValueError(f"{path} is a stage-1 (VQGAN) checkpoint; restoring needs a stage-2 network "
+                         "(an IQPIR or CodeFormer release, or iqpir train configs/*-stage2.yaml)")
+
+
+# --------------------------------------------------------------------------------------
+# Exported graphs (written by iqpir.export)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportedGraph:
+    """An exported file and what it computes (its `iqpir` metadata)."""
+
+    path: Path
+    format: str
+    image_size: int
+    kind: str
+    task: str
+    inputs: list[str]
+    outputs: list[str]
+    default_alpha: float | None
+    has_cft: bool = False
+    source: dict | None = None
+
+    @property
+    def supports_quality(self) -> bool:
+        return "quality" in self.inputs
+
+    @property
+    def supports_fidelity(self) -> bool:
+        """The network has CFT blocks (the graph holds them only when exported with --fidelity)."""
+        return self.has_cft
+
+    def metadata(self) -> dict:
+        return {"image_size": self.image_size, "kind": self.kind, "task": self.task, "inputs": self.inputs,
+                "outputs": self.outputs, "default_alpha": self.default_alpha, "has_cft": self.has_cft,
+                "source": self.source}
+
+
+def is_graph_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in GRAPH_SUFFIXES and Path(path).is_file()
+
+
+def read_graph(path: str | Path) -> ExportedGraph:
+    """The metadata of an exported .onnx or .xml file (ValueError when it has none)."""
+    path = Path(path)
+    fmt = GRAPH_SUFFIXES.get(path.suffix.lower())
+    if fmt == "onnx":
+        onnx = require_extra("onnx", "onnx")
+        proto = onnx.load_model(str(path), load_external_data=False)
+        raw = {p.key: p.value for p in proto.metadata_props}.get(METADATA_KEY)
+    elif fmt == "openvino":
+        ov = require_extra("openvino", "openvino")
+        model = ov.Core().read_model(str(path))
+        raw = model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
+    else:
+        raise ValueError(f"{path}: not an exported graph (.onnx or .xml)")
+    if raw is None:
+        raise ValueError(f"{path}: no iqpir metadata; export graphs with `iqpir export`")
+    meta = json.loads(raw)
+    return ExportedGraph(path=path, format=fmt, image_size=int(meta["image_size"]), kind=meta["kind"],
+                         task=meta["task"], inputs=list(meta["inputs"]), outputs=list(meta["outputs"]),
+                         default_alpha=meta.get("default_alpha"), has_cft=bool(meta.get("has_cft")),
+                         source=meta.get("source"))
+
+
+# --------------------------------------------------------------------------------------
+# One describer per kind of file: (path, use_ema) -> DescribedModel
+# --------------------------------------------------------------------------------------
+
+
+def describe_graph(path: str | Path, use_ema: bool = True) -> DescribedModel:
+    return graph_description(read_graph(path))
+
+
+def graph_description(graph: ExportedGraph) -> DescribedModel:
+    return DescribedModel(model=graph, kind=graph.kind, task=graph.task, image_size=graph.image_size,
+                          quality=graph.supports_quality, alpha=graph.default_alpha, fidelity=graph.supports_fidelity,
+                          format=graph.format, source=graph.source)
+
+
+def describe_official(path: str | Path, use_ema: bool = True) -> DescribedModel:
+    """A released IQPIR/CodeFormer .pth (iqpir.official: safe unpickling, key mapping)."""
+    model, cfg, weights = official.load_official(path)
+    _stage2(model, path)
+    source = {"file": str(weights.path), "kind": weights.kind, "licence": official.LICENCE_NOTE}
+    return describe_network(model, cfg.model.image_size, kind=weights.kind, task=cfg.model.task, source=source)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    where = Path(path)
+    return where.exists() or where.with_suffix(".safetensors").is_file()
+
+
+def describe_checkpoint(path: str | Path, use_ema: bool = True) -> DescribedModel:
+    """An iqpir run folder (its latest checkpoint), checkpoint file or `iqpir convert` folder."""
+    model, cfg = load_model(path, weights="auto" if use_ema else "model")
+    _stage2(model, path)
+    source = load_checkpoint_meta(path).get("source")
+    kind = (source or {}).get("kind") or ("codeformer" if cfg.model.quality_embedding == "none" else "iqpir")
+    return describe_network(model, cfg.model.image_size, kind=kind, task=cfg.model.task, source=source)
+
+
+Detector = tuple[Callable[[str | Path], bool], Callable[[str | Path, bool], DescribedModel]]
+
+# What `describe` recognises: name -> (recognises(path), describe(path, use_ema)), tried in
+# order, the first that recognises a path describes it. Each new kind of model file is one new
+# entry here: the packaged default model ("packaged", iqpir/weights: a quality-conditioned
+# U-Net described with call="image", image_size=None, size_multiple=4, quality only), spandrel
+# upscalers ("spandrel", extra; call="image", scale 2 or 4, no knobs).
+DETECTORS: dict[str, Detector] = {
+    "graph": (is_graph_file, describe_graph),
+    "official": (official.is_official_file, describe_official),
+    "checkpoint": (is_checkpoint, describe_checkpoint),
+}
+
+
+def describe(path: str | Path, use_ema: bool = True) -> DescribedModel:
+    """What `path` holds, loaded and described (see DETECTORS for what is recognised).
+
+    use_ema: an iqpir checkpoint's EMA weights when it has them (else its "model" weights).
+    """
+    for recognises, describe_one in DETECTORS.values():
+        if recognises(path):
+            return describe_one(path, use_ema)
+    raise FileNotFoundError(f"--checkpoint {path}: no such run folder or checkpoint file")

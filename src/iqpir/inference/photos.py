@@ -1,0 +1,213 @@
+"""File loops: image files and photos with faces in, restored files (and OUT/restore.json) out.
+
+    restore_files(inputs, checkpoint, out, quality=...)        # `iqpir restore` (tiles, --aligned)
+    restore_face_files(inputs, checkpoint, out, quality=...)   # `iqpir restore --faces`
+
+Each loop plans its outputs (iqpir.io: never over an input), loads a Restorer once
+(restorer.load_restorer), reads, restores and writes file by file, and reports what was done,
+skipped and failed. The restoring itself is restorer.py's; faces are iqpir.faces'. A video
+loop (frames in, frames out) is one more module beside this one (inference/video.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from iqpir import io
+from iqpir.faces import FACE_SIZE, get_detector, resize_lanczos, restore_photo
+from iqpir.inference.restorer import Restorer, load_restorer
+
+
+def _plan(inputs: Sequence[str], out: str | Path) -> tuple[Path, list[Path], list[str], io.FileReport, dict[Path, Path]]:
+    """The start of every restore command: the output folder, the inputs found, the inputs that
+    matched nothing (already in the report as failures) and each input's output path, by the
+    rule of `io.plan_outputs` (shared with `iqpir degrade`: the output folder may not be or lie
+    inside an input folder, and no output may replace an input)."""
+    out = Path(out)
+    paths, missing = io.collect_inputs(inputs)
+    report = io.FileReport.empty()
+    report.failed.extend((m, "no such file, folder or matching image") for m in missing)
+    return out, paths, missing, report, io.plan_outputs(inputs, out).targets
+
+
+def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path, quality: float | None = None,
+                  alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "auto",
+                  overwrite: bool = False, progress: bool = True, fidelity: float = 0.0,
+                  aligned: bool = False, backend: str = "auto") -> io.FileReport:
+    """Restore image files into `out`, named after their inputs; never overwrites an input.
+
+    Unreadable files are named and skipped; existing outputs are kept unless `overwrite`.
+    Grey inputs give grey outputs, 16-bit grey inputs 16-bit outputs.
+    aligned: every input is an aligned face (CodeFormer's `--has_aligned`): restored whole at
+    the model's size (resized there and back when it has another size), never tiled.
+    """
+    if quality is not None and not 0.0 <= quality <= 1.0:
+        raise ValueError(f"--quality must be in [0, 1], got {quality}")
+    out, paths, _, report, targets = _plan(inputs, out)
+    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)
+    restorer.check_knobs(quality, alpha, fidelity)
+    it = paths
+    if progress:
+        it = tqdm(paths, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
+    s = restorer.image_size
+    warned = False
+    for p in it:
+        target = targets[p]
+        if target.exists() and not overwrite:
+            report.skipped.append(p)
+            continue
+        try:
+            img = io.read_image(p)
+        except io.ImageReadError as exc:
+            report.failed.append((str(p), exc.reason))
+            continue
+        rgb = img.rgb
+        if aligned:
+            restored = restore_aligned(restorer, rgb, quality, alpha, fidelity)
+        else:
+            if restorer.task == "faces" and s is not None and tuple(rgb.shape[1:]) != (s, s) and not warned:
+                print(f"iqpir restore: warning: {p} is not a {s}x{s} aligned face and this is a face model; "
+                      "it is restored through tiles. Use --faces for photos with faces, --aligned for aligned "
+                      "crops", file=sys.stderr)
+                warned = True
+            restored = restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity)
+        io.write_image(target, restored, alpha=img.alpha, grey=img.grey, bits=img.bits)
+        report.done.append(target)
+    report.announce("restore", "restored", out)
+    return report
+
+
+def restore_aligned(restorer: Restorer, image: torch.Tensor, quality: float | None = None,
+                    alpha: float | None = None, fidelity: float = 0.0) -> torch.Tensor:
+    """An aligned face (3, H, W) in [0, 1] restored whole: resized to the model's size when it is
+    not already (bicubic, antialiased), and the result resized back to (H, W)."""
+    s = restorer.image_size
+    h, w = image.shape[1:]
+    if s is None or (h, w) == (s, s):  # None: the model takes any size
+        return restorer.restore_one(image, quality, alpha, fidelity)
+    resize = torch.nn.functional.interpolate
+    face = resize(image[None], size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)[0]
+    out = restorer.restore_one(face, quality, alpha, fidelity)
+    return resize(out[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)[0]
+
+# --------------------------------------------------------------------------------------
+# Whole photos with faces (issue 12): detect, align, restore, paste back
+# --------------------------------------------------------------------------------------
+
+
+def face_restorer_fn(restorer: Restorer, quality: float | None = None, alpha: float | None = None,
+                     fidelity: float = 0.0):
+    """Bind a Restorer into the callable `iqpir.faces.restore_photo` takes: (N,3,512,512) -> same.
+
+    A model of another size (a tiny test preset) gets the crops resized to its size and back.
+    """
+    s = restorer.image_size
+
+    def run(faces: torch.Tensor) -> torch.Tensor:
+        if s in (None, FACE_SIZE):
+            return restorer.restore(faces, quality=quality, alpha=alpha, fidelity=fidelity)
+        small = torch.nn.functional.interpolate(faces, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        out = restorer.restore(small.clamp(0, 1), quality=quality, alpha=alpha, fidelity=fidelity)
+        return torch.nn.functional.interpolate(out, size=faces.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+
+    return run
+
+
+def background_fn(restorer: Restorer, upscale: int, quality: float | None = None):
+    """The rest of the photo through a general model's tiles (at `quality` when it is
+    quality-conditioned, its own defaults otherwise), then Lanczos-resized by `upscale`."""
+    q = quality if restorer.supports_quality else None
+    return lambda image: resize_lanczos(restorer.restore_one(image, quality=q), upscale)
+
+
+def _tensor_upscale(alpha: torch.Tensor | None, upscale: int) -> torch.Tensor | None:
+    return None if alpha is None or upscale == 1 else resize_lanczos(alpha, upscale)
+
+
+def restore_face_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path, quality: float | None = None,
+                       alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "float32",
+                       overwrite: bool = False, progress: bool = True, detector: str = "hog+cnn", upscale: int = 1,
+                       only_center_face: bool = False, min_face: float = 0, save_faces: bool = False,
+                       draw_box: bool = False, bg_checkpoint: str | Path | None = None,
+                       fidelity: float = 0.0) -> io.FileReport:
+    """`iqpir restore --faces`: restore the faces of whole photos into `out`, plus OUT/restore.json.
+
+    Each photo: faces detected (iqpir.faces detectors), aligned to 512x512, restored with the
+    face model of `checkpoint` at `quality`/`alpha`, pasted back; the rest of the photo kept,
+    Lanczos-resized by `upscale`, or restored by the general model `bg_checkpoint`. A photo
+    without faces is written as it is (resized) and reported. With `save_faces`, the aligned
+    and restored crops go to OUT/faces/. Never overwrites an input.
+    """
+    if quality is not None and not 0.0 <= quality <= 1.0:
+        raise ValueError(f"--quality must be in [0, 1], got {quality}")
+    if int(upscale) != upscale or upscale < 1:
+        raise ValueError(f"--upscale must be a positive integer, got {upscale}")
+    if min_face < 0:
+        raise ValueError(f"--min-face must be >= 0, got {min_face}")
+    out, paths, missing, report, targets = _plan(inputs, out)
+    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size)
+    restorer.check_knobs(quality, alpha, fidelity)
+    restore_faces = face_restorer_fn(restorer, quality, alpha, fidelity)
+    background = None
+    if bg_checkpoint is not None:
+        background = background_fn(load_restorer(bg_checkpoint, device=device, dtype=dtype, batch_size=batch_size),
+                                   int(upscale), quality)
+    face_detector = get_detector(detector)
+    entries: list[dict] = [{"input": m, "error": "no such file, folder or matching image"} for m in missing]
+    n_faces = n_without = 0
+    start = time.perf_counter()
+    it = paths
+    bar = None
+    if progress:
+        it = bar = tqdm(paths, desc="restore", unit="photo", file=sys.stderr, dynamic_ncols=True)
+    for p in it:
+        target = targets[p]
+        if target.exists() and not overwrite:
+            report.skipped.append(p)
+            entries.append({"input": str(p), "output": str(target), "skipped": "output exists (--overwrite replaces it)"})
+            continue
+        try:
+            img = io.read_image(p)
+        except io.ImageReadError as exc:
+            why = exc.reason
+            report.failed.append((str(p), why))
+            entries.append({"input": str(p), "error": why})
+            continue
+        restored, rep = restore_photo(img.rgb, restore_faces, detector=face_detector, upscale=int(upscale),
+                                      only_center_face=only_center_face, min_face=min_face, background=background,
+                                      save_faces=save_faces, draw_box=draw_box)
+        io.write_image(target, restored, alpha=_tensor_upscale(img.alpha, int(upscale)), grey=img.grey, bits=img.bits)
+        report.done.append(target)
+        entry = {"input": str(p), "output": str(target), "size": list(img.rgb.shape[1:]), "faces": rep["faces"],
+                 "skipped_faces": rep["skipped_faces"], "detector": rep["detector"], "seconds": rep["seconds"]}
+        if save_faces and rep["faces"]:
+            crops = []
+            stem = target.relative_to(out).with_suffix("")
+            for i, (a, r) in enumerate(zip(rep["aligned_faces"], rep["restored_faces"])):
+                pa = io.write_image(out / "faces" / f"{stem}_{i:02d}_aligned.png", a)
+                pr = io.write_image(out / "faces" / f"{stem}_{i:02d}_restored.png", r)
+                crops.append({"aligned": str(pa), "restored": str(pr)})
+            entry["crops"] = crops
+        entries.append(entry)
+        n_faces += len(rep["faces"])
+        n_without += not rep["faces"]
+        if bar is not None:
+            bar.set_postfix(faces=n_faces)
+        io.atomic_write_text(out / "restore.json", json.dumps(entries, indent=1) + "\n")
+    io.atomic_write_text(out / "restore.json", json.dumps(entries, indent=1) + "\n")
+    seconds = time.perf_counter() - start
+    msg = (f"{len(report.done)} photos, {n_faces} faces restored, {n_without} without faces, "
+           f"{len(report.skipped)} skipped, {len(report.failed)} failed, {seconds:.1f} s")
+    if report.skipped:
+        msg += " (skipped outputs already exist; pass --overwrite to replace them)"
+    if report.failed:
+        msg += "\n" + "\n".join(f"  failed: {p}: {why}" for p, why in report.failed)
+    print(f"iqpir restore: {msg} -> {out}", file=sys.stderr)
+    return report

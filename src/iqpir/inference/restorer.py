@@ -1,0 +1,223 @@
+"""A described model on an engine -> images of any size: knobs, tiles, batches. No file I/O.
+
+    restorer = load_restorer("runs/stage2")         # files.describe -> engines.make_engine -> Restorer
+    restored = restorer.restore(image, quality=1.0)  # tensor (3,H,W)/(N,3,H,W) or PIL image
+
+The knobs (quality, alpha, fidelity) are checked against what the described model supports.
+Images at a fixed-size model's size (aligned faces) go through whole. Any other size is cut
+into overlapping tiles of the model's size, restored in batches, and blended with a smooth
+window, so the output has the input's size (times the model's scale) without seams and memory
+stays bounded by one batch of tiles plus the output image. A model that takes any size (a
+multiple of m) gets the whole image, padded to a multiple of m, or tiles of `tile` pixels.
+
+Tiles overlap by half a tile by default, and the window is then the Hann window: each output
+pixel is a blend weighted towards the centres of the tiles that cover it. The network's
+output depends on where content falls in a tile (zero padding at the tile's borders, the
+learned position embedding and per-position quality maps of the latent), so neighbouring
+tiles disagree where they overlap; the half-tile cross-fade keeps that disagreement from
+showing as edges at the tile stride, which a quarter-tile overlap did (its cross-fade, made
+of the tiles' outermost pixels, was steepest at the overlap centres: a visible grid).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from iqpir import io
+from iqpir.devices import resolve_device
+from iqpir.inference import files
+from iqpir.inference.engines import make_engine
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size `tile` covering [0, length) with at least `overlap` shared pixels."""
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def blend_window(tile: int, overlap: int) -> torch.Tensor:
+    """(tile, tile) weights: 1 in the middle, a raised-cosine ramp over `overlap` pixels at the edges.
+
+    ramp[k] = (1 - cos(pi (k + 1/2) / n)) / 2 for k < n = min(overlap, tile // 2), mirrored at the
+    other edge: two tiles `tile - overlap` apart have weights summing to 1 across their overlap.
+    With overlap = tile / 2 the window is the Hann window sin^2(pi (k + 1/2) / tile). The ramp
+    never reaches zero, so every pixel has positive total weight even at image borders.
+    """
+    ramp = torch.ones(tile)
+    if overlap > 0:
+        n = min(overlap, tile // 2)
+        x = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+        edge = 0.5 - 0.5 * torch.cos(torch.pi * x)
+        ramp[:n] = edge
+        ramp[tile - n :] = edge.flip(0)
+    return ramp[:, None] * ramp[None, :]
+
+
+def _pad(image: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
+    """(3, h, w) mirrored outwards (replicated where the image is too small to mirror)."""
+    h, w = image.shape[1:]
+    mode = "reflect" if max(top, bottom) < h and max(left, right) < w else "replicate"
+    return torch.nn.functional.pad(image[None], (left, right, top, bottom), mode=mode)[0]
+
+
+class Restorer:
+    """A described model (iqpir.inference.files) on an engine (iqpir.inference.engines).
+
+    Args:
+        model: a DescribedModel, or a bare network described by `files.describe_network` with
+            `image_size`, `kind`, `task` and `source` (an IQPIR-family network: called as
+            model(lq (N,3,s,s) in [0,1], quality (N,) or None, alpha=..., fidelity=...) and
+            returning an object with `.restored` (N,3,s,s)).
+        image_size: a bare network's input size s.
+        device, dtype, backend: where and how to run (engines.make_engine: "auto" is the fast
+            bf16 path where the hardware has native bf16, "float32" the exact network).
+        overlap: tile overlap in pixels (default half a tile: Hann windows; see the module docstring).
+        kind: "iqpir" (quality-conditioned) or "codeformer"; task: "faces" | "general".
+        source: provenance of official weights (file, sha256, licence), else None.
+        own_model: the network is handed over (load_restorer): the fast path converts it in place.
+        tile: for models that take any size: the tile size (a multiple of the model's
+            size_multiple); None restores each image whole.
+
+    `supports_quality`, `supports_alpha` (with `default_alpha`) and `supports_fidelity` say which
+    knobs exist; `scale` is the output size over the input size.
+    """
+
+    def __init__(self, model, image_size: int | None = None, device: str | torch.device = "cpu",
+                 dtype: str = "auto", batch_size: int = 4, overlap: int | None = None, *,
+                 kind: str = "iqpir", task: str = "general", source: dict | None = None, backend: str = "auto",
+                 own_model: bool = False, tile: int | None = None):
+        described = files.as_described(model, image_size, kind=kind, task=task, source=source)
+        if isinstance(model, files.DescribedModel) and image_size not in (None, described.image_size):
+            raise ValueError(f"image_size {image_size} differs from the described model's {described.image_size}")
+        self.described = described
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.engine = make_engine(described, self.device, dtype, backend, own=own_model)
+        self.model = self.engine.model  # the network (None for a graph; bf16 parts where own_model and fast)
+        self.dtype = self.engine.dtype
+        if dtype == "float16" and self.device.type == "cpu":
+            # Most CPU kernels have no float16 arithmetic: autocast emulates it, far slower than float32.
+            warnings.warn("float16 on the CPU is very slow (emulated): use --dtype auto, float32 or bfloat16 there",
+                          UserWarning, stacklevel=2)
+        self.batch_size = max(1, batch_size)
+        m = described.size_multiple
+        if described.image_size is None and tile is not None and (tile <= 0 or tile % m):
+            raise ValueError(f"tile must be a positive multiple of {m} for this {described.kind} model, got {tile}")
+        self.tile = described.image_size or tile  # None: whole images
+        self.overlap = (self.tile or 0) // 2 if overlap is None else overlap
+        k = described.scale
+        self._window = blend_window(self.tile * k, self.overlap * k) if self.tile else None
+
+    # What the described model is and supports (read by photos.py, the app, the benchmarks).
+    image_size = property(lambda self: self.described.image_size)
+    scale = property(lambda self: self.described.scale)
+    kind = property(lambda self: self.described.kind)
+    task = property(lambda self: self.described.task)
+    source = property(lambda self: self.described.source)
+    supports_quality = property(lambda self: self.described.quality)
+    supports_fidelity = property(lambda self: self.described.fidelity)
+    supports_alpha = property(lambda self: self.described.alpha is not None)
+    default_alpha = property(lambda self: self.described.alpha)
+
+    def check_knobs(self, quality: float | None, alpha: float | None, fidelity: float) -> float | None:
+        """Validate the inference settings for this model; -> the quality to feed (None when the
+        model has no quality condition)."""
+        d = self.described
+        if quality is not None and not 0.0 <= float(quality) <= 1.0:
+            raise ValueError(f"quality must be in [0, 1], got {quality}")
+        if not 0.0 <= float(fidelity) <= 1.0:
+            raise ValueError(f"fidelity must be in [0, 1], got {fidelity}")
+        if fidelity and not d.fidelity:
+            raise ValueError(d.refusal("fidelity"))
+        self.engine.check(fidelity)
+        if alpha is not None and d.alpha is None:
+            raise ValueError(d.refusal("alpha"))
+        if alpha is not None and not 0.0 <= float(alpha) <= 2.0:
+            raise ValueError(f"alpha must be in [0, 2], got {alpha}")
+        if not d.quality:
+            if quality is not None:
+                raise ValueError(d.refusal("quality"))
+            return None
+        return 1.0 if quality is None else float(quality)
+
+    def _run(self, tiles: torch.Tensor, quality: float | None, alpha: float | None,
+             fidelity: float = 0.0) -> torch.Tensor:
+        return self.engine(tiles, quality, alpha, fidelity)  # (N, 3, k h, k w) float32 CPU in [0, 1]
+
+    def restore_one(self, image: torch.Tensor, quality: float | None = None, alpha: float | None = None,
+                    fidelity: float = 0.0) -> torch.Tensor:
+        """(3, H, W) in [0, 1] -> (3, kH, kW) in [0, 1] (k = scale); any size (tiles when it is
+        not the model's size s x s)."""
+        quality = self.check_knobs(quality, alpha, fidelity)
+        _, h, w = image.shape
+        s, k = self.tile, self.scale
+        if s is None:  # a model that takes any size: the whole image, padded to a multiple
+            m = self.described.size_multiple
+            out = self._run(_pad(image, 0, -w % m, 0, -h % m)[None], quality, alpha, fidelity)[0]
+            return out[:, : k * h, : k * w]
+        if h == s and w == s:
+            return self._run(image[None], quality, alpha, fidelity)[0]
+        # A margin of overlap/2 mirrored pixels keeps the image border away from the tile
+        # borders, where a convolutional network sees zero padding and does worst; images
+        # smaller than a tile are padded up to one. Both are cropped off afterwards.
+        m = self.overlap // 2
+        top = left = m
+        bottom, right = m + max(0, s - h - 2 * m), m + max(0, s - w - 2 * m)
+        image = _pad(image, left, right, top, bottom)
+        H, W = image.shape[1:]
+        boxes = [(y, x) for y in tile_starts(H, s, self.overlap) for x in tile_starts(W, s, self.overlap)]
+        acc = torch.zeros(3, k * H, k * W)
+        weight = torch.zeros(1, k * H, k * W)
+        S = k * s
+        for i in range(0, len(boxes), self.batch_size):
+            chunk = boxes[i : i + self.batch_size]
+            tiles = torch.stack([image[:, y : y + s, x : x + s] for y, x in chunk])
+            out = self._run(tiles, quality, alpha, fidelity)
+            for (y, x), t in zip(chunk, out):
+                acc[:, k * y : k * y + S, k * x : k * x + S] += t * self._window
+                weight[:, k * y : k * y + S, k * x : k * x + S] += self._window
+        return (acc / weight)[:, k * top : k * (top + h), k * left : k * (left + w)]
+
+    def restore(self, images, quality: float | None = None, alpha: float | None = None, fidelity: float = 0.0):
+        """Restore tensors ((3,H,W) or (N,3,H,W) in [0,1]) or PIL images (one or a list).
+
+        Returns the same kind as given. `quality` is the target S in [0, 1] (default 1.0, the
+        highest; None for models without a quality condition), `alpha` the HQ+ fusion weight
+        (default: the model's), `fidelity` CodeFormer's w (models with CFT blocks).
+        """
+        self.check_knobs(quality, alpha, fidelity)
+        if isinstance(images, Image.Image):  # grey in, grey out; 16-bit grey in, 16-bit out
+            grey, bits = io.pil_kind(images)
+            return io.to_pil(self.restore_one(io.from_pil(images), quality, alpha, fidelity), grey=grey, bits=bits)
+        if isinstance(images, (list, tuple)):
+            return [self.restore(im, quality, alpha, fidelity) for im in images]
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"expected a tensor or PIL image, got {type(images).__name__}")
+        if images.ndim == 3:
+            return self.restore(images[None], quality, alpha, fidelity)[0]
+        io.check_batch(images)
+        n, _, h, w = images.shape
+        if h == self.image_size and w == self.image_size:  # whole batches of aligned crops
+            q = self.check_knobs(quality, alpha, fidelity)
+            outs = [self._run(images[i : i + self.batch_size], q, alpha, fidelity) for i in range(0, n, self.batch_size)]
+            return torch.cat(outs)
+        return torch.stack([self.restore_one(im.float().cpu(), quality, alpha, fidelity) for im in images])
+
+
+def load_restorer(path: str | Path, device: str = "auto", dtype: str = "auto", batch_size: int = 4,
+                  use_ema: bool = True, backend: str = "auto") -> Restorer:
+    """Build a Restorer from a stage-2 run folder (its latest checkpoint), a checkpoint file, a
+    folder written by `iqpir convert`, a released IQPIR/CodeFormer `.pth` file, or a graph
+    written by `iqpir export` (.onnx, .xml): files.describe -> engines.make_engine -> Restorer.
+    dtype/backend: see iqpir.inference.engines."""
+    described = files.describe(path, use_ema=use_ema)
+    if device == "auto" and described.format in files.GRAPH_FORMATS:
+        device = "cpu"  # graphs run on the CPU here
+    return Restorer(described, device=device, dtype=dtype, batch_size=batch_size, backend=backend, own_model=True)
