@@ -46,8 +46,9 @@ plug the recipe into their own trainer.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,34 +78,50 @@ class QualityConditioned(nn.Module):
     ``quality`` is a number or a (B,) tensor in [0, 1] (higher = better).
     """
 
-    def __init__(self, network: nn.Module, feature: str, channels: int, size: int | None = None,
-                 kind: str = "binned", bins: int = 10, zero_init: bool = True) -> None:
+    def __init__(self, network: nn.Module, feature: str | Sequence[str], channels: int | Sequence[int],
+                 size: int | None = None, kind: str = "binned", bins: int = 10, zero_init: bool = True) -> None:
         super().__init__()
         if kind not in ("binned", "continuous"):
             raise ValueError(f"kind must be 'binned' or 'continuous', got {kind!r}")
+        features = [feature] if isinstance(feature, str) else list(feature)
+        widths = [channels] if isinstance(channels, int) else list(channels)
+        if len(features) != len(widths) or not features:
+            raise ValueError(f"give one channel count per feature: features {features}, channels {widths}")
         modules = dict(network.named_modules())
-        if feature not in modules or feature == "":
-            close = difflib.get_close_matches(feature, [n for n in modules if n], n=5)
-            hint = f"; did you mean {close}?" if close else ""
-            raise ValueError(
-                f"feature {feature!r} is not a submodule of {type(network).__name__}{hint} "
-                "(use a name from network.named_modules())")
+        for name in features:
+            if name not in modules or name == "":
+                close = difflib.get_close_matches(name, [n for n in modules if n], n=5)
+                hint = f"; did you mean {close}?" if close else ""
+                raise ValueError(
+                    f"feature {name!r} is not a submodule of {type(network).__name__}{hint} "
+                    "(use a name from network.named_modules())")
         self.network = network
-        self.feature = feature
-        self.channels = channels
+        self.features = features
+        self.feature = features[0]
+        self.channels = widths[0]
         self.size = size
-        self.embedding = QualityEmbedding(kind=kind, bins=bins, channels=channels, size=size or 1)
+        # One embedding per conditioned feature; the first keeps the name `embedding` (one-feature files).
+        self.embedding = QualityEmbedding(kind=kind, bins=bins, channels=widths[0], size=size or 1)
+        self.more_embeddings = nn.ModuleList(
+            QualityEmbedding(kind=kind, bins=bins, channels=c, size=size or 1) for c in widths[1:])
         if zero_init:
             with torch.no_grad():
-                self.embedding.maps.zero_()
+                for emb in self.embeddings():
+                    emb.maps.zero_()
         self._condition: Tensor | None = None
         self._calls = 0
-        self._hook = modules[feature].register_forward_hook(self._add_condition)
+        self._hooks = [modules[name].register_forward_hook(functools.partial(self._add_condition, i))
+                       for i, name in enumerate(features)]
 
-    def condition(self, quality: Tensor | float, batch: int, height: int, width: int) -> Tensor:
-        """s(S) at a feature map of shape (batch, channels, height, width)."""
-        q = check_quality(quality, batch, device=self.embedding.maps.device)
-        s = self.embedding(q)  # (B, C, k, k)
+    def embeddings(self) -> list[QualityEmbedding]:
+        """The embeddings of ``features``, in order."""
+        return [self.embedding, *self.more_embeddings]
+
+    def condition(self, quality: Tensor | float, batch: int, height: int, width: int, index: int = 0) -> Tensor:
+        """s(S) of feature ``index`` at a feature map of shape (batch, C, height, width)."""
+        embedding = self.embeddings()[index]
+        q = check_quality(quality, batch, device=embedding.maps.device)
+        s = embedding(q)  # (B, C, k, k)
         if s.shape[-2:] != (height, width):
             if self.size is None:
                 s = s.expand(-1, -1, height, width)
@@ -112,19 +129,21 @@ class QualityConditioned(nn.Module):
                 s = F.interpolate(s, size=(height, width), mode="bilinear", align_corners=False)
         return s
 
-    def _add_condition(self, module: nn.Module, args, output):
+    def _add_condition(self, index: int, module: nn.Module, args, output):
         if self._condition is None:
             return output  # the network called outside QualityConditioned.forward: unchanged
+        name = self.features[index]
         if not isinstance(output, Tensor) or output.ndim != 4:
-            raise TypeError(f"feature {self.feature!r} must output one (B, C, h, w) tensor, got "
+            raise TypeError(f"feature {name!r} must output one (B, C, h, w) tensor, got "
                             f"{type(output).__name__}{'' if not isinstance(output, Tensor) else tuple(output.shape)}")
         b, c, h, w = output.shape
         q = self._condition
-        if c != self.channels or b != q.shape[0]:
-            raise ValueError(f"feature {self.feature!r} output has shape {tuple(output.shape)}; the embedding "
-                             f"expects ({q.shape[0]}, {self.channels}, h, w)")
+        expected = self.embeddings()[index].channels
+        if c != expected or b != q.shape[0]:
+            raise ValueError(f"feature {name!r} output has shape {tuple(output.shape)}; the embedding "
+                             f"expects ({q.shape[0]}, {expected}, h, w)")
         self._calls += 1
-        return output + self.condition(q, b, h, w).to(output.dtype)
+        return output + self.condition(q, b, h, w, index).to(output.dtype)
 
     def forward(self, lq: Tensor, quality: Tensor | float):
         self._condition = check_quality(quality, lq.shape[0], device=lq.device)
@@ -133,8 +152,8 @@ class QualityConditioned(nn.Module):
             out = self.network(lq)
         finally:
             self._condition = None
-        if self._calls == 0:
-            raise RuntimeError(f"feature {self.feature!r} did not run in the network's forward; "
+        if self._calls < len(self.features):
+            raise RuntimeError(f"a feature of {self.features} did not run in the network's forward; "
                                "the condition was not applied")
         return out
 
@@ -157,15 +176,24 @@ class UNet(nn.Module):
     to a multiple of 2**(levels-1) and cropped back). Named stages for conditioning:
     ``enc0..enc{L-2}``, ``bottleneck`` (C * 2**(L-1) channels at 1/2**(L-1) size),
     ``dec{L-2}..dec0``. The last conv starts at zero, so the untrained network is the identity.
+
+    ``unshuffle=u`` > 1 runs the whole U-Net at 1/u of the input's resolution: pixel-unshuffle
+    (space-to-depth, 3 u^2 channels) before the stem, pixel-shuffle after the head. At u = 2 it
+    costs about a quarter of the FLOPs at the same widths (what CPU inference needs), and any
+    H, W is padded to a multiple of u 2^(L-1).
     """
 
-    def __init__(self, channels: int = 32, levels: int = 3) -> None:
+    def __init__(self, channels: int = 32, levels: int = 3, unshuffle: int = 1) -> None:
         super().__init__()
         if levels < 2:
             raise ValueError("a U-Net needs at least 2 levels")
+        if unshuffle < 1:
+            raise ValueError(f"unshuffle must be >= 1, got {unshuffle}")
         self.levels = levels
+        self.unshuffle = unshuffle
         widths = [channels * 2**i for i in range(levels)]
-        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        pixels = 3 * unshuffle**2
+        self.stem = nn.Conv2d(pixels, widths[0], 3, padding=1)
         self.encoders = nn.ModuleList()
         self.downs = nn.ModuleList()
         for i in range(levels - 1):
@@ -178,7 +206,7 @@ class UNet(nn.Module):
             self.ups.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                           nn.Conv2d(widths[i + 1], widths[i], 3, padding=1)))
             self.decoders.append(_Block(2 * widths[i], widths[i]))
-        self.head = nn.Conv2d(widths[0], 3, 3, padding=1)
+        self.head = nn.Conv2d(widths[0], pixels, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self._widths = widths
@@ -196,10 +224,10 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        m = 2 ** (self.levels - 1)
+        m = self.multiple
         ph, pw = (-h) % m, (-w) % m
         xp = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate") if ph or pw else x
-        f = self.stem(xp)
+        f = self.stem(F.pixel_unshuffle(xp, self.unshuffle) if self.unshuffle > 1 else xp)
         skips = []
         for enc, down in zip(self.encoders, self.downs):
             f = enc(f)
@@ -208,7 +236,15 @@ class UNet(nn.Module):
         f = self.bottleneck(f)
         for up, dec in zip(self.ups, self.decoders):
             f = dec(torch.cat([up(f), skips.pop()], dim=1))
-        return (xp + self.head(f))[..., :h, :w]
+        r = self.head(f)
+        if self.unshuffle > 1:
+            r = F.pixel_shuffle(r, self.unshuffle)
+        return (xp + r)[..., :h, :w]
+
+    @property
+    def multiple(self) -> int:
+        """Inputs are padded to a multiple of this (and cropped back)."""
+        return self.unshuffle * 2 ** (self.levels - 1)
 
 
 # --------------------------------------------------------------------------------------

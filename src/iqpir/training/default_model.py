@@ -1,0 +1,436 @@
+"""The recipe of the packaged default model: data from OS packages, a quality-conditioned U-Net, hours on a CPU.
+
+    python -m iqpir.training.default_model data  --work WORK      # fetch photos, crop, degrade, score
+    python -m iqpir.training.default_model train --work WORK --steps N [--threads T]   # resumes exactly
+    python -m iqpir.training.default_model write --work WORK --out src/iqpir/weights   # weights + card
+
+(`make default-model` runs the three.) The route is the paper's plug-and-play one (section 4.3,
+Tables 7-9): quality conditioning s(S) added to the features of a restoration network that learns
+fast, here a U-Net at half resolution (``iqpir.plugin.UNet(unshuffle=2)``), conditioned at its
+bottleneck and inside every decoder block (``QualityConditioned`` with several features).
+
+The data follow the paper's premise (section 3, "Beyond Ground-Truth"): ground truths of mixed
+quality, each with its own score S. From every clean crop we make copies degraded to fixed levels
+(``GT_LEVELS``) and score all of them with the built-in ensemble (NIQE + PIQE, min-max over the
+set, as the authors normalise over FFHQ). A training pair is (input, target, S): the input is
+always a fresh BFR degradation of the *clean* crop, the target is one of its quality levels, S
+that target's score. The input therefore never tells which target is wanted; only S does, so the
+network has to learn the condition (docs/results.md records why pairs degraded from the target
+taught the demo nothing about S).
+
+Sampling is a pure function of (seed, step), so a resumed run equals an uninterrupted one; the
+work folder holds the crops, the scores, ``last/`` (model, optimiser, step) and ``curve.jsonl``
+(held-out PSNR and the S response against steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from iqpir import config as C
+from iqpir import io
+from iqpir.data.degradations import degrade
+from iqpir.plugin import QualityConditioned, UNet
+
+# Photos from Debian packages, fetched by package name (apt-get download + dpkg -x): (package,
+# path inside the package, licence from the package's copyright file). Illustrations and flat
+# gradients of the same packages are left out: they teach little about photos.
+PHOTOS = (
+    *(("mate-backgrounds", f"usr/share/backgrounds/mate/nature/{n}.jpg", "GPL-2+") for n in (
+        "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
+        "TwoWings", "Wood", "YellowFlower")),
+    *(("plasma-workspace-wallpapers", f"usr/share/wallpapers/{n}", "see the package's copyright file (CC-BY-SA / LGPL)")
+      for n in ("Autumn/contents/images/2560x1600.jpg", "ColdRipple/contents/images/2560x1600.jpg",
+                "EveningGlow/contents/images/2560x1600.jpg", "FallenLeaf/contents/images/2560x1600.jpg",
+                "Grey/contents/images/2560x1600.jpg", "Kite/contents/images/2560x1600.jpg",
+                "OneStandsOut/contents/images/2560x1600.jpg", "Path/contents/images/2560x1600.jpg")),
+    *(("lomiri-wallpapers-16.04", f"usr/share/backgrounds/{n}", "CC-BY-SA-3.0 / CC-BY-SA-4.0 / CC-BY-4.0") for n in (
+        "Picture_1A_by_freespace.jpg", "Wine_by_Jakkub_Mede.jpg", "greentock_by_Peter_Nerlich.jpg",
+        "seeding_by_Clements_Engelhardt.jpg", "aitzgorri_by_Aitzol_Berasategi.jpg",
+        "Dragonfly_by_Bolly.jpg", "friends_by_Aitzol_Berasategi.jpg",
+        "sunset_by_Aitzol_Berasategi.jpg", "free_by_Peter_Nerlich.jpg", "picosdeeuropa_by_Aitzol_Berasategi.jpg",
+        "Picture_0B_by_freespace.jpg", "life_by_Aitzol_Berasategi.jpg", "analogpattern_by_Peter_Nerlich.jpg",
+        "Bridge_by_Sander_Klootwijk.jpg")),
+    ("lomiri-wallpapers-20.04", "usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg", "CC-BY-SA-4.0 / CC-BY-4.0"),
+)
+# Photos of the same packages kept out of training: the held-out set, with the demo's three.
+HELD_OUT_PHOTOS = ("Kleiber_by_Lukas_Baubkus.jpg", "friends_by_Aitzol_Berasategi.jpg", "FreshFlower.jpg")
+SKIMAGE_LICENCE = "scikit-image data (BSD-3-Clause package; images public domain or CC0 per skimage.data)"
+
+CROP = 192          # stored crop side; NIQE/PIQE see whole 96-px blocks
+SIDES = (1024, 512)  # each photo is resized (antialiased) to these long sides before cropping
+# Ground-truth quality levels (blur sigma, downsampling, noise sigma /255, JPEG quality); level 0 is clean.
+GT_LEVELS = ((1.0, 1.0, 3.0, 75), (1.8, 2.0, 6.0, 50), (2.8, 3.0, 10.0, 30))
+LEVEL_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # how often each level is the target (the clean one most)
+# The degradation the model undoes: wider than the evaluation's (blur 1-3, 2-4x, noise <= 10, JPEG 50-80).
+TRAIN_DEGRADATION = dict(kernel_size=21, blur_sigma=[0.5, 3.5], downsample=[1.0, 4.0], noise=[0.0, 12.0],
+                         jpeg_quality=[40, 90])
+EVAL_DEGRADATION = dict(kernel_size=21, blur_sigma=[1.0, 3.0], downsample=[2.0, 4.0], noise=[0.0, 10.0],
+                        jpeg_quality=[50, 80])
+METRICS = ("niqe", "piqe")
+EVAL_SIDE = 384
+
+
+@dataclass
+class NetworkConfig:
+    """The default network: UNet(channels, levels, unshuffle) conditioned at ``features()``."""
+
+    channels: int = 24
+    levels: int = 4
+    unshuffle: int = 2
+    embedding: str = "continuous"
+
+    def features(self) -> list[str]:
+        # the bottleneck, and the first SiLU of every decoder block (its output still goes through
+        # a conv, GroupNorm and SiLU, so the condition can change what the block computes)
+        return ["bottleneck", *(f"decoders.{i}.2" for i in range(self.levels - 1))]
+
+
+def build_network(cfg: NetworkConfig) -> QualityConditioned:
+    net = UNet(cfg.channels, cfg.levels, unshuffle=cfg.unshuffle)
+    feats = cfg.features()
+    chans = [net.feature_channels(f.rsplit(".", 1)[0] if f != "bottleneck" else f) for f in feats]
+    return QualityConditioned(net, feats, chans, kind=cfg.embedding)
+
+
+def bfr_config(**values) -> C.DegradationConfig:
+    return C.load(overrides=["data.degradation.preset=bfr", *(
+        f"data.degradation.bfr.{k}={json.dumps(v)}" for k, v in values.items())]).data.degradation
+
+
+def level_config(level: tuple[float, float, float, int]) -> C.DegradationConfig:
+    sigma, scale, noise, q = level
+    return bfr_config(kernel_size=21, blur_sigma=[sigma, sigma], downsample=[scale, scale], noise=[noise, noise],
+                      jpeg_quality=[q, q])
+
+
+def log(msg: str) -> None:
+    print(f"[default-model] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+def fetch_packages(root: Path) -> Path:
+    """apt-get download + dpkg -x each package of PHOTOS into root/debs, root/tree (once)."""
+    tree = root / "tree"
+    debs = root / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    for package in sorted({p for p, _, _ in PHOTOS}):
+        if list(debs.glob(f"{package}_*.deb")):
+            continue
+        if shutil.which("apt-get") is None:
+            raise RuntimeError("fetching the training photos needs apt-get (Debian's packages); "
+                               f"put {package}'s .deb in {debs} by hand")
+        log(f"apt-get download {package}")
+        subprocess.run(["apt-get", "download", package], cwd=debs, check=True, capture_output=True)
+    for deb in sorted(debs.glob("*.deb")):
+        subprocess.run(["dpkg", "-x", str(deb), str(tree)], check=True)
+    return tree
+
+
+def _resize_long(img: torch.Tensor, side: int) -> torch.Tensor:
+    h, w = img.shape[-2:]
+    s = side / max(h, w)
+    if s >= 1:
+        return img
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    return F.interpolate(img[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+
+
+def _grid_crops(img: torch.Tensor, crop: int) -> list[torch.Tensor]:
+    h, w = img.shape[-2:]
+    ny, nx = h // crop, w // crop
+    oy, ox = (h - ny * crop) // 2, (w - nx * crop) // 2
+    return [img[:, oy + i * crop:oy + (i + 1) * crop, ox + j * crop:ox + (j + 1) * crop]
+            for i in range(ny) for j in range(nx)]
+
+
+def training_photos(root: Path) -> dict[str, tuple[torch.Tensor, str]]:
+    """name -> ((3, H, W) clean photo, licence): the Debian photos and the demo's scikit-image photos."""
+    from iqpir.demo import TRAIN, _bundled_images
+
+    tree = fetch_packages(root)
+    photos = {}
+    for package, path, licence in PHOTOS:
+        name = Path(path).name if "contents" not in path else path.split("/")[3]
+        if name in HELD_OUT_PHOTOS:
+            continue
+        photos[f"{package}/{name}"] = (io.load_rgb(tree / path), licence)
+    bundled = _bundled_images()
+    for name in TRAIN:
+        photos[f"skimage/{name}"] = (bundled[name], SKIMAGE_LICENCE)
+    return photos
+
+
+def build_data(work: Path, seed: int = 0, batch: int = 64) -> dict:
+    """Crops, their quality levels and scores -> work/crops.safetensors, work/data.json."""
+    from iqpir.iqa import QualityEnsemble
+
+    out = work / "crops.safetensors"
+    if out.exists():
+        return json.loads((work / "data.json").read_text())
+    photos = training_photos(work / "packages")
+    crops, sources = [], []
+    for name, (img, _) in photos.items():
+        for side in SIDES:
+            for c in _grid_crops(_resize_long(img, side), CROP):
+                if c.std() > 0.03:  # flat sky and walls teach nothing
+                    crops.append(c)
+                    sources.append(name)
+    clean = torch.stack(crops)
+    log(f"{len(crops)} crops of {CROP} px from {len(photos)} photos; degrading to {len(GT_LEVELS)} levels")
+    levels = [clean]
+    for k, level in enumerate(GT_LEVELS, 1):
+        g = torch.Generator().manual_seed(seed * 1000 + k)
+        levels.append(torch.cat([degrade(clean[i:i + batch], level_config(level), generator=g)
+                                 for i in range(0, len(clean), batch)]))
+    stack = torch.stack(levels, dim=1)  # (N, L+1, 3, CROP, CROP)
+    log("scoring every ground truth with the ensemble (NIQE, PIQE)")
+    ens = QualityEnsemble(list(METRICS), normalization="minmax")
+    flat = stack.flatten(0, 1)
+    raw = {m: [] for m in METRICS}
+    for i in range(0, len(flat), batch):
+        for m, v in ens.raw(flat[i:i + batch]).items():
+            raw[m].append(v)
+    raw = {m: torch.cat(v) for m, v in raw.items()}
+    constants = ens.fit_minmax(raw)
+    scores = ens.normalize_raw(raw).view(len(clean), len(levels)).float()
+    save_file({"images": (stack * 255).round().to(torch.uint8).contiguous(), "scores": scores.contiguous()}, out)
+    info = {
+        "crops": len(crops), "crop": CROP, "sides": list(SIDES), "levels": [list(x) for x in GT_LEVELS],
+        "metrics": list(METRICS), "normalization": "minmax", "constants": constants,
+        "mean_score_per_level": [round(float(v), 4) for v in scores.mean(0)],
+        "photos": {name: lic for name, (_, lic) in photos.items()},
+        "crops_per_photo": {n: sources.count(n) for n in photos},
+        "held_out": [*HELD_OUT_PHOTOS, "skimage/astronaut", "skimage/coffee", "matplotlib/grace_hopper"],
+    }
+    io.atomic_write_text(work / "data.json", json.dumps(info, indent=1))
+    log(f"scores per level (mean S): {info['mean_score_per_level']}")
+    return info
+
+
+def held_out(work: Path) -> dict[str, torch.Tensor]:
+    """The held-out photos at EVAL_SIDE (cached as PNG): never trained on."""
+    folder = work / "heldout" / "reference"
+    if not folder.exists():
+        from iqpir.demo import HELD_OUT, _bundled_images
+
+        tree = fetch_packages(work / "packages")
+        imgs = {}
+        for package, path, _ in PHOTOS:
+            name = Path(path).name
+            if name in HELD_OUT_PHOTOS:
+                imgs[Path(name).stem] = io.load_rgb(tree / path)
+        imgs.update({n: im for n, im in _bundled_images().items() if n in HELD_OUT})
+        for name, img in imgs.items():
+            img = _resize_long(img, EVAL_SIDE)
+            h, w = (s - s % 8 for s in img.shape[-2:])
+            io.write_image(folder / f"{name}.png", img[:, :h, :w])
+    return {p.stem: io.load_rgb(p) for p in sorted(folder.glob("*.png"))}
+
+
+def degraded_held_out(work: Path, refs: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    folder = work / "heldout" / "degraded"
+    if not folder.exists():
+        cfg = bfr_config(**EVAL_DEGRADATION)
+        for i, (name, ref) in enumerate(refs.items()):
+            io.write_image(folder / f"{name}.png", degrade(ref[None], cfg, generator=seed * 1000 + i)[0])
+    return {name: io.load_rgb(folder / f"{name}.png") for name in refs}
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000
+    batch: int = 8
+    patch: int = 128
+    lr: float = 5e-4
+    min_lr: float = 2e-5
+    warmup: int = 200
+    seed: int = 0
+    eval_every: int = 1000
+    ckpt_every: int = 250
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine to min_lr at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def sample_batch(images: torch.Tensor, scores: torch.Tensor, cfg: TrainConfig, step: int,
+                 degradation: C.DegradationConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch `step` of the run: (input, target, S), a pure function of (cfg.seed, step)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    n, levels = images.shape[:2]
+    idx = torch.randint(n, (cfg.batch,), generator=g)
+    lvl = torch.multinomial(torch.tensor(LEVEL_WEIGHTS), cfg.batch, replacement=True, generator=g)
+    span = images.shape[-1] - cfg.patch + 1
+    ys, xs = torch.randint(span, (cfg.batch,), generator=g), torch.randint(span, (cfg.batch,), generator=g)
+    flips = torch.rand(cfg.batch, generator=g) < 0.5
+    clean, target = [], []
+    for i, l, y, x, f in zip(idx.tolist(), lvl.tolist(), ys.tolist(), xs.tolist(), flips.tolist()):
+        pair = images[i, [0, l], :, y:y + cfg.patch, x:x + cfg.patch].float() / 255
+        if f:
+            pair = pair.flip(-1)
+        clean.append(pair[0])
+        target.append(pair[1])
+    lq = degrade(torch.stack(clean), degradation, generator=g)
+    return lq, torch.stack(target), scores[idx, lvl]
+
+
+def _save(folder: Path, model, opt, step: int, cfg: TrainConfig, net: NetworkConfig) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "train": asdict(cfg), "network": asdict(net)}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def train(work: Path, cfg: TrainConfig, net_cfg: NetworkConfig, threads: int = 2) -> None:
+    """Train (or resume from work/last) to cfg.steps; evaluate every cfg.eval_every steps."""
+    torch.set_num_threads(threads)
+    data = load_file(work / "crops.safetensors")
+    images, scores = data["images"], data["scores"]
+    torch.manual_seed(cfg.seed)
+    model = build_network(net_cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    start = 0
+    last = work / "last"
+    if (last / "state.json").exists():
+        state = json.loads((last / "state.json").read_text())
+        model.load_state_dict(load_file(last / "model.safetensors"))
+        opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+        start = state["step"]
+        log(f"resuming at step {start}")
+    degradation = bfr_config(**TRAIN_DEGRADATION)
+    refs = held_out(work)
+    lqs = degraded_held_out(work, refs)
+    curve = work / "curve.jsonl"
+    t0, window = time.perf_counter(), []
+    model.train()
+    for step in range(start, cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        lq, target, s = sample_batch(images, scores, cfg, step, degradation)
+        loss = (model(lq, s) - target).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        window.append(loss.item())
+        done = step + 1
+        if done % 50 == 0:
+            rate = (done - start) / (time.perf_counter() - t0)
+            log(f"step {done}/{cfg.steps} l1 {sum(window) / len(window):.4f} lr {lr_at(cfg, step):.2e} "
+                f"{rate:.2f} steps/s")
+            window = []
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _save(last, model, opt, done, cfg, net_cfg)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            model.eval()
+            row = {"step": done, "wall_s": round(time.perf_counter() - t0, 1), **evaluate(model, refs, lqs)}
+            model.train()
+            with curve.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            log(f"eval at {done}: {row}")
+
+
+@torch.no_grad()
+def evaluate(model, refs: dict[str, torch.Tensor], lqs: dict[str, torch.Tensor],
+             sweep=(0.0, 0.5, 1.0)) -> dict:
+    """Held-out means: PSNR/SSIM of input and of the S = 1 restoration; judge quality at each S."""
+    from iqpir.iqa import QualityEnsemble
+    from iqpir.metrics import psnr, ssim
+
+    judge = QualityEnsemble(list(METRICS), normalization="fixed")
+    rows = {"input": [], **{s: [] for s in sweep}}
+    for name, ref in refs.items():
+        lq = lqs[name][None]
+        rows["input"].append((lq, ref[None]))
+        for s in sweep:
+            rows[s].append((model(lq, s).clamp(0, 1), ref[None]))
+
+    def summary(pairs):
+        return {"psnr": sum(float(psnr(x, y)) for x, y in pairs) / len(pairs),
+                "ssim": sum(float(ssim(x, y)) for x, y in pairs) / len(pairs),
+                "quality": sum(float(judge(x)) for x, _ in pairs) / len(pairs)}
+
+    out = {"input": summary(rows["input"])}
+    for s in sweep:
+        out[f"S={s}"] = summary(rows[s])
+    return {k: {m: round(v, 4) for m, v in d.items()} for k, d in out.items()}
+
+
+def write_pairs(work: Path, seed: int = 0) -> Path:
+    """The same data as folders for `iqpir train` (the IQPIR arm of the comparison).
+
+    work/pairs/hq/NNNN_Lk.png is quality level k of crop NNNN, work/pairs/lq/NNNN_Lk.png one fixed
+    draw of the training degradation of the *clean* crop NNNN: pairs whose input never tells the
+    target's level, as in `train`. Score hq/ with `iqpir score` (NIQE, PIQE, min-max) for S.
+    """
+    root = work / "pairs"
+    if (root / "lq").exists():
+        return root
+    images = load_file(work / "crops.safetensors")["images"]
+    cfg = bfr_config(**TRAIN_DEGRADATION)
+    for i in range(len(images)):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        clean = images[i, 0].float()[None] / 255
+        for k in range(images.shape[1]):
+            io.write_image(root / "hq" / f"{i:04d}_L{k}.png", images[i, k].float() / 255)
+            io.write_image(root / "lq" / f"{i:04d}_L{k}.png", degrade(clean, cfg, generator=g)[0])
+    return root
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m iqpir.training.default_model", description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=("data", "train", "pairs"))
+    p.add_argument("--work", type=Path, required=True, help="work folder (data, checkpoints, curves)")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.command == "data":
+        build_data(args.work, seed=args.seed)
+        degraded_held_out(args.work, held_out(args.work))
+    elif args.command == "pairs":
+        print(write_pairs(args.work, seed=args.seed))
+    else:
+        train(args.work, TrainConfig(steps=args.steps, eval_every=args.eval_every, seed=args.seed), NetworkConfig(),
+              threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()
