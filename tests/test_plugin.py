@@ -167,3 +167,54 @@ def test_feature_that_is_not_a_feature_map_raises():
 
     with pytest.raises(TypeError, match="one \\(B, C, h, w\\) tensor"):
         QualityConditioned(Net(), feature="pair", channels=3)(torch.rand(1, 3, 8, 8), 0.5)
+
+
+def test_several_features_each_get_their_own_condition():
+    unet = randomise_head(UNet(channels=8, levels=3))
+    feats = ["bottleneck", "decoders.0.2", "decoders.1.2"]
+    chans = [unet.feature_channels("bottleneck"), unet.feature_channels("decoders.0"), unet.feature_channels("decoders.1")]
+    model = QualityConditioned(unet, feats, chans, zero_init=False)
+    lq, q = torch.rand(2, 3, 32, 32), torch.tensor([0.15, 0.95])
+    for i, name in enumerate(feats):
+        seen, h = capture(dict(unet.named_modules())[name])
+        model(lq, q)
+        h.remove()
+        # the hook registered after the wrapper's sees the conditioned output; recompute the plain one
+        b, c, hh, ww = seen[0].shape
+        plain = seen[0] - model.condition(q, b, hh, ww, index=i)
+        assert c == chans[i]
+        assert not torch.allclose(seen[0], plain)
+    assert len(model.embeddings()) == 3 and model.embeddings()[0] is model.embedding
+    with pytest.raises(ValueError, match="one channel count per feature"):
+        QualityConditioned(unet, feats, chans[:2])
+
+
+def test_a_feature_that_does_not_run_is_an_error():
+    unet = UNet(channels=8, levels=3)
+    model = QualityConditioned(unet, ["bottleneck", "stem"], [32, 8])
+    unet.forward = lambda x: unet.bottleneck(torch.zeros(x.shape[0], 32, 4, 4))  # skips the stem
+    with pytest.raises(RuntimeError, match="did not run"):
+        model(torch.rand(1, 3, 16, 16), 0.5)
+
+
+@pytest.mark.parametrize("unshuffle", [1, 2])
+def test_unet_at_lower_resolution_is_the_identity_at_init_at_any_size(unshuffle):
+    unet = UNet(channels=8, levels=3, unshuffle=unshuffle)
+    assert unet.multiple == unshuffle * 4
+    x = torch.rand(1, 3, 30, 37)
+    torch.testing.assert_close(unet(x), x)
+    randomise_head(unet)
+    assert unet(x).shape == x.shape
+
+
+def test_the_default_network_is_conditioned_in_every_decoder():
+    from iqpir.plugin import conditioned_unet
+
+    model = conditioned_unet(channels=8, levels=3)
+    assert model.features == ["bottleneck", "decoders.0.2", "decoders.1.2"]
+    for emb in model.embeddings():
+        torch.nn.init.normal_(emb.maps, std=0.5)
+    randomise_head(model.network)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x, 0.0) - model(x, 1.0)).abs().max() > 1e-3

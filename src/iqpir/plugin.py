@@ -247,6 +247,22 @@ class UNet(nn.Module):
         return self.unshuffle * 2 ** (self.levels - 1)
 
 
+def conditioned_unet(channels: int = 24, levels: int = 4, unshuffle: int = 2,
+                     embedding: str = "continuous") -> QualityConditioned:
+    """A UNet conditioned at its bottleneck and in every decoder block (the packaged default model).
+
+    The condition goes to the bottleneck's output and to the first SiLU of each decoder block,
+    whose output still passes a conv, GroupNorm and SiLU: a per-channel shift there changes what
+    the block computes, where one added after a block's last SiLU would reach the linear head
+    only as a constant offset of the image.
+    """
+    net = UNet(channels, levels, unshuffle=unshuffle)
+    decoders = [f"decoders.{i}" for i in range(levels - 1)]
+    features = ["bottleneck", *(f"{d}.2" for d in decoders)]
+    widths = [net.feature_channels("bottleneck"), *(net.feature_channels(d) for d in decoders)]
+    return QualityConditioned(net, features, widths, kind=embedding)
+
+
 # --------------------------------------------------------------------------------------
 # Training recipe (kept apart from the networks above)
 # --------------------------------------------------------------------------------------

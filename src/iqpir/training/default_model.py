@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from iqpir import config as C
 from iqpir import io
 from iqpir.data.degradations import degrade
-from iqpir.plugin import QualityConditioned, UNet
+from iqpir.plugin import QualityConditioned, conditioned_unet
 
 # Photos from Debian packages, fetched by package name (apt-get download + dpkg -x): (package,
 # path inside the package, licence from the package's copyright file). Illustrations and flat
@@ -86,24 +86,16 @@ EVAL_SIDE = 384
 
 @dataclass
 class NetworkConfig:
-    """The default network: UNet(channels, levels, unshuffle) conditioned at ``features()``."""
+    """The default network: ``iqpir.plugin.conditioned_unet(**asdict(cfg))``."""
 
     channels: int = 24
     levels: int = 4
     unshuffle: int = 2
     embedding: str = "continuous"
 
-    def features(self) -> list[str]:
-        # the bottleneck, and the first SiLU of every decoder block (its output still goes through
-        # a conv, GroupNorm and SiLU, so the condition can change what the block computes)
-        return ["bottleneck", *(f"decoders.{i}.2" for i in range(self.levels - 1))]
-
 
 def build_network(cfg: NetworkConfig) -> QualityConditioned:
-    net = UNet(cfg.channels, cfg.levels, unshuffle=cfg.unshuffle)
-    feats = cfg.features()
-    chans = [net.feature_channels(f.rsplit(".", 1)[0] if f != "bottleneck" else f) for f in feats]
-    return QualityConditioned(net, feats, chans, kind=cfg.embedding)
+    return conditioned_unet(**asdict(cfg))
 
 
 def bfr_config(**values) -> C.DegradationConfig:
@@ -301,13 +293,13 @@ def sample_batch(images: torch.Tensor, scores: torch.Tensor, cfg: TrainConfig, s
     return lq, torch.stack(target), scores[idx, lvl]
 
 
-def _save(folder: Path, model, opt, step: int, cfg: TrainConfig, net: NetworkConfig) -> None:
+def _save(folder: Path, model, opt, step: int, cfg: TrainConfig, net: NetworkConfig, spent: dict) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "train": asdict(cfg), "network": asdict(net)}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "train": asdict(cfg), "network": asdict(net), **spent}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -320,19 +312,20 @@ def train(work: Path, cfg: TrainConfig, net_cfg: NetworkConfig, threads: int = 2
     torch.manual_seed(cfg.seed)
     model = build_network(net_cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    start = 0
+    start, before = 0, {"wall_s": 0.0, "cpu_s": 0.0}
     last = work / "last"
     if (last / "state.json").exists():
         state = json.loads((last / "state.json").read_text())
         model.load_state_dict(load_file(last / "model.safetensors"))
         opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
         start = state["step"]
+        before = {k: state.get(k, 0.0) for k in before}
         log(f"resuming at step {start}")
     degradation = bfr_config(**TRAIN_DEGRADATION)
     refs = held_out(work)
     lqs = degraded_held_out(work, refs)
     curve = work / "curve.jsonl"
-    t0, window = time.perf_counter(), []
+    t0, c0, window = time.perf_counter(), time.process_time(), []
     model.train()
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
@@ -350,10 +343,13 @@ def train(work: Path, cfg: TrainConfig, net_cfg: NetworkConfig, threads: int = 2
                 f"{rate:.2f} steps/s")
             window = []
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save(last, model, opt, done, cfg, net_cfg)
+            spent = {"wall_s": before["wall_s"] + time.perf_counter() - t0,
+                     "cpu_s": before["cpu_s"] + time.process_time() - c0}
+            _save(last, model, opt, done, cfg, net_cfg, spent)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             model.eval()
-            row = {"step": done, "wall_s": round(time.perf_counter() - t0, 1), **evaluate(model, refs, lqs)}
+            row = {"step": done, "wall_s": round(before["wall_s"] + time.perf_counter() - t0, 1),
+                   **evaluate(model, refs, lqs)}
             model.train()
             with curve.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -407,6 +403,64 @@ def write_pairs(work: Path, seed: int = 0) -> Path:
     return root
 
 
+def heavy_held_out(work: Path, refs: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """The held-out photos through `iqpir degrade`'s default (heavy) preset."""
+    folder = work / "heldout" / "heavy"
+    if not folder.exists():
+        cfg = C.RunConfig().data.degradation
+        for i, (name, ref) in enumerate(refs.items()):
+            io.write_image(folder / f"{name}.png", degrade(ref[None], cfg, generator=seed * 1000 + i)[0])
+    return {name: io.load_rgb(folder / f"{name}.png") for name in refs}
+
+
+def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
+    """The trained network -> out/default.safetensors (float32 + metadata) and out/default.json (model card)."""
+    state = json.loads((work / "last" / "state.json").read_text())
+    net_cfg = NetworkConfig(**state["network"])
+    model = build_network(net_cfg)
+    model.load_state_dict(load_file(work / "last" / "model.safetensors"))
+    model.eval()
+    data = json.loads((work / "data.json").read_text())
+    refs = held_out(work)
+    curve = [json.loads(line) for line in (work / "curve.jsonl").read_text().splitlines() if line.strip()]
+    sweep = (0.0, 0.25, 0.5, 0.75, 1.0)
+    results = {"moderate": evaluate(model, refs, degraded_held_out(work, refs), sweep),
+               "heavy": evaluate(model, refs, heavy_held_out(work, refs), sweep)}
+    wall = state.get("wall_s") or curve[-1]["wall_s"]
+    meta = {"format": "iqpir-default", "architecture": "conditioned_unet", "network": asdict(net_cfg),
+            "quality": {"metrics": data["metrics"], "normalization": data["normalization"],
+                        "constants": data["constants"]},
+            "adain": False}
+    card = {
+        "name": "iqpir default model",
+        "architecture": {
+            "route": "plug-and-play quality conditioning (paper 4.3) of a U-Net",
+            "builder": f"iqpir.plugin.conditioned_unet(**{asdict(net_cfg)})",
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "input": "RGB in [0, 1], any size (padded to a multiple of "
+                     f"{model.network.multiple}); output the same size",
+            "knobs": {"quality": "S in [0, 1], 1 = the best quality it learnt", "alpha": None, "fidelity": None},
+            "adain": "not applied: AdaIN re-normalises a codebook latent to the input's; this network has no "
+                     "codebook latent (docs/recipe.md)",
+        },
+        "data": {k: data[k] for k in ("crops", "crop", "sides", "levels", "metrics", "normalization", "constants",
+                                       "mean_score_per_level", "photos", "held_out")},
+        "training": {"steps": state["step"], **state["train"], "wall_s": round(wall), "cpu_s": round(state.get("cpu_s", 0)),
+                     "machine": machine or f"{platform.processor() or platform.machine()}, "
+                                           f"{torch.get_num_threads()} torch thread(s) of a shared 2-core machine",
+                     "train_degradation": TRAIN_DEGRADATION, "level_weights": list(LEVEL_WEIGHTS)},
+        "recipe": "make default-model (python -m iqpir.training.default_model data|train|write --work WORK)",
+        "results": {"held_out": sorted(refs), "eval_degradation": EVAL_DEGRADATION, "eval_side": EVAL_SIDE,
+                    "judge": "mean of fixed-normalised NIQE and PIQE (higher is better)", **results},
+        "curve": curve,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, out / "default.safetensors", metadata={"iqpir": json.dumps(meta)})
+    io.atomic_write_text(out / "default.json", json.dumps(card, indent=1) + "\n")
+    return card
+
+
 # --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
@@ -414,7 +468,8 @@ def write_pairs(work: Path, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m iqpir.training.default_model", description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("data", "train", "pairs"))
+    p.add_argument("command", choices=("data", "train", "pairs", "write"))
+    p.add_argument("--out", type=Path, default=Path("src/iqpir/weights"), help="write: the weights' folder")
     p.add_argument("--work", type=Path, required=True, help="work folder (data, checkpoints, curves)")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--threads", type=int, default=2)
@@ -425,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "data":
         build_data(args.work, seed=args.seed)
         degraded_held_out(args.work, held_out(args.work))
+    elif args.command == "write":
+        card = write_model(args.work, args.out)
+        print(json.dumps(card["results"]["moderate"], indent=1))
     elif args.command == "pairs":
         print(write_pairs(args.work, seed=args.seed))
     else:
