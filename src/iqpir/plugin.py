@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iqpir.iqa.base import quality_input
 from iqpir.models.embedding import QualityEmbedding, check_quality
 
 # --------------------------------------------------------------------------------------
@@ -266,13 +267,6 @@ def conditioned_unet(channels: int = 24, levels: int = 4, unshuffle: int = 2,
 # --------------------------------------------------------------------------------------
 # Training recipe (kept apart from the networks above)
 # --------------------------------------------------------------------------------------
-
-
-def quality_input(images: Tensor, min_side: int = 192) -> Tensor:
-    """Upsample so the shorter side is >= min_side (the built-in NR-IQA models' 96-px blocks)."""
-    from iqpir.training.tasks import quality_input as upsample
-
-    return upsample(images, min_side)
 
 
 class PluginRecipe:

@@ -111,3 +111,20 @@ def normalize(
         s = 1.0 - s
     s = torch.nan_to_num(s, nan=0.0)
     return s.clamp(0.0, 1.0)
+
+
+QUALITY_MIN_SIDE = 192  # NIQE's 96-pixel blocks at two scales need two blocks at half size
+
+
+def quality_input(images: torch.Tensor, min_side: int = QUALITY_MIN_SIDE) -> torch.Tensor:
+    """Upsample (bicubic, differentiable) so the shorter side is at least `min_side`.
+
+    The built-in quality models work on 96x96 blocks; tiny-preset crops (64x64) are scored
+    after upsampling. Paper-sized crops (512) pass unchanged.
+    """
+    side = min(images.shape[-2:])
+    if side >= min_side:
+        return images
+    scale = min_side / side
+    size = (round(images.shape[-2] * scale), round(images.shape[-1] * scale))
+    return torch.nn.functional.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(0, 1)

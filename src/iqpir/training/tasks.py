@@ -19,6 +19,7 @@ from torch import Tensor
 
 from iqpir import config as C
 from iqpir.models import build_discriminator, build_restorer, build_vqgan
+from iqpir.iqa.base import QUALITY_MIN_SIDE, quality_input  # noqa: F401  (re-exported for callers)
 from iqpir.training import distributed as D
 
 if TYPE_CHECKING:
@@ -141,7 +142,6 @@ STAGE1_MODEL_KEYS = ("image_size", "base_channels", "channel_mult", "num_res_blo
                      "latent_channels", "final_norm", "codebook_size", "dual_codebook", "alpha", "codebook_update",
                      "codebook_restart")
 
-QUALITY_MIN_SIDE = 192  # NIQE's 96-pixel blocks at two scales need two blocks at half size
 
 
 def table_column(metric: str, columns: list[str]) -> str | None:
@@ -182,20 +182,6 @@ def quality_loss_ensemble(iqa: C.IQAConfig, table: ScoreTable | None, device: to
                 f"images with a metric on its scale (e.g. niqe for niqe_diff) or use iqa.normalization=fixed")
     return QualityEnsemble(iqa.loss_metrics, normalization=normalization, constants=constants, device=str(device),
                            weights_dir=iqa.weights_dir or None)
-
-
-def quality_input(images: Tensor, min_side: int = QUALITY_MIN_SIDE) -> Tensor:
-    """Upsample (bicubic, differentiable) so the shorter side is at least `min_side`.
-
-    The built-in quality models work on 96x96 blocks; tiny-preset crops (64x64) are scored
-    after upsampling. Paper-sized crops (512) pass unchanged.
-    """
-    side = min(images.shape[-2:])
-    if side >= min_side:
-        return images
-    scale = min_side / side
-    size = (round(images.shape[-2] * scale), round(images.shape[-1] * scale))
-    return F.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 class Stage2Task:
