@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all mutants bench clean
+.PHONY: install demo test test-all mutants bench clean default-model
 
 install: $(STAMP)
 
@@ -17,6 +17,15 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/iqpir demo --out demo-output
+
+# The packaged default model (src/iqpir/weights): fetch the photos (apt-get download), train, write the
+# weights and the model card. Hours on 2 cores; `make default-model` again resumes the training exactly.
+DEFAULT_WORK ?= runs/default-model
+DEFAULT_STEPS ?= 10000
+default-model: $(STAMP)
+	$(PY) -m iqpir.training.default_model data --work $(DEFAULT_WORK)
+	$(PY) -m iqpir.training.default_model train --work $(DEFAULT_WORK) --steps $(DEFAULT_STEPS) --threads 2
+	$(PY) -m iqpir.training.default_model write --work $(DEFAULT_WORK) --out src/iqpir/weights
 
 # The default suite: offline, CPU, well under 3 minutes on 2 cores.
 test: $(STAMP)

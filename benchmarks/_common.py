@@ -73,6 +73,7 @@ def prepare_data(work: Path) -> tuple[Path, Path, dict[str, torch.Tensor], float
     The score table holds min-max normalised NIQE over the training images (the condition).
     """
     from iqpir import demo
+    from iqpir.data import bundled
     from iqpir.iqa.table import read_score_table, score_files
 
     train_dir = work / "data" / "train"
@@ -80,14 +81,14 @@ def prepare_data(work: Path) -> tuple[Path, Path, dict[str, torch.Tensor], float
     scores = work / "data" / "scores.csv"
     if not scores.is_file():
         log("writing the bundled training photos and scoring them with NIQE")
-        images = demo._bundled_images()
-        for name in demo.TRAIN:
-            io.write_image(train_dir / f"{name}.png", demo._resize_long_side(images[name], demo.TRAIN_SIDE))
-        for name in demo.HELD_OUT:
-            io.write_image(ref_dir / f"{name}.png", demo._resize_long_side(images[name], demo.HELD_OUT_SIDE))
+        images = bundled.bundled_images()
+        for name in bundled.TRAIN:
+            io.write_image(train_dir / f"{name}.png", bundled.resize_long_side(images[name], demo.TRAIN_SIDE))
+        for name in bundled.HELD_OUT:
+            io.write_image(ref_dir / f"{name}.png", bundled.resize_long_side(images[name], demo.HELD_OUT_SIDE))
         score_files([str(train_dir)], metrics=CONDITION_METRICS, out=str(scores), normalization="minmax",
                     device="cpu", progress=False)
-    refs = {name: io.read_image(ref_dir / f"{name}.png").rgb for name in demo.HELD_OUT}
+    refs = {name: io.read_image(ref_dir / f"{name}.png").rgb for name in bundled.HELD_OUT}
     table = read_score_table(scores)
     median = float(torch.tensor(sorted(table.quality.values())).median())
     return train_dir, scores, refs, median

@@ -14,7 +14,7 @@ from iqpir.cli import main
 @pytest.mark.slow
 def test_quick_demo_writes_report_results_and_runs(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    assert main(["demo", "--out", str(out), "--train", "--quick"]) == 0
     results = json.loads((out / "results.json").read_text())
     for key in ("lq", "restored"):
         assert set(results[key]) == {"psnr", "ssim", "quality"}
@@ -43,7 +43,7 @@ def test_quick_demo_writes_report_results_and_runs(tmp_path):
     with pytest.raises(FileExistsError):
         from iqpir.demo import run_demo
 
-        run_demo(out, quick=True)
+        run_demo(out, quick=True, train=True)
 
 
 # Fast checks of the demo's measurements and verdicts (default suite).

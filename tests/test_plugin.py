@@ -175,15 +175,20 @@ def test_several_features_each_get_their_own_condition():
     chans = [unet.feature_channels("bottleneck"), unet.feature_channels("decoders.0"), unet.feature_channels("decoders.1")]
     model = QualityConditioned(unet, feats, chans, zero_init=False)
     lq, q = torch.rand(2, 3, 32, 32), torch.tensor([0.15, 0.95])
+    modules = dict(unet.named_modules())
     for i, name in enumerate(feats):
-        seen, h = capture(dict(unet.named_modules())[name])
+        # one hook before the wrapper's sees the feature as computed, one after it as conditioned
+        raw, after = [], []
+        h1 = modules[name].register_forward_hook(lambda m, a, o: raw.append(o.detach().clone()), prepend=True)
+        h2 = modules[name].register_forward_hook(lambda m, a, o: after.append(o.detach().clone()))
         model(lq, q)
-        h.remove()
-        # the hook registered after the wrapper's sees the conditioned output; recompute the plain one
-        b, c, hh, ww = seen[0].shape
-        plain = seen[0] - model.condition(q, b, hh, ww, index=i)
+        h1.remove()
+        h2.remove()
+        b, c, hh, ww = raw[0].shape
         assert c == chans[i]
-        assert not torch.allclose(seen[0], plain)
+        expected = model.condition(q, b, hh, ww, index=i).detach()
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(after[0] - raw[0], expected, atol=1e-6, rtol=0)
     assert len(model.embeddings()) == 3 and model.embeddings()[0] is model.embedding
     with pytest.raises(ValueError, match="one channel count per feature"):
         QualityConditioned(unet, feats, chans[:2])

@@ -252,6 +252,33 @@ MUTANTS = [
              "    from iqpir.inference import restorer  # noqa: F401\n\n    described = as_described(model)\n")],
            [T + "test_layout.py::test_checkpoint_to_engine_goes_down_once"],
            "the engine layer importing the restorer above it"),
+    # -- the packaged default model and its recipe (issue 21) ---------------------------------
+    Mutant("default-resume-no-optimiser", "src/iqpir/training/default_model.py",
+           [('        opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))\n', "")],
+           [T + "test_default_model.py::test_resumed_training_equals_an_uninterrupted_run"],
+           "a resumed run restarts Adam's moments"),
+    Mutant("default-batch-global-rng", "src/iqpir/training/default_model.py",
+           [("    lq = degrade(torch.stack(clean), degradation, generator=g)\n",
+             "    lq = degrade(torch.stack(clean), degradation, generator=None)\n")],
+           [T + "test_default_model.py::test_batches_are_a_pure_function_of_seed_and_step"],
+           "the training degradation drawn from the global generator (not a function of seed and step)"),
+    Mutant("plugin-first-feature-only", "src/iqpir/plugin.py",
+           [("        self._calls += 1\n        return output + self.condition(",
+             "        self._calls += 1\n        if index > 0:\n            return output\n"
+             "        return output + self.condition(")],
+           [T + "test_plugin.py::test_several_features_each_get_their_own_condition"],
+           "only the first of several conditioned features gets s(S)"),
+    Mutant("default-quality-dropped", "src/iqpir/inference/engines.py",
+           [('    return {"restored": net(x) if q is None else net(x, q)}',
+             '    return {"restored": net(x, torch.ones_like(q)) if q is not None else net(x)}')],
+           [T + "test_default_model.py::test_the_packaged_model_loads_without_a_path_and_restores"],
+           "the quality a user asks for replaced by 1 on the way to a plug-in network"),
+    Mutant("export-unet-fixed-size", "src/iqpir/export.py",
+           [('        return {"image": {0: "batch", 2: "height", 3: "width"}, "quality": {0: "batch"},\n'
+             '                "restored": {0: "batch", 2: "height", 3: "width"}}',
+             '        return {"image": {0: "batch"}, "quality": {0: "batch"}, "restored": {0: "batch"}}')],
+           [T + "test_default_model.py::test_a_unet_exports_to_onnx_at_any_size"],
+           "a U-Net graph exported at the example's size only"),
 ]
 
 

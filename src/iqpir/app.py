@@ -1,4 +1,4 @@
-"""The web page and its HTTP API: `iqpir app --checkpoint C` (extra: `pip install 'iqpir[app]'`).
+"""The web page and its HTTP API: `iqpir app [--checkpoint C]` (extra: `pip install 'iqpir[app]'`).
 
     GET  /             the page: upload, Quality/alpha/fidelity sliders, faces, before/after, download
     POST /api/restore  multipart: file `image`; fields quality, alpha, fidelity, faces, upscale, keep_exif
@@ -618,7 +618,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
+def serve(checkpoint: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
           dtype: str = "float32", limits: AppLimits | None = None) -> int:
     """Load the model once, then serve the page and the API until interrupted."""
     try:
@@ -630,14 +630,15 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 7860, dev
     sock = bind(host, port)  # first: a taken port fails before the model is loaded
     try:
         restorer = load_restorer(checkpoint, device=device, dtype=dtype)
-        app = create_app(restorer, limits=limits, name=Path(checkpoint).name)
+        app = create_app(restorer, limits=limits, name="default model" if checkpoint is None else Path(checkpoint).name)
     except BaseException:
         sock.close()
         raise
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     info = describe_model(restorer)
-    print(f"iqpir app: http://{shown}:{bound_port}/  ({info['kind']}, {info['image_size']} px, "
+    size = "any size" if info["image_size"] is None else f"{info['image_size']} px"
+    print(f"iqpir app: http://{shown}:{bound_port}/  ({info['kind']}, {size}, "
           f"{info['device']}, {info['dtype']}; Ctrl+C stops)", flush=True)
     if not _is_loopback(host):
         print(f"iqpir app: warning: listening on {host}, reachable from other machines; the app has no login",

@@ -5,12 +5,12 @@
     iqpir score IMAGES... --metrics niqe,piqe --out scores.csv
     iqpir degrade IMAGES... --out DIR --preset bfr --seed 0 [--overwrite]
     iqpir train CONFIG --data DIR --out RUN [--steps N] [--resume] [--set key=value ...]
-    iqpir restore IMAGES... --checkpoint RUN --out DIR [--quality 1.0]
+    iqpir restore IMAGES... --out DIR [--checkpoint RUN] [--quality 1.0]   # default: the packaged model
     iqpir restore PHOTOS... --checkpoint RUN --out DIR --faces [--upscale 2] [--bg-checkpoint RUN]
     iqpir export CHECKPOINT --format onnx|openvino --out FILE
     iqpir evaluate RESTORED_DIR [--reference DIR] --out results.csv
-    iqpir demo [--out DIR] [--quick]
-    iqpir app --checkpoint RUN [--host 127.0.0.1] [--port 7860]
+    iqpir demo [--out DIR] [--train [--quick]]
+    iqpir app [--checkpoint RUN] [--host 127.0.0.1] [--port 7860]
 
 Library modules are imported inside the handlers so that `iqpir --help` stays fast.
 """
@@ -254,9 +254,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_restore(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", default=None,
                    help="stage-2 run folder (its latest checkpoint), checkpoint, released IQPIR/CodeFormer .pth, "
-                        "or a graph from `iqpir export` (.onnx, .xml)")
+                        "a quality-conditioned U-Net (.safetensors) or a graph from `iqpir export` (.onnx, .xml); "
+                        "default: the packaged default model")
     p.add_argument("--out", required=True, help="output folder, not an input folder nor inside one")
     p.add_argument("--quality", type=_float_in(0, 1), default=None,
                    help="target quality S in [0, 1] (default 1.0, the highest; IQPIR models only)")
@@ -351,8 +352,9 @@ def _run_restore(args: argparse.Namespace) -> int:
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="stage-2 run folder, checkpoint, `iqpir convert` folder or released IQPIR/CodeFormer .pth")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?", default=None,
+                   help="stage-2 run folder, checkpoint, `iqpir convert` folder, released IQPIR/CodeFormer .pth or "
+                        "quality-conditioned U-Net (.safetensors); default: the packaged default model")
     p.add_argument("--format", required=True, choices=["onnx", "openvino"], dest="fmt",
                    help="onnx (ONNX Runtime; extra onnx) or openvino (OpenVINO IR; extra openvino)")
     p.add_argument("--out", required=True, help="output file: .onnx (onnx) or .xml (openvino, with a .bin beside it)")
@@ -370,7 +372,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it")
     info = export(args.checkpoint, args.fmt, args.out, fidelity=args.fidelity)
-    print(f"iqpir export: {args.checkpoint} -> {info.path} ({args.fmt}, inputs {', '.join(info.inputs)})",
+    print(f"iqpir export: {args.checkpoint or 'the default model'} -> {info.path} ({args.fmt}, inputs {', '.join(info.inputs)})",
           file=sys.stderr)
     return 0
 
@@ -415,13 +417,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the whole run (default 0)")
-    p.add_argument("--quick", action="store_true", help="a few steps only (a smoke run, not a result)")
+    p.add_argument("--train", action="store_true",
+                   help="train a tiny IQPIR model on the bundled photos first (about 8 minutes: a showcase of "
+                        "training, not a restorer) instead of restoring with the packaged default model")
+    p.add_argument("--quick", action="store_true", help="with --train: a few steps only (a smoke run, not a result)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from iqpir.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, quick=args.quick)
+    if args.quick and not args.train:
+        raise SystemExit("iqpir demo: error: --quick shortens the training of --train; the default demo trains nothing")
+    run_demo(args.out, seed=args.seed, quick=args.quick, train=args.train)
     return 0
 
 
@@ -431,7 +438,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_app(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="stage-2 run folder (its latest checkpoint) or checkpoint")
+    p.add_argument("--checkpoint", default=None,
+                   help="stage-2 run folder (its latest checkpoint), checkpoint or .pth; default: the packaged default model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
     _add_device(p)

@@ -34,11 +34,7 @@ import torch
 from iqpir import config as C
 from iqpir import io
 
-HELD_OUT = ("astronaut", "coffee", "grace_hopper")
-TRAIN = (
-    "chelsea", "rocket", "camera", "hubble_deep_field", "immunohistochemistry", "retina", "coins", "moon",
-    "brick", "grass", "gravel", "page", "text", "clock", "colorwheel", "motorcycle_left", "motorcycle_right",
-)
+from iqpir.data.bundled import HELD_OUT, TRAIN, bundled_images, resize_long_side
 SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
 TRAIN_SIDE = 256  # training images are resized so their longer side is this many pixels
 HELD_OUT_SIDE = 192
@@ -84,45 +80,6 @@ STAGE1_STEPS, STAGE2_STEPS = 800, 400
 FIDELITY = 1.0
 
 
-def _bundled_images() -> dict[str, torch.Tensor]:
-    """name -> (3, H, W) in [0, 1], from scikit-image's bundled data and matplotlib's sample data."""
-    try:
-        import matplotlib.cbook
-        import numpy as np
-        import skimage.data
-    except ImportError as exc:
-        raise ImportError("the demo needs scikit-image and matplotlib: pip install 'iqpir[demo]'") from exc
-
-    def to_tensor(arr) -> torch.Tensor:
-        a = np.asarray(arr)
-        if a.dtype == bool:
-            a = a.astype(np.uint8) * 255
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=2)
-        a = a[..., :3]
-        t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float()
-        return (t / (65535.0 if a.dtype == np.uint16 else 255.0)).clamp(0, 1)
-
-    images = {}
-    for name in set(HELD_OUT + TRAIN) - {"grace_hopper", "motorcycle_left", "motorcycle_right"}:
-        images[name] = to_tensor(getattr(skimage.data, name)())
-    left, right, _ = skimage.data.stereo_motorcycle()
-    images["motorcycle_left"], images["motorcycle_right"] = to_tensor(left), to_tensor(right)
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
-        from PIL import Image
-
-        images["grace_hopper"] = io.from_pil(Image.open(fh))
-    return images
-
-
-def _resize_long_side(img: torch.Tensor, side: int) -> torch.Tensor:
-    h, w = img.shape[1:]
-    scale = side / max(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return torch.nn.functional.interpolate(img[None], size=size, mode="bicubic", antialias=True,
-                                           align_corners=False)[0].clamp(0, 1)
-
-
 def gt_level_config(level: tuple[float, float, float, int]) -> C.DegradationConfig:
     """The BFR degradation with every range pinned to one value: a ground-truth quality level."""
     sigma, scale, noise, jpeg = level
@@ -137,7 +94,7 @@ def write_training_set(images: dict[str, torch.Tensor], folder: Path, seed: int 
     from iqpir.data import degrade
 
     for i, name in enumerate(TRAIN):
-        img = _resize_long_side(images[name], TRAIN_SIDE)
+        img = resize_long_side(images[name], TRAIN_SIDE)
         io.write_image(folder / f"{name}.png", img)
         for level, params in enumerate(GT_LEVELS, 1):
             g = torch.Generator().manual_seed(seed * 100_000 + i * 10 + level)
@@ -160,19 +117,34 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False,
+# The default model's evaluation degradation (issue 21: blur sigma 1-3, 2-4x down-sampling,
+# noise <= 10/255, JPEG 50-80): what `make demo` degrades its held-out photos with.
+DEFAULT_MODEL_DEGRADATION = [
+    "data.degradation.preset=bfr",
+    "data.degradation.bfr.kernel_size=21",
+    "data.degradation.bfr.blur_sigma=[1.0, 3.0]",
+    "data.degradation.bfr.downsample=[2.0, 4.0]",
+    "data.degradation.bfr.noise=[0.0, 10.0]",
+    "data.degradation.bfr.jpeg_quality=[50, 80]",
+]
+DEFAULT_HELD_OUT_SIDE = 384  # the default model restores whole photos; the trained showcase 64-px tiles
+
+
+def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False, train: bool = False,
              stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STAGE2_STEPS) -> dict:
-    """Run the demo into `out`; return the results dict (also written to out/results.json)."""
+    """Run the demo into `out`; return the results dict (also written to out/results.json).
+
+    Without `train`: the packaged default model restores the held-out photos (a few minutes).
+    With `train`: the showcase trains both stages of a tiny IQPIR model first and restores with it.
+    """
     from iqpir.data.degradations import degrade, degrade_files
-    from iqpir.iqa import QualityEnsemble
-    from iqpir.iqa.table import read_score_table, score_files
     from iqpir.inference import load_restorer
-    from iqpir.training.loop import quality_bin_counts, train
+    from iqpir.iqa import QualityEnsemble
 
     if quick:
         stage1_steps, stage2_steps = 20, 20
     out = Path(out)
-    if (out / "stage1").exists() or (out / "stage2").exists():
+    if (out / "stage1").exists() or (out / "stage2").exists() or (out / "results.json").exists():
         raise FileExistsError(f"{out} already holds a demo run; remove it or pass another --out")
     t_start, c_start = time.perf_counter(), cpu_seconds()
     marks: dict[str, tuple[float, float]] = {}
@@ -183,16 +155,89 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
         return now
 
     torch.manual_seed(seed)
-    # 1. data: bundled photos and their degraded copies; the held-out photos kept apart
-    _log("writing the training set (bundled photos and degraded copies of them)")
-    images = _bundled_images()
-    train_dir, held_dir = out / "data" / "train", out / "data" / "heldout"
-    write_training_set(images, train_dir, seed)
+    images = bundled_images()
+    held_dir = out / "data" / "heldout"
+    side = HELD_OUT_SIDE if train else DEFAULT_HELD_OUT_SIDE
     references = {}
     for name in HELD_OUT:
-        references[name] = _resize_long_side(images[name], HELD_OUT_SIDE)
+        references[name] = resize_long_side(images[name], side)
         io.write_image(held_dir / "reference" / f"{name}.png", references[name])
+    now = (t_start, c_start)
+    if train:
+        trained, now = _train_showcase(out, images, seed, stage1_steps, stage2_steps, mark)
+        degradation = trained["degradation"]
+        restorer = load_restorer(out / "stage2", device="cpu", dtype="float32")  # documented numbers: float32
+        fidelity = FIDELITY
+    else:
+        trained = None
+        degradation = C.load(overrides=DEFAULT_MODEL_DEGRADATION).data.degradation
+        restorer = load_restorer(None, device="cpu", dtype="float32")
+        fidelity = 0.0
+    _log("restoring the held-out images")
+    metrics = ["niqe", "piqe"]
+    judge = QualityEnsemble(metrics, normalization="fixed")
+    for i, (name, ref) in enumerate(references.items()):
+        lq = degrade(ref[None], degradation, generator=seed * 1000 + i)[0]
+        io.write_image(held_dir / "degraded" / f"{name}.png", lq)
+    # exactly `iqpir degrade DIR/data/heldout/reference --out DIR/data/heldout/iqpir-degrade --seed SEED`
+    degrade_files([held_dir / "reference"], held_dir / "iqpir-degrade", C.RunConfig().data.degradation,
+                  seed=seed, progress=False)
+    evaluations = {}
+    for key, folder in (("demo", "degraded"), ("iqpir_degrade", "iqpir-degrade")):
+        lq = {name: io.read_image(held_dir / folder / f"{name}.png").rgb for name in HELD_OUT}
+        evaluations[key] = evaluate_sweep(restorer, lq, references, judge, out / "restored" / folder, fidelity)
+    mark("restoring and evaluating", now)
 
+    demo_eval = evaluations["demo"]
+    results = {
+        "model": _model_summary(restorer, trained),
+        "lq": demo_eval["lq"],
+        "restored": demo_eval["sweep"]["1.00"],
+        "sweep": demo_eval["sweep"],
+        "per_image": demo_eval["per_image"],
+        "iqpir_degrade": evaluations["iqpir_degrade"],
+        "criteria": criteria(evaluations),
+        "held_out": list(HELD_OUT),
+        "held_out_side": side,
+        "seconds": {k: round(v[0], 1) for k, v in marks.items()} | {"total": round(time.perf_counter() - t_start, 1)},
+        "cpu_seconds": {k: round(v[1], 1) for k, v in marks.items()} | {"total": round(cpu_seconds() - c_start, 1)},
+        "threads": torch.get_num_threads(),
+        "fidelity": fidelity,
+        "quality_metric": "mean of fixed-normalised " + ", ".join(metrics) + " (higher is better)",
+    }
+    if trained is not None:
+        results |= {k: v for k, v in trained.items() if k != "degradation"}
+    io.atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    write_report(out, results)
+    _log(f"done in {results['seconds']['total']:.0f} s ({results['cpu_seconds']['total']:.0f} CPU s): "
+         f"{out / 'report.html'}")
+    return results
+
+
+def _model_summary(restorer, trained: dict | None) -> dict:
+    """What restored: the packaged default model (its card's training facts) or the showcase run."""
+    if trained is not None:
+        return {"name": "tiny IQPIR trained by this demo", "path": "stage2"}
+    from iqpir.weights import DEFAULT_CARD
+
+    card = json.loads(DEFAULT_CARD.read_text()) if DEFAULT_CARD.is_file() else {}
+    training = card.get("training", {})
+    return {"name": "the packaged default model", "parameters": card.get("architecture", {}).get("parameters"),
+            "route": card.get("architecture", {}).get("route"), "steps": training.get("steps"),
+            "train_wall_s": training.get("wall_s"), "photos": len(card.get("data", {}).get("photos", {}))}
+
+
+def _train_showcase(out: Path, images: dict, seed: int, stage1_steps: int, stage2_steps: int, mark):
+    """`iqpir demo --train`: a tiny IQPIR model trained on the bundled photos, both stages."""
+    from iqpir.iqa.table import read_score_table, score_files
+    from iqpir.training.loop import quality_bin_counts, train
+
+    # 1. data: bundled photos and their degraded copies; the held-out photos kept apart
+    t0 = (time.perf_counter(), cpu_seconds())
+    _log("writing the training set (bundled photos and degraded copies of them)")
+    train_dir = out / "data" / "train"
+    write_training_set(images, train_dir, seed)
+    references = {name: io.load_rgb(out / "data" / "heldout" / "reference" / f"{name}.png") for name in HELD_OUT}
     # 2. the quality prior over the training set, then both stages
     _log("scoring the training images with the built-in ensemble (NIQE, PIQE)")
     cfg1 = demo_config(1, stage1_steps)
@@ -200,7 +245,7 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
     score_files([str(train_dir)], metrics=cfg1.iqa.metrics, out=str(scores), normalization="minmax", progress=False)
     table = read_score_table(scores)
     cfg2 = demo_config(2, stage2_steps, f"train.quality_start_step={stage2_steps * 3 // 4}", f"train.fidelity={FIDELITY}")
-    now = mark("data and scores", (t_start, c_start))
+    now = mark("data and scores", t0)
     _log(f"stage 1: {stage1_steps} steps")
     _check(train(cfg1, train_dir, out / "stage1", scores=scores, device="cpu"))
     now = mark("stage 1", now)
@@ -209,49 +254,16 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
     _log(f"stage 2: {stage2_steps} steps")
     _check(train(cfg2, train_dir, out / "stage2", stage1=out / "stage1", scores=scores, device="cpu"))
     now = mark("stage 2", now)
-
-    # 3. degrade the held-out photos (the demo's pipeline; `iqpir degrade`'s defaults), restore, evaluate
-    _log("restoring the held-out images")
-    judge = QualityEnsemble(cfg1.iqa.metrics, normalization="fixed")
-    restorer = load_restorer(out / "stage2", device="cpu", dtype="float32")  # documented numbers: float32
-    for i, (name, ref) in enumerate(references.items()):
-        lq = degrade(ref[None], cfg2.data.degradation, generator=seed * 1000 + i)[0]
-        io.write_image(held_dir / "degraded" / f"{name}.png", lq)
-    # exactly `iqpir degrade DIR/data/heldout/reference --out DIR/data/heldout/iqpir-degrade --seed SEED`
-    degrade_files([held_dir / "reference"], held_dir / "iqpir-degrade", C.RunConfig().data.degradation,
-                  seed=seed, progress=False)
-    evaluations = {}
-    for key, folder in (("demo", "degraded"), ("iqpir_degrade", "iqpir-degrade")):
-        lq = {name: io.read_image(held_dir / folder / f"{name}.png").rgb for name in HELD_OUT}
-        evaluations[key] = evaluate_sweep(restorer, lq, references, judge, out / "restored" / folder)
-    mark("restoring and evaluating", now)
-
-    demo_eval = evaluations["demo"]
-    results = {
-        "lq": demo_eval["lq"],
-        "restored": demo_eval["sweep"]["1.00"],
-        "sweep": demo_eval["sweep"],
-        "per_image": demo_eval["per_image"],
-        "iqpir_degrade": evaluations["iqpir_degrade"],
+    trained = {
+        "degradation": cfg2.data.degradation,
         "stage1": stage1,
-        "criteria": criteria(evaluations),
-        "held_out": list(HELD_OUT),
         "train_images": {"photos": len(TRAIN), "ground_truths": len(table.quality),
                          "levels": [list(v) for v in GT_LEVELS]},
         "quality_bins": quality_bin_counts(list(table.quality.values()), cfg2.model.quality_bins),
         "steps": {"stage1": stage1_steps, "stage2": stage2_steps},
-        "seconds": {k: round(v[0], 1) for k, v in marks.items()} | {"total": round(time.perf_counter() - t_start, 1)},
-        "cpu_seconds": {k: round(v[1], 1) for k, v in marks.items()} | {"total": round(cpu_seconds() - c_start, 1)},
-        "threads": torch.get_num_threads(),
-        "fidelity": FIDELITY,
         "hq_threshold": cfg1.model.hq_threshold,
-        "quality_metric": "mean of fixed-normalised " + ", ".join(cfg1.iqa.metrics) + " (higher is better)",
     }
-    io.atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    write_report(out, results)
-    _log(f"done in {results['seconds']['total']:.0f} s ({results['cpu_seconds']['total']:.0f} CPU s): "
-         f"{out / 'report.html'}")
-    return results
+    return trained, now
 
 
 def _check(result) -> None:
@@ -325,14 +337,14 @@ def _scores(img, ref, judge) -> dict[str, float]:
 
 
 def evaluate_sweep(restorer, lq: dict[str, torch.Tensor], references: dict[str, torch.Tensor], judge,
-                   folder: Path) -> dict:
+                   folder: Path, fidelity: float = 0.0) -> dict:
     """Restore each input at every S of SWEEP (images to folder/S0.00/NAME.png ...); -> held-out
     means {"lq": scores, "sweep": {"0.00": scores, ...}, "per_image": [...]}."""
     per_image = []
     for name, x in lq.items():
         entry = {"name": name, "lq": _scores(x, references[name], judge)}
         for s in SWEEP:
-            restored = restorer.restore(x, quality=s, fidelity=FIDELITY)
+            restored = restorer.restore(x, quality=s, fidelity=fidelity)
             io.write_image(folder / f"S{s:.2f}" / f"{name}.png", restored)
             entry[f"S={s:.2f}"] = _scores(restored, references[name], judge)
         per_image.append(entry)
@@ -505,6 +517,29 @@ def _fmt(v: dict) -> str:
     return f"<td>{v['psnr']:.2f}</td><td>{v['ssim']:.4f}</td><td>{v['quality']:.4f}</td>"
 
 
+def _showcase_html(out: Path, results: dict) -> tuple[str, str]:
+    """The intro and the stage-1 / losses section of a `--train` run's report."""
+    s1 = results["stage1"]
+    usage = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['used']} / {v['size']}</td><td>{v['perplexity']}</td></tr>"
+                    for k, v in s1["codebooks"].items())
+    losses = _loss_figure(out)
+    loss_html = f"<img src='{losses}' alt='training losses'>" if losses else ""
+    steps, gt = results["steps"], results["train_images"]
+    intro = f"""<p>Trained by this run (<code>iqpir demo --train</code>, a showcase) on {gt['photos']} photos bundled
+with scikit-image and matplotlib and {gt['ground_truths'] - gt['photos']} degraded copies of them ({gt['ground_truths']}
+ground truths of mixed quality, each conditioned on its own score S; per S bin of width 0.1: {results['quality_bins']}).
+Tiny preset, 64x64 crops: stage 1 {steps['stage1']} steps, stage 2 {steps['stage2']} steps (its CFT blocks trained
+at fidelity w = 1; the restorations here use w = {results['fidelity']:g}).</p>"""
+    training = f"""<h2>Stage 1</h2>
+<p>Reconstruction of the clean held-out photos through the stage-1 autoencoder (the codes stage 2 learns to
+predict, decoded through the same tiles): {s1['reconstruction_psnr']:.2f} dB PSNR
+({', '.join(f'{k} {v:.2f}' for k, v in s1['per_image_psnr'].items())}): the most that restoring from the codes
+alone (w = 0) can give; the CFT blocks (w &gt; 0) add features of the input that the codes do not hold.</p>
+<table><tr><th>codebook</th><th>codes used on the held-out photos</th><th>perplexity</th></tr>{usage}</table>
+{loss_html}"""
+    return intro, training
+
+
 def write_report(out: Path, results: dict) -> None:
     """out/report.html (self-contained apart from the PNGs beside it; no network) and the pictures."""
     crit = "".join(
@@ -539,44 +574,41 @@ def write_report(out: Path, results: dict) -> None:
                  for s in SWEEP]
         return "<div>" + "".join(figs) + "</div>"
 
-    s1 = results["stage1"]
-    usage = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['used']} / {v['size']}</td><td>{v['perplexity']}</td></tr>"
-                    for k, v in s1["codebooks"].items())
     fig = _sweep_figure(out, results)
-    losses = _loss_figure(out)
     _strip(out, results)
     _sweep_strip(out, SWEEP_IMAGE, "degraded")
     fig_html = f"<img src='{fig}' alt='quality sweep'>" if fig else "<p>(matplotlib not installed: no plot)</p>"
-    loss_html = f"<img src='{losses}' alt='training losses'>" if losses else ""
-    steps, secs, cpus = results["steps"], results["seconds"], results["cpu_seconds"]
-    gt = results["train_images"]
+    secs, cpus = results["seconds"], results["cpu_seconds"]
+    side = results.get("held_out_side", HELD_OUT_SIDE)
+    if "stage1" in results:
+        intro, training = _showcase_html(out, results)
+    else:
+        m = results["model"]
+        intro = (f"<p>Restored by {html.escape(m['name'])} ({html.escape(str(m.get('route')))}; "
+                 f"{m.get('parameters') or 0:,} parameters; trained by <code>make default-model</code> for "
+                 f"{m.get('steps')} steps on {m.get('photos')} photos from OS packages, see "
+                 "<code>iqpir/weights/default.json</code>). "
+                 f"<code>iqpir demo --train</code> trains a tiny IQPIR model here instead (a showcase).</p>")
+        training = ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>iqpir demo</title><style>{CSS}</style>
 </head><body>
 <h1>iqpir demo</h1>
-<p>Trained on {gt['photos']} photos bundled with scikit-image and matplotlib and {gt['ground_truths'] - gt['photos']}
-degraded copies of them ({gt['ground_truths']} ground truths of mixed quality, each conditioned on its own score S;
-per S bin of width 0.1: {results['quality_bins']}). Tiny preset, 64x64 crops: stage 1 {steps['stage1']} steps,
-stage 2 {steps['stage2']} steps (its CFT blocks trained at fidelity w = 1; the restorations here use
-w = {results['fidelity']:g}), on CPU ({results['threads']} thread{'s' if results['threads'] != 1 else ''}): {secs['total']:.0f} s, {cpus['total']:.0f} CPU seconds
-in all. Held out: {', '.join(results['held_out'])}. Quality = {html.escape(results['quality_metric'])}.</p>
+{intro}
+<p>Held out: {', '.join(results['held_out'])}, long side {side} px, on CPU ({results['threads']}
+thread{'s' if results['threads'] != 1 else ''}): {secs['total']:.0f} s, {cpus['total']:.0f} CPU seconds in all.
+Quality = {html.escape(results['quality_metric'])}.</p>
 <h2>What holds</h2><ul>{crit}</ul>
 <h2>Held-out photos, degraded by the demo's pipeline: before / after (drag the bar)</h2>{sliders}
 <h2>Quality control: one photo at every S (paper Fig. 9)</h2>
 <p>Degraded by the demo's pipeline:</p>{sweep_figures('degraded', {'per_image': results['per_image']})}
 <p>Degraded by <code>iqpir degrade</code> with its defaults (CodeFormer's face ranges: blur sigma 1-15,
-4-30x downsampling, noise 0-20, JPEG 30-80), which leave little of a {HELD_OUT_SIDE}-pixel photo:</p>
+4-30x downsampling, noise 0-20, JPEG 30-80), which leave little of a {side}-pixel photo:</p>
 {sweep_figures('iqpir-degrade', results['iqpir_degrade'])}
 {fig_html}
 <h2>Held-out means</h2>
 <p>The demo's degradation:</p>{table(demo_ev)}
 <p><code>iqpir degrade</code> defaults:</p>{table(results['iqpir_degrade'])}
-<h2>Stage 1</h2>
-<p>Reconstruction of the clean held-out photos through the stage-1 autoencoder (the codes stage 2 learns to
-predict, decoded through the same tiles): {s1['reconstruction_psnr']:.2f} dB PSNR
-({', '.join(f'{k} {v:.2f}' for k, v in s1['per_image_psnr'].items())}): the most that restoring from the codes alone (w = 0) can give; the CFT blocks (w &gt; 0)
-add features of the input that the codes do not hold.</p>
-<table><tr><th>codebook</th><th>codes used on the held-out photos</th><th>perplexity</th></tr>{usage}</table>
-{loss_html}
+{training}
 <p>Time: {html.escape(', '.join(f'{k} {secs[k]:.0f} s ({cpus[k]:.0f} CPU s)' for k in secs if k != 'total'))}.</p>
 <script>{SLIDER_JS}</script>
 </body></html>

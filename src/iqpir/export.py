@@ -103,7 +103,34 @@ class InferenceGraph(nn.Module):
         return (restored, idx_common) + ((idx_hq,) if idx_hq is not None else ())
 
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path, fidelity: bool = False) -> ExportedGraph:
+class ImageGraph(nn.Module):
+    """A network called as model(image, quality) (iqpir.plugin's conditioned U-Nets, the packaged
+    default model) as a graph: any batch, height and width (multiples of the model's)."""
+
+    def __init__(self, model: nn.Module, multiple: int) -> None:
+        super().__init__()
+        self.model = model
+        self.multiple = multiple
+
+    def input_names(self) -> list[str]:
+        return ["image", "quality"]
+
+    def output_names(self) -> list[str]:
+        return ["restored"]
+
+    def dynamic_axes(self) -> dict:
+        return {"image": {0: "batch", 2: "height", 3: "width"}, "quality": {0: "batch"},
+                "restored": {0: "batch", 2: "height", 3: "width"}}
+
+    def example_inputs(self, batch: int = 1) -> tuple[Tensor, ...]:
+        s = 4 * self.multiple
+        return torch.rand(batch, 3, s, s + self.multiple), torch.full((batch,), 0.9)
+
+    def forward(self, image: Tensor, quality: Tensor) -> tuple[Tensor]:
+        return (self.model(image, quality),)
+
+
+def export(checkpoint: str | Path | None, fmt: str, out: str | Path, fidelity: bool = False) -> ExportedGraph:
     """Write `checkpoint` (anything `load_restorer` reads) as an ONNX (.onnx) or OpenVINO IR
     (.xml + .bin) graph at `out`, float32; returns what was written."""
     if fmt not in FORMATS:
@@ -116,13 +143,19 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, fidelity: bool = F
         require_extra("openvino", "openvino")
     require_extra("onnx", "onnx")
     described = describe(checkpoint)
-    if not isinstance(described.model, Restorer):  # an exported graph, or another kind of network
-        raise ValueError(f"{checkpoint}: only iqpir checkpoints and official .pth files export, "
-                         f"not a {described.format} {described.kind} model")
-    graph = InferenceGraph(described.model, fidelity=fidelity).eval()
+    if described.format == "torch" and described.call == "image" and described.quality:
+        if fidelity:
+            raise ValueError(described.refusal("fidelity"))
+        graph = ImageGraph(described.model, described.size_multiple).eval()
+    elif isinstance(described.model, Restorer):
+        graph = InferenceGraph(described.model, fidelity=fidelity).eval()
+    else:  # an exported graph, or another kind of network
+        raise ValueError(f"{checkpoint}: only iqpir checkpoints, quality-conditioned U-Nets and official .pth "
+                         f"files export, not a {described.format} {described.kind} model")
     info = ExportedGraph(path=out, format=fmt, image_size=described.image_size, kind=described.kind,
                          task=described.task, inputs=graph.input_names(), outputs=graph.output_names(),
-                         default_alpha=described.alpha, has_cft=described.fidelity, source=described.source)
+                         default_alpha=described.alpha, has_cft=described.fidelity, source=described.source,
+                         size_multiple=described.size_multiple, refusals=described.refusals)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
         _export_onnx(graph, out, info.metadata())
@@ -134,7 +167,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, fidelity: bool = F
     return info
 
 
-def _export_onnx(graph: InferenceGraph, out: Path, metadata: dict) -> None:
+def _export_onnx(graph: InferenceGraph | ImageGraph, out: Path, metadata: dict) -> None:
     """Trace `graph` to ONNX with a dynamic batch axis; the metadata goes into the file.
 
     PyTorch's TorchScript-based exporter is used where it exists: measured here (2 cores) it
@@ -145,7 +178,8 @@ def _export_onnx(graph: InferenceGraph, out: Path, metadata: dict) -> None:
 
     example = graph.example_inputs(batch=2)
     names, outputs = graph.input_names(), graph.output_names()
-    axes = {name: {0: "batch"} for name in names + outputs if name not in ("alpha", "fidelity")}
+    axes = (graph.dynamic_axes() if isinstance(graph, ImageGraph) else
+            {name: {0: "batch"} for name in names + outputs if name not in ("alpha", "fidelity")})
     tmp = out.with_name(out.name + ".part")
     try:
         proto = _trace_onnx(graph, example, names, outputs, axes, tmp)

@@ -25,6 +25,8 @@ from torch import nn
 from iqpir import official
 from iqpir.checkpoint import load_checkpoint_meta, load_model
 from iqpir.models import Restorer as IQPIRNetwork
+from iqpir.plugin import conditioned_unet
+from iqpir.weights import DEFAULT_WEIGHTS
 
 GRAPH_SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
 GRAPH_FORMATS = tuple(GRAPH_SUFFIXES.values())
@@ -127,7 +129,7 @@ class ExportedGraph:
 
     path: Path
     format: str
-    image_size: int
+    image_size: int | None  # None: any size that is a multiple of size_multiple
     kind: str
     task: str
     inputs: list[str]
@@ -135,6 +137,8 @@ class ExportedGraph:
     default_alpha: float | None
     has_cft: bool = False
     source: dict | None = None
+    size_multiple: int = 1
+    refusals: dict[str, str] = field(default_factory=dict)
 
     @property
     def supports_quality(self) -> bool:
@@ -148,7 +152,7 @@ class ExportedGraph:
     def metadata(self) -> dict:
         return {"image_size": self.image_size, "kind": self.kind, "task": self.task, "inputs": self.inputs,
                 "outputs": self.outputs, "default_alpha": self.default_alpha, "has_cft": self.has_cft,
-                "source": self.source}
+                "source": self.source, "size_multiple": self.size_multiple, "refusals": self.refusals}
 
 
 def is_graph_file(path: str | Path) -> bool:
@@ -172,10 +176,12 @@ def read_graph(path: str | Path) -> ExportedGraph:
     if raw is None:
         raise ValueError(f"{path}: no iqpir metadata; export graphs with `iqpir export`")
     meta = json.loads(raw)
-    return ExportedGraph(path=path, format=fmt, image_size=int(meta["image_size"]), kind=meta["kind"],
+    size = meta["image_size"]
+    return ExportedGraph(path=path, format=fmt, image_size=None if size is None else int(size), kind=meta["kind"],
                          task=meta["task"], inputs=list(meta["inputs"]), outputs=list(meta["outputs"]),
                          default_alpha=meta.get("default_alpha"), has_cft=bool(meta.get("has_cft")),
-                         source=meta.get("source"))
+                         source=meta.get("source"), size_multiple=int(meta.get("size_multiple", 1)),
+                         refusals=dict(meta.get("refusals") or {}))
 
 
 # --------------------------------------------------------------------------------------
@@ -189,8 +195,9 @@ def describe_graph(path: str | Path, use_ema: bool = True) -> DescribedModel:
 
 def graph_description(graph: ExportedGraph) -> DescribedModel:
     return DescribedModel(model=graph, kind=graph.kind, task=graph.task, image_size=graph.image_size,
-                          quality=graph.supports_quality, alpha=graph.default_alpha, fidelity=graph.supports_fidelity,
-                          format=graph.format, source=graph.source)
+                          size_multiple=graph.size_multiple, quality=graph.supports_quality, alpha=graph.default_alpha,
+                          fidelity=graph.supports_fidelity, format=graph.format, source=graph.source,
+                          refusals=graph.refusals)
 
 
 def describe_official(path: str | Path, use_ema: bool = True) -> DescribedModel:
@@ -215,25 +222,76 @@ def describe_checkpoint(path: str | Path, use_ema: bool = True) -> DescribedMode
     return describe_network(model, cfg.model.image_size, kind=kind, task=cfg.model.task, source=source)
 
 
+# --------------------------------------------------------------------------------------
+# Quality-conditioned U-Nets (iqpir.plugin): the packaged default model's format
+# --------------------------------------------------------------------------------------
+
+PLUGIN_FORMAT = "iqpir-default"
+UNET_REFUSALS = {
+    "alpha": "has no codebooks: --alpha needs a dual-codebook (IQPIR) model",
+    "fidelity": "has no CFT blocks: --fidelity needs CodeFormer-style weights",
+}
+
+
+def _safetensors_meta(path: str | Path) -> dict | None:
+    """The `iqpir` JSON of a .safetensors file's header, or None."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        raw = (fh.metadata() or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def is_plugin_weights(path: str | Path) -> bool:
+    meta = _safetensors_meta(path)
+    return meta is not None and meta.get("format") == PLUGIN_FORMAT
+
+
+def describe_plugin(path: str | Path, use_ema: bool = True) -> DescribedModel:
+    """A quality-conditioned U-Net file (the packaged default model's format): any size, quality only."""
+    from safetensors.torch import load_file
+
+    meta = _safetensors_meta(path)
+    if meta.get("architecture") != "conditioned_unet":
+        raise ValueError(f"{path}: unknown architecture {meta.get('architecture')!r} (iqpir knows conditioned_unet)")
+    model = conditioned_unet(**meta["network"])
+    model.load_state_dict(load_file(str(path)))
+    model.eval()
+    kind = "default" if Path(path).resolve() == DEFAULT_WEIGHTS.resolve() else "unet"
+    return DescribedModel(model=model, kind=kind, task="general", image_size=None,
+                          size_multiple=model.network.multiple, quality=True, call="image",
+                          source={"file": str(path), "kind": kind, "card": meta.get("card")},
+                          refusals=UNET_REFUSALS)
+
+
 Detector = tuple[Callable[[str | Path], bool], Callable[[str | Path, bool], DescribedModel]]
 
 # What `describe` recognises: name -> (recognises(path), describe(path, use_ema)), tried in
 # order, the first that recognises a path describes it. Each new kind of model file is one new
-# entry here: the packaged default model ("packaged", iqpir/weights: a quality-conditioned
-# U-Net described with call="image", image_size=None, size_multiple=4, quality only), spandrel
-# upscalers ("spandrel", extra; call="image", scale 2 or 4, no knobs).
+# entry here: "plugin" reads quality-conditioned U-Nets (the packaged default model, iqpir/weights);
+# spandrel upscalers come next ("spandrel", extra; call="image", scale 2 or 4, no knobs).
 DETECTORS: dict[str, Detector] = {
     "graph": (is_graph_file, describe_graph),
+    "plugin": (is_plugin_weights, describe_plugin),
     "official": (official.is_official_file, describe_official),
     "checkpoint": (is_checkpoint, describe_checkpoint),
 }
 
 
-def describe(path: str | Path, use_ema: bool = True) -> DescribedModel:
-    """What `path` holds, loaded and described (see DETECTORS for what is recognised).
+def describe(path: str | Path | None = None, use_ema: bool = True) -> DescribedModel:
+    """What `path` holds, loaded and described (see DETECTORS for what is recognised); None:
+    the packaged default model (iqpir/weights).
 
     use_ema: an iqpir checkpoint's EMA weights when it has them (else its "model" weights).
     """
+    if path is None:
+        if not DEFAULT_WEIGHTS.is_file():
+            raise FileNotFoundError(f"the packaged default model is missing ({DEFAULT_WEIGHTS}): reinstall iqpir, "
+                                    "or give --checkpoint")
+        path = DEFAULT_WEIGHTS
     for recognises, describe_one in DETECTORS.values():
         if recognises(path):
             return describe_one(path, use_ema)

@@ -37,7 +37,7 @@ def _plan(inputs: Sequence[str], out: str | Path) -> tuple[Path, list[Path], lis
     return out, paths, missing, report, io.plan_outputs(inputs, out).targets
 
 
-def restore_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path, quality: float | None = None,
+def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str | Path, quality: float | None = None,
                   alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "auto",
                   overwrite: bool = False, progress: bool = True, fidelity: float = 0.0,
                   aligned: bool = False, backend: str = "auto") -> io.FileReport:
@@ -131,7 +131,7 @@ def _tensor_upscale(alpha: torch.Tensor | None, upscale: int) -> torch.Tensor | 
     return None if alpha is None or upscale == 1 else resize_lanczos(alpha, upscale)
 
 
-def restore_face_files(inputs: Sequence[str], checkpoint: str | Path, out: str | Path, quality: float | None = None,
+def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str | Path, quality: float | None = None,
                        alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "float32",
                        overwrite: bool = False, progress: bool = True, detector: str = "hog+cnn", upscale: int = 1,
                        only_center_face: bool = False, min_face: float = 0, save_faces: bool = False,

@@ -211,11 +211,12 @@ class Restorer:
         return torch.stack([self.restore_one(im.float().cpu(), quality, alpha, fidelity) for im in images])
 
 
-def load_restorer(path: str | Path, device: str = "auto", dtype: str = "auto", batch_size: int = 4,
+def load_restorer(path: str | Path | None = None, device: str = "auto", dtype: str = "auto", batch_size: int = 4,
                   use_ema: bool = True, backend: str = "auto") -> Restorer:
     """Build a Restorer from a stage-2 run folder (its latest checkpoint), a checkpoint file, a
-    folder written by `iqpir convert`, a released IQPIR/CodeFormer `.pth` file, or a graph
-    written by `iqpir export` (.onnx, .xml): files.describe -> engines.make_engine -> Restorer.
+    folder written by `iqpir convert`, a released IQPIR/CodeFormer `.pth` file, a quality-
+    conditioned U-Net (.safetensors), or a graph written by `iqpir export` (.onnx, .xml); None:
+    the packaged default model. files.describe -> engines.make_engine -> Restorer.
     dtype/backend: see iqpir.inference.engines."""
     described = files.describe(path, use_ema=use_ema)
     if device == "auto" and described.format in files.GRAPH_FORMATS:

@@ -155,7 +155,7 @@ def _grid_crops(img: torch.Tensor, crop: int) -> list[torch.Tensor]:
 
 def training_photos(root: Path) -> dict[str, tuple[torch.Tensor, str]]:
     """name -> ((3, H, W) clean photo, licence): the Debian photos and the demo's scikit-image photos."""
-    from iqpir.demo import TRAIN, _bundled_images
+    from iqpir.data.bundled import TRAIN, bundled_images
 
     tree = fetch_packages(root)
     photos = {}
@@ -164,7 +164,7 @@ def training_photos(root: Path) -> dict[str, tuple[torch.Tensor, str]]:
         if name in HELD_OUT_PHOTOS:
             continue
         photos[f"{package}/{name}"] = (io.load_rgb(tree / path), licence)
-    bundled = _bundled_images()
+    bundled = bundled_images()
     for name in TRAIN:
         photos[f"skimage/{name}"] = (bundled[name], SKIMAGE_LICENCE)
     return photos
@@ -221,7 +221,7 @@ def held_out(work: Path) -> dict[str, torch.Tensor]:
     """The held-out photos at EVAL_SIDE (cached as PNG): never trained on."""
     folder = work / "heldout" / "reference"
     if not folder.exists():
-        from iqpir.demo import HELD_OUT, _bundled_images
+        from iqpir.data.bundled import HELD_OUT, bundled_images
 
         tree = fetch_packages(work / "packages")
         imgs = {}
@@ -229,7 +229,7 @@ def held_out(work: Path) -> dict[str, torch.Tensor]:
             name = Path(path).name
             if name in HELD_OUT_PHOTOS:
                 imgs[Path(name).stem] = io.load_rgb(tree / path)
-        imgs.update({n: im for n, im in _bundled_images().items() if n in HELD_OUT})
+        imgs.update({n: im for n, im in bundled_images().items() if n in HELD_OUT})
         for name, img in imgs.items():
             img = _resize_long(img, EVAL_SIDE)
             h, w = (s - s % 8 for s in img.shape[-2:])
@@ -304,8 +304,12 @@ def _save(folder: Path, model, opt, step: int, cfg: TrainConfig, net: NetworkCon
     tmp.rename(folder)
 
 
-def train(work: Path, cfg: TrainConfig, net_cfg: NetworkConfig, threads: int = 2) -> None:
-    """Train (or resume from work/last) to cfg.steps; evaluate every cfg.eval_every steps."""
+def train(work: Path, cfg: TrainConfig, net_cfg: NetworkConfig, threads: int = 2, stop_after: int | None = None) -> None:
+    """Train (or resume from work/last) to cfg.steps; evaluate every cfg.eval_every steps.
+
+    stop_after: stop (with a checkpoint) after this step, as an interruption would; the schedule
+    is still cfg.steps long, so a resumed run equals an uninterrupted one.
+    """
     torch.set_num_threads(threads)
     data = load_file(work / "crops.safetensors")
     images, scores = data["images"], data["scores"]
@@ -327,7 +331,8 @@ def train(work: Path, cfg: TrainConfig, net_cfg: NetworkConfig, threads: int = 2
     curve = work / "curve.jsonl"
     t0, c0, window = time.perf_counter(), time.process_time(), []
     model.train()
-    for step in range(start, cfg.steps):
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    for step in range(start, end):
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         lq, target, s = sample_batch(images, scores, cfg, step, degradation)
@@ -342,7 +347,7 @@ def train(work: Path, cfg: TrainConfig, net_cfg: NetworkConfig, threads: int = 2
             log(f"step {done}/{cfg.steps} l1 {sum(window) / len(window):.4f} lr {lr_at(cfg, step):.2e} "
                 f"{rate:.2f} steps/s")
             window = []
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or done == end:
             spent = {"wall_s": before["wall_s"] + time.perf_counter() - t0,
                      "cpu_s": before["cpu_s"] + time.process_time() - c0}
             _save(last, model, opt, done, cfg, net_cfg, spent)
@@ -422,11 +427,12 @@ def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
     model.eval()
     data = json.loads((work / "data.json").read_text())
     refs = held_out(work)
-    curve = [json.loads(line) for line in (work / "curve.jsonl").read_text().splitlines() if line.strip()]
+    curve_file = work / "curve.jsonl"
+    curve = [json.loads(line) for line in curve_file.read_text().splitlines() if line.strip()] if curve_file.exists() else []
     sweep = (0.0, 0.25, 0.5, 0.75, 1.0)
     results = {"moderate": evaluate(model, refs, degraded_held_out(work, refs), sweep),
                "heavy": evaluate(model, refs, heavy_held_out(work, refs), sweep)}
-    wall = state.get("wall_s") or curve[-1]["wall_s"]
+    wall = state.get("wall_s") or (curve[-1]["wall_s"] if curve else 0.0)
     meta = {"format": "iqpir-default", "architecture": "conditioned_unet", "network": asdict(net_cfg),
             "quality": {"metrics": data["metrics"], "normalization": data["normalization"],
                         "constants": data["constants"]},

@@ -1,0 +1,122 @@
+"""The packaged default model (and any other restorer) on the default model's held-out photos.
+
+    python benchmarks/default_model.py --work runs/default-model                      # the packaged model
+    python benchmarks/default_model.py --work runs/default-model \\
+        --checkpoint runs/iqpir-arm/stage2 --fidelity 1                               # + another restorer
+
+Held-out photos: three photos of the Debian packages that the recipe leaves out of training and the
+demo's three (astronaut, coffee, grace_hopper), long side 384 px (iqpir.training.default_model:
+`held_out`; `data` writes them). Degraded twice with fixed seeds: the issue's moderate BFR (blur
+sigma 1-3, 2-4x down-sampling, noise <= 10/255, JPEG 50-80) and `iqpir degrade`'s heavy default
+preset. Every restorer goes through `iqpir.load_restorer` (no path: the packaged model) at float32.
+Prints one Markdown table per degradation: PSNR / SSIM at S = 1 and the judge's quality (mean of
+fixed-normalised NIQE and PIQE) at S = 0, 0.5, 1; with --speed, seconds per megapixel at `auto`.
+For IQPIR checkpoints it also restores with AdaIN on and off (issue 21: which is right per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+SWEEP = (0.0, 0.5, 1.0)
+
+
+def log(msg: str) -> None:
+    import sys
+
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def scores(restore, refs: dict, lqs: dict, judge) -> dict:
+    """Held-out means of PSNR/SSIM (S = 1) and judged quality per S."""
+    from iqpir.metrics import psnr, ssim
+
+    rows = {s: [] for s in SWEEP}
+    for name, ref in refs.items():
+        for s in SWEEP:
+            out = restore(lqs[name], s)
+            rows[s].append((float(psnr(out[None], ref[None])[0]), float(ssim(out[None], ref[None])[0]),
+                            float(judge(out[None])[0])))
+    mean = {s: [sum(v) / len(v) for v in zip(*r)] for s, r in rows.items()}
+    return {"psnr": mean[1.0][0], "ssim": mean[1.0][1], **{f"q{s:g}": mean[s][2] for s in SWEEP}}
+
+
+def input_scores(refs: dict, lqs: dict, judge) -> dict:
+    from iqpir.metrics import psnr, ssim
+
+    n = len(refs)
+    return {"psnr": sum(float(psnr(lqs[k][None], r[None])[0]) for k, r in refs.items()) / n,
+            "ssim": sum(float(ssim(lqs[k][None], r[None])[0]) for k, r in refs.items()) / n,
+            "q_input": sum(float(judge(lqs[k][None])[0]) for k in refs) / n}
+
+
+def seconds_per_megapixel(restorer, side: int = 1024, repeats: int = 2) -> float:
+    x = torch.rand(3, side, side)
+    restorer.restore(x[:, :256, :256])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        restorer.restore(x)
+        times.append(time.perf_counter() - t)
+    return min(times) / (side * side / 1e6)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, required=True, help="the recipe's work folder (held-out photos)")
+    p.add_argument("--checkpoint", nargs="*", default=[], help="other restorers to compare (anything load_restorer reads)")
+    p.add_argument("--fidelity", type=float, default=0.0, help="fidelity w for restorers with CFT blocks")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--speed", action="store_true", help="also time a 1024x1024 restore at dtype auto")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from iqpir.inference import load_restorer
+    from iqpir.iqa import QualityEnsemble
+    from iqpir.training import default_model as dm
+
+    judge = QualityEnsemble(list(dm.METRICS), normalization="fixed")
+    refs = dm.held_out(args.work)
+    sets = {"moderate": dm.degraded_held_out(args.work, refs), "heavy": dm.heavy_held_out(args.work, refs)}
+    arms: list[tuple[str, object, dict]] = [("default model (packaged)", load_restorer(None, device="cpu",
+                                                                                      dtype="float32"), {})]
+    for ckpt in args.checkpoint:
+        r = load_restorer(ckpt, device="cpu", dtype="float32")
+        kw = {"fidelity": args.fidelity} if r.supports_fidelity else {}
+        arms.append((f"{ckpt}", r, kw))
+        if r.model is not None and hasattr(r.model, "cfg") and hasattr(r.model.cfg, "adain"):
+            other = load_restorer(ckpt, device="cpu", dtype="float32")
+            other.model.cfg.adain = not other.model.cfg.adain
+            arms.append((f"{ckpt} (adain {'on' if other.model.cfg.adain else 'off'})", other, kw))
+    results = {}
+    for deg, lqs in sets.items():
+        base = input_scores(refs, lqs, judge)
+        print(f"\n### {deg} degradation ({len(refs)} held-out photos)\n")
+        print("| restorer | PSNR (S=1) | SSIM (S=1) | quality S=0 | S=0.5 | S=1 |")
+        print("|---|---:|---:|---:|---:|---:|")
+        print(f"| degraded input | {base['psnr']:.2f} | {base['ssim']:.4f} | {base['q_input']:.4f} | | |")
+        results[deg] = {"input": base}
+        for name, restorer, kw in arms:
+            log(f"{deg}: {name}")
+            with torch.no_grad():
+                r = scores(lambda x, s, r=restorer, kw=kw: r.restore(x, quality=s if r.supports_quality else None, **kw),
+                           refs, lqs, judge)
+            results[deg][name] = r
+            print(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['q0']:.4f} | {r['q0.5']:.4f} | {r['q1']:.4f} |",
+                  flush=True)
+    if args.speed:
+        r = load_restorer(None, device="cpu", dtype="auto")
+        spm = seconds_per_megapixel(r)
+        results["seconds_per_megapixel"] = {"dtype": r.dtype, "threads": args.threads, "value": spm}
+        print(f"\ndefault model, dtype auto ({r.dtype}), {args.threads} threads: {spm:.2f} s per megapixel")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

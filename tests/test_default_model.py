@@ -1,0 +1,172 @@
+"""The packaged default model (iqpir/weights) and the recipe that makes it (iqpir.training.default_model).
+
+The packaged weights load and restore offline in a few seconds, with no --checkpoint, on every path
+that takes one; quality numbers live in the model card and benchmarks/default_model.py, not here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import iqpir
+from iqpir import io
+from iqpir.cli import main
+from iqpir.inference import files
+from iqpir.plugin import conditioned_unet
+from iqpir.training import default_model as dm
+from iqpir.weights import DEFAULT_CARD, DEFAULT_WEIGHTS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")),
+                                reason="needs the onnx extra: pip install 'iqpir[onnx]'")
+
+
+def test_the_packaged_model_loads_without_a_path_and_restores():
+    assert DEFAULT_WEIGHTS.is_file() and DEFAULT_WEIGHTS.stat().st_size <= 60e6
+    restorer = iqpir.load_restorer(device="cpu", dtype="float32")
+    assert restorer.kind == "default" and restorer.supports_quality
+    assert not restorer.supports_alpha and not restorer.supports_fidelity
+    x = torch.rand(3, 37, 50, generator=torch.Generator().manual_seed(0))
+    hi, lo = restorer.restore(x, quality=1.0), restorer.restore(x, quality=0.0)
+    assert hi.shape == x.shape and torch.isfinite(hi).all() and 0 <= hi.min() and hi.max() <= 1
+    assert (hi - x).abs().mean() > 1e-3  # a trained network, not the identity it starts as
+    assert (hi - lo).abs().mean() > 1e-3  # S reaches the output
+    torch.testing.assert_close(restorer.restore(x), hi)  # quality defaults to 1
+    for knob, value in (("alpha", 0.5), ("fidelity", 0.5)):
+        with pytest.raises(ValueError, match=f"this default model has no .*--{knob}"):
+            restorer.restore(x, **{knob: value})
+
+
+def test_the_card_describes_the_packaged_weights():
+    card = json.loads(DEFAULT_CARD.read_text())
+    meta = files._safetensors_meta(DEFAULT_WEIGHTS)
+    model = conditioned_unet(**meta["network"])
+    assert card["architecture"]["parameters"] == sum(p.numel() for p in model.parameters())
+    for key in ("data", "training", "recipe", "results"):
+        assert card[key]
+    assert card["training"]["steps"] > 0 and card["data"]["photos"]
+    assert set(card["results"]["moderate"]) >= {"input", "S=0.0", "S=0.5", "S=1.0"}
+
+
+def test_missing_default_weights_name_the_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(files, "DEFAULT_WEIGHTS", tmp_path / "default.safetensors")
+    with pytest.raises(FileNotFoundError, match="packaged default model is missing"):
+        files.describe(None)
+
+
+def test_cli_restores_with_the_default_model_and_refuses_its_missing_knobs(tmp_path, capsys):
+    src = tmp_path / "in" / "a.png"
+    io.write_image(src, torch.rand(3, 40, 48))
+    assert main(["restore", str(src), "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "float32"]) == 0
+    out = io.load_rgb(tmp_path / "out" / "a.png")
+    expected = iqpir.load_restorer(device="cpu", dtype="float32").restore(io.load_rgb(src), quality=1.0)
+    assert out.shape == (3, 40, 48) and (out - expected).abs().max() <= 1 / 255 + 1e-6
+    assert main(["restore", str(src), "--out", str(tmp_path / "o2"), "--alpha", "0.5", "--device", "cpu"]) != 0
+    assert "this default model has no codebooks: --alpha" in capsys.readouterr().err
+
+
+def tiny_file(tmp_path, seed: int = 0):
+    """A small conditioned U-Net in the packaged format, with random weights."""
+    torch.manual_seed(seed)
+    net = dm.NetworkConfig(channels=8, levels=3)
+    model = dm.build_network(net)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    meta = {"format": files.PLUGIN_FORMAT, "architecture": "conditioned_unet", "network": vars(net)}
+    path = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata={"iqpir": json.dumps(meta)})
+    return path, model.eval()
+
+
+def test_a_unet_file_is_described_and_restores_as_the_network(tmp_path):
+    path, model = tiny_file(tmp_path)
+    described = files.describe(path)
+    assert (described.kind, described.call, described.image_size, described.size_multiple) == ("unet", "image", None, 8)
+    restorer = iqpir.load_restorer(path, device="cpu", dtype="float32")
+    x = torch.rand(1, 3, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(restorer.restore(x, quality=0.3), model(x, 0.3).clamp(0, 1))
+
+
+@needs_onnx
+def test_a_unet_exports_to_onnx_at_any_size(tmp_path):
+    from iqpir.export import export
+
+    path, model = tiny_file(tmp_path)
+    info = export(path, "onnx", tmp_path / "unet.onnx")
+    assert info.inputs == ["image", "quality"] and info.image_size is None and info.size_multiple == 8
+    restorer = iqpir.load_restorer(tmp_path / "unet.onnx")
+    for shape, s in (((3, 24, 40), 0.2), ((3, 33, 17), 0.9)):  # sizes the export never saw; padding inside
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            ref = restorer_ref = model(torch.nn.functional.pad(x[None], (0, -x.shape[2] % 8, 0, -x.shape[1] % 8),
+                                                              mode="reflect"), s)[0, :, :shape[1], :shape[2]]
+        torch.testing.assert_close(restorer.restore(x, quality=s), restorer_ref.clamp(0, 1), atol=1e-4, rtol=0)
+        assert ref.shape == x.shape
+    with pytest.raises(ValueError, match="has no codebooks: --alpha"):
+        restorer.restore(torch.rand(3, 16, 16), alpha=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def small_work(tmp_path, n: int = 6):
+    """A work folder as `data` leaves it, from random crops: crops.safetensors and the held-out set."""
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(n, 4, 3, 48, 48, generator=g) * 255).round().to(torch.uint8)
+    scores = torch.rand(n, 4, generator=g)
+    save_file({"images": images, "scores": scores}, tmp_path / "crops.safetensors")
+    for name in ("a", "b"):
+        ref = torch.rand(3, 32, 40, generator=g)
+        io.write_image(tmp_path / "heldout" / "reference" / f"{name}.png", ref)
+        io.write_image(tmp_path / "heldout" / "degraded" / f"{name}.png", (ref + 0.05).clamp(0, 1))
+    return images, scores
+
+
+def test_batches_are_a_pure_function_of_seed_and_step(tmp_path):
+    images, scores = small_work(tmp_path)
+    cfg = dm.TrainConfig(batch=3, patch=32)
+    deg = dm.bfr_config(**dm.TRAIN_DEGRADATION)
+    a, b = dm.sample_batch(images, scores, cfg, 7, deg), dm.sample_batch(images, scores, cfg, 7, deg)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    c = dm.sample_batch(images, scores, cfg, 8, deg)
+    assert not torch.equal(a[0], c[0])
+    lq, target, s = a
+    assert lq.shape == target.shape == (3, 3, 32, 32) and s.shape == (3,)
+    assert all(float(v) in scores.flatten().tolist() for v in s)  # S is a target's own score
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(dm, "evaluate", lambda model, refs, lqs, sweep=(0.0, 0.5, 1.0): {})
+    net = dm.NetworkConfig(channels=8, levels=3)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for work in (whole, split):
+        work.mkdir()
+        small_work(work)
+    cfg = dict(batch=2, patch=32, warmup=1, eval_every=100, ckpt_every=1)
+    dm.train(whole, dm.TrainConfig(steps=3, **cfg), net, threads=1)
+    dm.train(split, dm.TrainConfig(steps=3, **cfg), net, threads=1, stop_after=2)
+    state = json.loads((split / "last" / "state.json").read_text())
+    assert state["step"] == 2
+    dm.train(split, dm.TrainConfig(steps=3, **cfg), net, threads=1)
+    from safetensors.torch import load_file
+
+    a, b = load_file(whole / "last" / "model.safetensors"), load_file(split / "last" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_learning_rate_at_the_edges():
+    cfg = dm.TrainConfig(steps=100, lr=1e-3, min_lr=1e-5, warmup=10)
+    assert dm.lr_at(cfg, 0) == pytest.approx(1e-4)  # (step + 1) / warmup
+    assert dm.lr_at(cfg, 9) == pytest.approx(1e-3)  # the last warm-up step reaches lr
+    assert dm.lr_at(cfg, 10) == pytest.approx(1e-3)  # cosine starts at lr
+    assert dm.lr_at(cfg, 99) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + torch.cos(torch.tensor(torch.pi * 89 / 90)).item()))
+    assert dm.lr_at(cfg, 100) == pytest.approx(1e-5)
