@@ -630,7 +630,7 @@ def serve(checkpoint: str | Path | None = None, host: str = "127.0.0.1", port: i
     sock = bind(host, port)  # first: a taken port fails before the model is loaded
     try:
         restorer = load_restorer(checkpoint, device=device, dtype=dtype)
-        app = create_app(restorer, limits=limits, name="default model" if checkpoint is None else Path(checkpoint).name)
+        app = create_app(restorer, limits=limits, name="iqpir/weights" if checkpoint is None else Path(checkpoint).name)
     except BaseException:
         sock.close()
         raise
