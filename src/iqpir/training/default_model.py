@@ -46,29 +46,34 @@ from iqpir.data.degradations import degrade
 from iqpir.plugin import QualityConditioned, conditioned_unet
 
 # Photos from Debian packages, fetched by package name (apt-get download + dpkg -x): (package,
-# path inside the package, licence from the package's copyright file). Illustrations and flat
+# path inside the package, the file's licence in the package's debian/copyright; the lomiri
+# photos' authors are in their file names). Illustrations and flat
 # gradients of the same packages are left out: they teach little about photos.
 PHOTOS = (
     *(("mate-backgrounds", f"usr/share/backgrounds/mate/nature/{n}.jpg", "GPL-2+") for n in (
         "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
         "TwoWings", "Wood", "YellowFlower")),
-    *(("plasma-workspace-wallpapers", f"usr/share/wallpapers/{n}", "see the package's copyright file (CC-BY-SA / LGPL)")
-      for n in ("Autumn/contents/images/2560x1600.jpg", "ColdRipple/contents/images/2560x1600.jpg",
-                "EveningGlow/contents/images/2560x1600.jpg", "FallenLeaf/contents/images/2560x1600.jpg",
-                "Grey/contents/images/2560x1600.jpg", "Kite/contents/images/2560x1600.jpg",
-                "OneStandsOut/contents/images/2560x1600.jpg", "Path/contents/images/2560x1600.jpg")),
-    *(("lomiri-wallpapers-16.04", f"usr/share/backgrounds/{n}", "CC-BY-SA-3.0 / CC-BY-SA-4.0 / CC-BY-4.0") for n in (
-        "Picture_1A_by_freespace.jpg", "Wine_by_Jakkub_Mede.jpg", "greentock_by_Peter_Nerlich.jpg",
-        "seeding_by_Clements_Engelhardt.jpg", "aitzgorri_by_Aitzol_Berasategi.jpg",
-        "Dragonfly_by_Bolly.jpg", "friends_by_Aitzol_Berasategi.jpg",
-        "sunset_by_Aitzol_Berasategi.jpg", "free_by_Peter_Nerlich.jpg", "picosdeeuropa_by_Aitzol_Berasategi.jpg",
-        "Picture_0B_by_freespace.jpg", "life_by_Aitzol_Berasategi.jpg", "analogpattern_by_Peter_Nerlich.jpg",
-        "Bridge_by_Sander_Klootwijk.jpg")),
-    ("lomiri-wallpapers-20.04", "usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg", "CC-BY-SA-4.0 / CC-BY-4.0"),
+    *(("plasma-workspace-wallpapers", f"usr/share/wallpapers/{n}/contents/images/2560x1600.jpg", "GPL-2+") for n in (
+        "Autumn", "ColdRipple", "EveningGlow", "FallenLeaf", "Grey", "Kite", "OneStandsOut", "Path")),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/Picture_1A_by_freespace.jpg", "CC-BY-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/Wine_by_Jakkub_Mede.jpg", "CC-BY-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/greentock_by_Peter_Nerlich.jpg", "CC-BY-SA-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/seeding_by_Clements_Engelhardt.jpg", "CC0-1.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/aitzgorri_by_Aitzol_Berasategi.jpg", "CC-BY-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/Dragonfly_by_Bolly.jpg", "CC-BY-SA-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/friends_by_Aitzol_Berasategi.jpg", "CC-BY-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/sunset_by_Aitzol_Berasategi.jpg", "CC-BY-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/free_by_Peter_Nerlich.jpg", "CC-BY-SA-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/picosdeeuropa_by_Aitzol_Berasategi.jpg", "CC-BY-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/Picture_0B_by_freespace.jpg", "CC-BY-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/life_by_Aitzol_Berasategi.jpg", "CC-BY-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/analogpattern_by_Peter_Nerlich.jpg", "CC-BY-SA-4.0"),
+    ("lomiri-wallpapers-16.04", "usr/share/backgrounds/Bridge_by_Sander_Klootwijk.jpg", "CC-BY-SA-4.0"),
+    ("lomiri-wallpapers-20.04", "usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg", "CC-BY-SA-3.0"),
 )
 # Photos of the same packages kept out of training: the held-out set, with the demo's three.
 HELD_OUT_PHOTOS = ("Kleiber_by_Lukas_Baubkus.jpg", "friends_by_Aitzol_Berasategi.jpg", "FreshFlower.jpg")
-SKIMAGE_LICENCE = "scikit-image data (BSD-3-Clause package; images public domain or CC0 per skimage.data)"
+SKIMAGE_LICENCE = "public domain or CC0 (each image's docstring in skimage.data)"
 
 CROP = 192          # stored crop side; NIQE/PIQE see whole 96-px blocks
 SIDES = (1024, 512)  # each photo is resized (antialiased) to these long sides before cropping
@@ -118,6 +123,18 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _photo_name(package: str, path: str) -> str:
+    return f"{package}/{path.split('/')[3] if 'contents' in path else Path(path).name}"
+
+
+def photo_licences() -> dict[str, str]:
+    """Training photo -> its licence (Debian packages, then scikit-image's bundled photos)."""
+    from iqpir.data.bundled import TRAIN
+
+    out = {_photo_name(p, path): lic for p, path, lic in PHOTOS if Path(path).name not in HELD_OUT_PHOTOS}
+    return out | {f"skimage/{n}": SKIMAGE_LICENCE for n in TRAIN}
+
+
 def fetch_packages(root: Path) -> Path:
     """apt-get download + dpkg -x each package of PHOTOS into root/debs, root/tree (once)."""
     tree = root / "tree"
@@ -160,10 +177,9 @@ def training_photos(root: Path) -> dict[str, tuple[torch.Tensor, str]]:
     tree = fetch_packages(root)
     photos = {}
     for package, path, licence in PHOTOS:
-        name = Path(path).name if "contents" not in path else path.split("/")[3]
-        if name in HELD_OUT_PHOTOS:
+        if Path(path).name in HELD_OUT_PHOTOS:
             continue
-        photos[f"{package}/{name}"] = (io.load_rgb(tree / path), licence)
+        photos[_photo_name(package, path)] = (io.load_rgb(tree / path), licence)
     bundled = bundled_images()
     for name in TRAIN:
         photos[f"skimage/{name}"] = (bundled[name], SKIMAGE_LICENCE)
@@ -449,8 +465,9 @@ def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
             "adain": "not applied: AdaIN re-normalises a codebook latent to the input's; this network has no "
                      "codebook latent (docs/recipe.md)",
         },
-        "data": {k: data[k] for k in ("crops", "crop", "sides", "levels", "metrics", "normalization", "constants",
-                                       "mean_score_per_level", "photos", "held_out")},
+        "data": {**{k: data[k] for k in ("crops", "crop", "sides", "levels", "metrics", "normalization", "constants",
+                                          "mean_score_per_level", "held_out")},
+                 "photos": photo_licences(), "crops_per_photo": data["crops_per_photo"]},
         "training": {"steps": state["step"], **state["train"], "wall_s": round(wall), "cpu_s": round(state.get("cpu_s", 0)),
                      "machine": machine or f"{platform.processor() or platform.machine()}, "
                                            f"{torch.get_num_threads()} torch thread(s) of a shared 2-core machine",
