@@ -1,6 +1,7 @@
-"""The demo end to end at a smoke budget: bundled images -> scores -> both stages -> report.
+"""The demo end to end: the packaged default model on the held-out photos, and the training
+showcase (`--train`) at a smoke budget: bundled images -> scores -> both stages -> report.
 
-About a minute on 2 cores: marked slow (`make test-all` runs it).
+About a minute each on 2 cores: marked slow (`make test-all` runs them).
 """
 
 import json
@@ -44,6 +45,21 @@ def test_quick_demo_writes_report_results_and_runs(tmp_path):
         from iqpir.demo import run_demo
 
         run_demo(out, quick=True, train=True)
+
+
+@pytest.mark.slow
+def test_demo_restores_with_the_packaged_model(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["name"] == "the packaged default model" and results["fidelity"] == 0.0
+    assert "stage1" not in results and not (out / "stage1").exists()
+    assert set(results["criteria"]) == {"psnr_gain", "ssim_gain", "quality_gain", "quality_rises_with_s_demo",
+                                        "quality_rises_with_s_iqpir_degrade"}
+    assert [r["name"] for r in results["per_image"]] == ["astronaut", "coffee", "grace_hopper"]
+    page = (out / "report.html").read_text()
+    assert "packaged default model" in page and "class='cmp'" in page and (out / "strip.png").is_file()
+    assert main(["demo", "--out", str(out), "--quick"]) != 0  # --quick only shortens --train
 
 
 # Fast checks of the demo's measurements and verdicts (default suite).

@@ -427,7 +427,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from iqpir.demo import run_demo
 
     if args.quick and not args.train:
-        raise SystemExit("iqpir demo: error: --quick shortens the training of --train; the default demo trains nothing")
+        raise ValueError("--quick shortens the training of --train; the default demo trains nothing")
     run_demo(args.out, seed=args.seed, quick=args.quick, train=args.train)
     return 0
 

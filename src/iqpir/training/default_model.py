@@ -315,7 +315,8 @@ def _save(folder: Path, model, opt, step: int, cfg: TrainConfig, net: NetworkCon
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "train": asdict(cfg), "network": asdict(net), **spent}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "train": asdict(cfg), "network": asdict(net),
+                                                "threads": torch.get_num_threads(), **spent}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -424,6 +425,16 @@ def write_pairs(work: Path, seed: int = 0) -> Path:
     return root
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def heavy_held_out(work: Path, refs: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
     """The held-out photos through `iqpir degrade`'s default (heavy) preset."""
     folder = work / "heldout" / "heavy"
@@ -468,9 +479,9 @@ def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
         "data": {**{k: data[k] for k in ("crops", "crop", "sides", "levels", "metrics", "normalization", "constants",
                                           "mean_score_per_level", "held_out")},
                  "photos": photo_licences(), "crops_per_photo": data["crops_per_photo"]},
-        "training": {"steps": state["step"], **state["train"], "wall_s": round(wall), "cpu_s": round(state.get("cpu_s", 0)),
-                     "machine": machine or f"{platform.processor() or platform.machine()}, "
-                                           f"{torch.get_num_threads()} torch thread(s) of a shared 2-core machine",
+        "training": {**state["train"], "steps": state["step"], "scheduled_steps": state["train"]["steps"],
+                     "wall_s": round(wall), "cpu_s": round(state.get("cpu_s", 0)),
+                     "machine": machine or f"{cpu_name()}, {state.get('threads', '?')} torch thread(s)",
                      "train_degradation": TRAIN_DEGRADATION, "level_weights": list(LEVEL_WEIGHTS)},
         "recipe": "make default-model (python -m iqpir.training.default_model data|train|write --work WORK)",
         "results": {"held_out": sorted(refs), "eval_degradation": EVAL_DEGRADATION, "eval_side": EVAL_SIDE,
@@ -493,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m iqpir.training.default_model", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("data", "train", "pairs", "write"))
     p.add_argument("--out", type=Path, default=Path("src/iqpir/weights"), help="write: the weights' folder")
+    p.add_argument("--machine", default=None, help="write: the training machine, for the card (default: this one)")
     p.add_argument("--work", type=Path, required=True, help="work folder (data, checkpoints, curves)")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--threads", type=int, default=2)
@@ -504,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         build_data(args.work, seed=args.seed)
         degraded_held_out(args.work, held_out(args.work))
     elif args.command == "write":
-        card = write_model(args.work, args.out)
+        card = write_model(args.work, args.out, machine=args.machine)
         print(json.dumps(card["results"]["moderate"], indent=1))
     elif args.command == "pairs":
         print(write_pairs(args.work, seed=args.seed))
