@@ -151,7 +151,7 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     for work in (whole, split):
         work.mkdir()
         small_work(work)
-    cfg = dict(batch=2, patch=32, warmup=1, eval_every=100, ckpt_every=1)
+    cfg = {"batch": 2, "patch": 32, "warmup": 1, "eval_every": 100, "ckpt_every": 1}
     dm.train(whole, dm.TrainConfig(steps=3, **cfg), net, threads=1)
     dm.train(split, dm.TrainConfig(steps=3, **cfg), net, threads=1, stop_after=2)
     state = json.loads((split / "last" / "state.json").read_text())

@@ -20,10 +20,8 @@ the measured values and whether it holds.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
-import math
 import resource
 import sys
 import time
@@ -33,8 +31,8 @@ import torch
 
 from iqpir import config as C
 from iqpir import io
-
 from iqpir.data.bundled import HELD_OUT, TRAIN, bundled_images, resize_long_side
+
 SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
 TRAIN_SIDE = 256  # training images are resized so their longer side is this many pixels
 HELD_OUT_SIDE = 192
@@ -117,16 +115,6 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-# The default model's evaluation degradation (issue 21: blur sigma 1-3, 2-4x down-sampling,
-# noise <= 10/255, JPEG 50-80): what `make demo` degrades its held-out photos with.
-DEFAULT_MODEL_DEGRADATION = [
-    "data.degradation.preset=bfr",
-    "data.degradation.bfr.kernel_size=21",
-    "data.degradation.bfr.blur_sigma=[1.0, 3.0]",
-    "data.degradation.bfr.downsample=[2.0, 4.0]",
-    "data.degradation.bfr.noise=[0.0, 10.0]",
-    "data.degradation.bfr.jpeg_quality=[50, 80]",
-]
 DEFAULT_HELD_OUT_SIDE = 384  # the default model restores whole photos; the trained showcase 64-px tiles
 
 
@@ -170,7 +158,9 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
         fidelity = FIDELITY
     else:
         trained = None
-        degradation = C.load(overrides=DEFAULT_MODEL_DEGRADATION).data.degradation
+        from iqpir.training.default_model import EVAL_DEGRADATION, bfr_config
+
+        degradation = bfr_config(**EVAL_DEGRADATION)  # the default model's evaluation (issue 21)
         restorer = load_restorer(None, device="cpu", dtype="float32")
         fidelity = 0.0
     _log("restoring the held-out images")
@@ -307,8 +297,8 @@ def stage1_summary(run: Path, references: dict[str, torch.Tensor]) -> dict:
     """Reconstruction PSNR of the clean held-out photos through the stage-1 autoencoder (the
     stage-2 code targets decoded, through the same tiles as restoration) and codebook usage."""
     from iqpir.checkpoint import load_model
-    from iqpir.metrics import psnr
     from iqpir.inference import Restorer
+    from iqpir.metrics import psnr
 
     vqgan, cfg = load_model(run)
     probe = _StageOne(vqgan.eval())

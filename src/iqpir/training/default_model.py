@@ -37,11 +37,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from iqpir import config as C
 from iqpir import io
+from iqpir.data.bundled import resize_long_side
 from iqpir.data.degradations import degrade
 from iqpir.plugin import QualityConditioned, conditioned_unet
 
@@ -81,10 +81,11 @@ SIDES = (1024, 512)  # each photo is resized (antialiased) to these long sides b
 GT_LEVELS = ((1.0, 1.0, 3.0, 75), (1.8, 2.0, 6.0, 50), (2.8, 3.0, 10.0, 30))
 LEVEL_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # how often each level is the target (the clean one most)
 # The degradation the model undoes: wider than the evaluation's (blur 1-3, 2-4x, noise <= 10, JPEG 50-80).
-TRAIN_DEGRADATION = dict(kernel_size=21, blur_sigma=[0.5, 3.5], downsample=[1.0, 4.0], noise=[0.0, 12.0],
-                         jpeg_quality=[40, 90])
-EVAL_DEGRADATION = dict(kernel_size=21, blur_sigma=[1.0, 3.0], downsample=[2.0, 4.0], noise=[0.0, 10.0],
-                        jpeg_quality=[50, 80])
+TRAIN_DEGRADATION = {"kernel_size": 21, "blur_sigma": [0.5, 3.5], "downsample": [1.0, 4.0], "noise": [0.0, 12.0],
+                     "jpeg_quality": [40, 90]}
+# The evaluation's (issue 21): the default model's card, benchmarks/default_model.py and `make demo`.
+EVAL_DEGRADATION = {"kernel_size": 21, "blur_sigma": [1.0, 3.0], "downsample": [2.0, 4.0], "noise": [0.0, 10.0],
+                    "jpeg_quality": [50, 80]}
 METRICS = ("niqe", "piqe")
 EVAL_SIDE = 384
 
@@ -154,12 +155,8 @@ def fetch_packages(root: Path) -> Path:
 
 
 def _resize_long(img: torch.Tensor, side: int) -> torch.Tensor:
-    h, w = img.shape[-2:]
-    s = side / max(h, w)
-    if s >= 1:
-        return img
-    size = (max(1, round(h * s)), max(1, round(w * s)))
-    return F.interpolate(img[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+    """Down-sized (antialiased) so the long side is `side`; smaller images as they are."""
+    return resize_long_side(img, side) if max(img.shape[-2:]) > side else img
 
 
 def _grid_crops(img: torch.Tensor, crop: int) -> list[torch.Tensor]:
@@ -292,7 +289,7 @@ def sample_batch(images: torch.Tensor, scores: torch.Tensor, cfg: TrainConfig, s
                  degradation: C.DegradationConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch `step` of the run: (input, target, S), a pure function of (cfg.seed, step)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    n, levels = images.shape[:2]
+    n = images.shape[0]
     idx = torch.randint(n, (cfg.batch,), generator=g)
     lvl = torch.multinomial(torch.tensor(LEVEL_WEIGHTS), cfg.batch, replacement=True, generator=g)
     span = images.shape[-1] - cfg.patch + 1
