@@ -84,5 +84,6 @@ def test_a_new_kind_of_file_is_one_detector_entry(monkeypatch, tmp_path):
     restorer = iqpir.load_restorer(tmp_path / "x.fake", device="cpu", dtype="float32")
     assert seen == [(str(tmp_path / "x.fake"), True)]
     assert restorer.restore(torch.rand(1, 3, 16, 16)).shape == (1, 3, 64, 64)
-    with pytest.raises(FileNotFoundError, match="no such run folder or checkpoint file"):
+    with pytest.raises(FileNotFoundError, match="no such run folder or checkpoint file") as err:
         iqpir.load_restorer(tmp_path / "missing")
+    assert "Use the published weights" in str(err.value) and "packaged default model" in str(err.value)

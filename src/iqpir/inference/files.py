@@ -295,4 +295,6 @@ def describe(path: str | Path | None = None, use_ema: bool = True) -> DescribedM
     for recognises, describe_one in DETECTORS.values():
         if recognises(path):
             return describe_one(path, use_ema)
-    raise FileNotFoundError(f"--checkpoint {path}: no such run folder or checkpoint file")
+    raise FileNotFoundError(f"--checkpoint {path}: no such run folder or checkpoint file (released IQPIR/CodeFormer "
+                            "weights: see the README's 'Use the published weights'; without --checkpoint the "
+                            "packaged default model restores)")
