@@ -468,7 +468,9 @@ def test_cli_face_flags_need_faces(tmp_path, face_checkpoint, capsys):
     io.write_image(tmp_path / "a.png", torch.rand(3, 16, 16))
     rc = main(["restore", str(tmp_path / "a.png"), "--checkpoint", str(face_checkpoint), "--out", str(tmp_path / "o"),
                "--min-face", "40"])
-    assert rc == 2 and "--faces" in capsys.readouterr().err
+    assert rc == 2 and "--min-face applies only to whole photos with faces; add --faces" in capsys.readouterr().err
+    rc = main(["restore", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--upscale", "2", "--draw-box"])
+    assert rc == 2 and "--upscale, --draw-box apply only to whole photos" in capsys.readouterr().err
     rc = main(["restore", str(tmp_path / "a.png"), "--checkpoint", str(face_checkpoint), "--out", str(tmp_path / "o"),
                "--faces", "--detector", "nope"])
     assert rc == 2 and "hog+cnn" in capsys.readouterr().err

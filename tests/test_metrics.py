@@ -267,7 +267,7 @@ def test_markdown_table_marks_best_per_dataset():
     assert lines[0] == "| Method | Dataset | N | PSNR ↑ | NIQE ↓ | CUSTOM |"
     assert lines[2] == "| A | D1 | 3 | 25.00 | **4.000** | 1.000 |"
     assert lines[3] == "| B | D1 | 3 | **26.00** | 5.000 | 2.000 |"
-    assert lines[4] == "| C | D2 | 3 | **20.00** | **6.000** | - |"  # best within its own dataset
+    assert lines[4] == "| C | D2 | 3 | 20.00 | 6.000 | - |"  # alone in its dataset: best of nothing
     assert lines[5] == "| D | D1 | 3 | - | **4.000** | - |"  # ties are all bold
     # Directions can be given (an NR-IQA scorer's lower_better); one group over all rows.
     t2 = M.markdown_table(rows, {"custom": "higher"}, group_by=None).splitlines()

@@ -332,7 +332,8 @@ def _run_restore(args: argparse.Namespace) -> int:
         return _run_restore_faces(args)
     used = [flag for key, flag in _FACE_FLAGS.items() if getattr(args, key) not in (None, False)]
     if used:
-        print(f"iqpir restore: error: {', '.join(used)} only apply to whole photos with faces; add --faces",
+        verb = "apply" if len(used) > 1 else "applies"
+        print(f"iqpir restore: error: {', '.join(used)} {verb} only to whole photos with faces; add --faces",
               file=sys.stderr)
         return 2
     from iqpir.inference.photos import restore_files

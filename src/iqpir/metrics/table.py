@@ -102,7 +102,10 @@ def _best_cells(
     dirs: Mapping[str, str],
     group_by: str | None,
 ) -> set[tuple[int, str]]:
-    """(row index, metric) of the best value per metric with a direction, within each group."""
+    """(row index, metric) of the best value per metric with a direction, within each group.
+
+    A value alone in its group (one method on a dataset) is best of nothing: it is not marked.
+    """
     groups: dict[object, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(r.get(group_by, "") if group_by else "", []).append(i)
@@ -114,7 +117,7 @@ def _best_cells(
         for idx in groups.values():
             # Compare the printed values, so that rows that print the same tie.
             cand = [(float(text[m][i]), i) for i in idx if values[m][i] is not None]
-            if len(cand) < 1:
+            if len(cand) < 2:
                 continue
             best = max(v for v, _ in cand) if d == "higher" else min(v for v, _ in cand)
             bold.update((i, m) for v, i in cand if v == best)
