@@ -335,6 +335,26 @@ def test_degrade_files(tmp_path: Path) -> None:
     assert (out3 / "a.png").read_bytes() != (out / "a.png").read_bytes()
 
 
+def test_each_file_of_a_degrade_run_gets_its_own_draw(tmp_path: Path) -> None:
+    """Noise only (no blur, scaling or JPEG): with one shared draw, two mid-grey files would get the
+    same noise; with a draw per file (seeded by its content) they get different noise, and a file
+    degraded again with the same seed gets the same bytes."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, grey in (("a.png", 120), ("b.png", 136)):
+        Image.fromarray(np.full((32, 32, 3), grey, np.uint8)).save(src / name)
+    cfg = DegradationConfig()
+    cfg.bfr.blur_sigma, cfg.bfr.downsample = [0.1, 0.1], [1.0, 1.0]
+    cfg.bfr.noise, cfg.bfr.jpeg_quality = [8.0, 8.0], [100, 100]
+    degrade_files([src], tmp_path / "out", cfg, "bfr", seed=0, progress=False)
+    noise = {n: np.asarray(Image.open(tmp_path / "out" / n), np.int16) - np.asarray(Image.open(src / n), np.int16)
+             for n in ("a.png", "b.png")}
+    assert noise["a.png"].std() > 3 and noise["b.png"].std() > 3  # the noise is there
+    assert (noise["a.png"] != noise["b.png"]).mean() > 0.5
+    degrade_files([src / "b.png"], tmp_path / "again", cfg, "bfr", seed=0, progress=False)
+    assert (tmp_path / "again" / "b.png").read_bytes() == (tmp_path / "out" / "b.png").read_bytes()
+
+
 def test_degrade_files_refuses_to_mix_with_inputs(tmp_path: Path) -> None:
     src = tmp_path / "in"
     _write_png(src / "a.png", 8, 8, 0)

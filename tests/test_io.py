@@ -208,3 +208,16 @@ def test_failures_are_named_once_and_the_summary_line_names_the_output(run_dir, 
         summary = next(line for line in err.splitlines() if line.startswith(f"iqpir {command}:"))
         assert summary.endswith(f"-> {out}"), summary
         assert not any(line.strip().startswith("failed:") and "->" in line for line in err.splitlines())
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".jpeg", ".webp"])
+def test_lossy_files_honour_their_quality(tmp_path, suffix):
+    """A quality that does not reach the encoder (a format-name typo) leaves both files alike."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 16, 16, generator=g), size=64, mode="bilinear")[0]
+    low, high = tmp_path / f"low{suffix}", tmp_path / f"high{suffix}"
+    io.write_image(low, image, quality=20)
+    io.write_image(high, image, quality=95)
+    assert low.stat().st_size < 0.7 * high.stat().st_size
+    err = {p: float((io.load_rgb(p) - image).abs().mean()) for p in (low, high)}
+    assert err[low] > 1.5 * err[high]

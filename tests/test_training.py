@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import os
 import signal
 
@@ -171,6 +173,20 @@ def test_lr_schedules():
     assert lr_scale(t, 0) == pytest.approx(1.0) and lr_scale(t, 100) == pytest.approx(0.1)
     m = small_cfg(1, "train.lr_schedule=multistep", "train.milestones=[2,4]", "train.gamma=0.5").train
     assert [lr_scale(m, s) for s in (0, 2, 4)] == [1.0, 0.5, 0.25]
+
+
+def test_lr_schedules_at_their_edges():
+    """Steps 0 and 1, the last warm-up step, the first after it, the last step: each value by hand."""
+    w = small_cfg(1, "train.steps=20", "train.warmup_steps=4", "train.lr_schedule=cosine", "train.lr=1.0",
+                  "train.min_lr=0.1").train
+    last = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16))  # step 19: 15 of the 16 cosine steps done
+    assert [lr_scale(w, s) for s in (0, 1, 3, 4, 19, 20)] == pytest.approx([0.25, 0.5, 1.0, 1.0, last, 0.1])
+    m = small_cfg(1, "train.steps=12", "train.warmup_steps=2", "train.lr_schedule=multistep",
+                  "train.milestones=[5,10]", "train.gamma=0.1").train
+    assert [lr_scale(m, s) for s in (0, 1, 2, 4, 5, 9, 10, 11)] == pytest.approx(
+        [0.5, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    c = small_cfg(1, "train.steps=10", "train.warmup_steps=3", "train.lr_schedule=constant").train
+    assert [lr_scale(c, s) for s in (0, 1, 2, 3, 9)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0])
 
 
 def test_positions_partition_the_global_batch():

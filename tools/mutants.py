@@ -279,6 +279,25 @@ MUTANTS = [
              '        return {"image": {0: "batch"}, "quality": {0: "batch"}, "restored": {0: "batch"}}')],
            [T + "test_default_model.py::test_a_unet_exports_to_onnx_at_any_size"],
            "a U-Net graph exported at the example's size only"),
+    # -- schedules, randomness and encoder options at their edges (issue 25, item 3) --------------
+    Mutant("warmup-off-by-one", "src/iqpir/training/loop.py",
+           [("        return (step + 1) / cfg.warmup_steps\n", "        return step / cfg.warmup_steps\n")],
+           [T + "test_training.py::test_lr_schedules_at_their_edges"],
+           "the first warm-up step at lr 0, the last one short of lr"),
+    Mutant("multistep-late", "src/iqpir/training/loop.py",
+           [("sum(step >= m for m in cfg.milestones)", "sum(step > m for m in cfg.milestones)")],
+           [T + "test_training.py::test_lr_schedules_at_their_edges"],
+           "a multistep decay one step after its milestone"),
+    Mutant("degrade-one-draw", "src/iqpir/data/degradations.py",
+           [('    h = hashlib.sha256(f"iqpir-degrade:{int(seed)}:{digest}".encode()).digest()',
+             '    h = hashlib.sha256(f"iqpir-degrade:{int(seed)}".encode()).digest()')],
+           [T + "test_data.py::test_each_file_of_a_degrade_run_gets_its_own_draw"],
+           "every file of a degrade run gets the same draw"),
+    Mutant("webp-quality-dropped", "src/iqpir/io.py",
+           [('    options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}',
+             '    options = {"quality": quality} if fmt in ("JPEG", "WEPB") else {}')],
+           [T + "test_io.py::test_lossy_files_honour_their_quality"],
+           "a format-name typo drops WebP's quality"),
 ]
 
 
