@@ -33,26 +33,35 @@ def log(msg: str) -> None:
 
 
 def scores(restore, refs: dict, lqs: dict, judge) -> dict:
-    """Held-out means of PSNR/SSIM (S = 1) and judged quality per S."""
+    """Held-out means of PSNR/SSIM (S = 1), judged quality per S, and the judge's raw NIQE and PIQE."""
     from iqpir.metrics import psnr, ssim
 
     rows = {s: [] for s in SWEEP}
     for name, ref in refs.items():
         for s in SWEEP:
-            out = restore(lqs[name], s)
-            rows[s].append((float(psnr(out[None], ref[None])[0]), float(ssim(out[None], ref[None])[0]),
-                            float(judge(out[None])[0])))
+            out = restore(lqs[name], s)[None]
+            raw = judge.raw(out)
+            rows[s].append((float(psnr(out, ref[None])[0]), float(ssim(out, ref[None])[0]),
+                            float(judge.normalize_raw(raw)[0]), float(raw["niqe"][0]), float(raw["piqe"][0])))
     mean = {s: [sum(v) / len(v) for v in zip(*r)] for s, r in rows.items()}
-    return {"psnr": mean[1.0][0], "ssim": mean[1.0][1], **{f"q{s:g}": mean[s][2] for s in SWEEP}}
+    return {"psnr": mean[1.0][0], "ssim": mean[1.0][1], **{f"q{s:g}": mean[s][2] for s in SWEEP},
+            **{f"niqe{s:g}": mean[s][3] for s in SWEEP}, **{f"piqe{s:g}": mean[s][4] for s in SWEEP}}
 
 
 def input_scores(refs: dict, lqs: dict, judge) -> dict:
     from iqpir.metrics import psnr, ssim
 
     n = len(refs)
+    raw = [judge.raw(lqs[k][None]) for k in refs]
     return {"psnr": sum(float(psnr(lqs[k][None], r[None])[0]) for k, r in refs.items()) / n,
             "ssim": sum(float(ssim(lqs[k][None], r[None])[0]) for k, r in refs.items()) / n,
-            "q_input": sum(float(judge(lqs[k][None])[0]) for k in refs) / n}
+            "q_input": sum(float(judge.normalize_raw(r)[0]) for r in raw) / n,
+            "niqe": sum(float(r["niqe"][0]) for r in raw) / n, "piqe": sum(float(r["piqe"][0]) for r in raw) / n}
+
+
+def _mean_raw(judge, images) -> dict:
+    raws = [judge.raw(x[None]) for x in images]
+    return {m: [sum(float(r[m][0]) for r in raws) / len(raws)] for m in raws[0]}
 
 
 def seconds_per_megapixel(restorer, side: int = 1024, repeats: int = 2) -> float:
@@ -83,6 +92,7 @@ def main() -> None:
     judge = QualityEnsemble(list(dm.METRICS), normalization="fixed")
     refs = dm.held_out(args.work)
     sets = {"moderate": dm.degraded_held_out(args.work, refs), "heavy": dm.heavy_held_out(args.work, refs)}
+    refs_row = {"reference (clean)": {k: v[0] for k, v in _mean_raw(judge, refs.values()).items()}}
     arms: list[tuple[str, object, dict]] = [("default model (packaged)", load_restorer(None, device="cpu",
                                                                                       dtype="float32"), {})]
     for ckpt in args.checkpoint:
@@ -97,18 +107,24 @@ def main() -> None:
     for deg, lqs in sets.items():
         base = input_scores(refs, lqs, judge)
         print(f"\n### {deg} degradation ({len(refs)} held-out photos)\n")
-        print("| restorer | PSNR (S=1) | SSIM (S=1) | quality S=0 | S=0.5 | S=1 |")
-        print("|---|---:|---:|---:|---:|---:|")
-        print(f"| degraded input | {base['psnr']:.2f} | {base['ssim']:.4f} | {base['q_input']:.4f} | | |")
-        results[deg] = {"input": base}
+        print("| restorer | PSNR (S=1) | SSIM (S=1) | quality S=0 | S=0.5 | S=1 | NIQE S=0 / 0.5 / 1 | "
+              "PIQE S=0 / 0.5 / 1 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"| degraded input | {base['psnr']:.2f} | {base['ssim']:.4f} | {base['q_input']:.4f} | | | "
+              f"{base['niqe']:.2f} | {base['piqe']:.1f} |")
+        results[deg] = {"input": base, **refs_row}
         for name, restorer, kw in arms:
             log(f"{deg}: {name}")
             with torch.no_grad():
                 r = scores(lambda x, s, r=restorer, kw=kw: r.restore(x, quality=s if r.supports_quality else None, **kw),
                            refs, lqs, judge)
             results[deg][name] = r
-            print(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['q0']:.4f} | {r['q0.5']:.4f} | {r['q1']:.4f} |",
-                  flush=True)
+            niqe = " / ".join(f"{r[f'niqe{s:g}']:.2f}" for s in SWEEP)
+            piqe = " / ".join(f"{r[f'piqe{s:g}']:.1f}" for s in SWEEP)
+            print(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['q0']:.4f} | {r['q0.5']:.4f} | {r['q1']:.4f} | "
+                  f"{niqe} | {piqe} |", flush=True)
+    print(f"\nclean references: NIQE {refs_row['reference (clean)']['niqe']:.2f}, "
+          f"PIQE {refs_row['reference (clean)']['piqe']:.1f} (lower is better)")
     if args.speed:
         r = load_restorer(None, device="cpu", dtype="auto")
         spm = seconds_per_megapixel(r)
