@@ -332,3 +332,39 @@ def test_weights_are_read_outside_the_kept_heap():
         assert grown >= size  # its own mapping
     grown, _ = mapped_after_alloc()
     assert grown == 0  # the setting is back
+
+
+def _conv_output_dtypes(restorer: Restorer, run) -> set[torch.dtype]:
+    """The dtypes the convolutions of the network the engine runs produce while `run()` runs."""
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda m, a, o: seen.add(o.dtype))
+             for m in restorer.engine._network().modules() if isinstance(m, nn.Conv2d)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("network", ["iqpir", "unet"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "auto"])
+def test_the_convolutions_compute_in_the_dtype_the_restorer_reports(network, dtype, monkeypatch):
+    """A probe on every Conv2d: what the engine says (restorer.dtype, which /api/health shows) is what
+    the convolutions compute in, for the IQPIR network (the mixed bf16 path) and a plug-in U-Net
+    (autocast). `auto` on a CPU without native bf16 is float32."""
+    from iqpir.inference.files import DescribedModel
+    from iqpir.plugin import conditioned_unet
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    if network == "iqpir":
+        described, x = engines.as_described(tiny_model(cft=False), 64), torch.rand(3, 64, 64)
+    else:
+        described = DescribedModel(model=conditioned_unet(channels=8, levels=3).eval(), kind="unet",
+                                   size_multiple=8, quality=True, call="image")
+        x = torch.rand(3, 24, 40)
+    r = Restorer(described, device="cpu", dtype=dtype)
+    expected = {"float32": "float32", "bfloat16": "bfloat16", "auto": "float32"}[dtype]
+    assert r.dtype == expected
+    seen = _conv_output_dtypes(r, lambda: r.restore(x, quality=0.7))
+    assert seen == {engines.DTYPES[expected]}, f"{network} reports {r.dtype}, its convolutions gave {seen}"

@@ -298,6 +298,17 @@ MUTANTS = [
              '    options = {"quality": quality} if fmt in ("JPEG", "WEPB") else {}')],
            [T + "test_io.py::test_lossy_files_honour_their_quality"],
            "a format-name typo drops WebP's quality"),
+    # -- engines tell the truth (issue 25, item 2) -------------------------------------------------
+    Mutant("autocast-dropped", "src/iqpir/inference/engines.py",
+           [('        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])\n',
+             '        return nullcontext()\n')],
+           [T + "test_engines.py::test_the_convolutions_compute_in_the_dtype_the_restorer_reports"],
+           "--dtype bfloat16 reported for a plug-in network that computes in float32"),
+    Mutant("mixed-parts-float32", "src/iqpir/inference/engines.py",
+           [("            part = low_precision_copy(getattr(self.model, name), low, device, in_place=own)\n",
+             "            part = low_precision_copy(getattr(self.model, name), torch.float32, device, in_place=own)\n")],
+           [T + "test_engines.py::test_the_convolutions_compute_in_the_dtype_the_restorer_reports"],
+           "the mixed path reports bf16 and keeps its convolutions in float32"),
 ]
 
 
