@@ -309,6 +309,17 @@ MUTANTS = [
              "            part = low_precision_copy(getattr(self.model, name), torch.float32, device, in_place=own)\n")],
            [T + "test_engines.py::test_the_convolutions_compute_in_the_dtype_the_restorer_reports"],
            "the mixed path reports bf16 and keeps its convolutions in float32"),
+    # -- knobs on every path (issue 25, item 1: the plug-in model's quality) -----------------------
+    Mutant("faces-quality-dropped", "src/iqpir/inference/photos.py",
+           [("            return restorer.restore(faces, quality=quality, alpha=alpha, fidelity=fidelity)",
+             "            return restorer.restore(faces, quality=None, alpha=alpha, fidelity=fidelity)")],
+           [T + "test_knobs.py::test_quality_reaches_the_output_on_every_path"],
+           "--faces restores every face at the default quality, whatever --quality says"),
+    Mutant("app-quality-dropped", "src/iqpir/app.py",
+           [('        if self.model["supports_quality"] and p.quality is not None:\n            kw["quality"] = p.quality\n',
+             '        if self.model["supports_quality"] and p.quality is not None:\n            kw["quality"] = 1.0\n')],
+           [T + "test_knobs.py::test_quality_reaches_the_output_on_every_path"],
+           "the page's quality slider replaced by 1 on its way to the model"),
 ]
 
 
