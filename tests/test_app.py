@@ -393,6 +393,25 @@ def test_faces_go_through_the_face_pipeline_with_the_requested_quality(restorer)
     assert np.abs(out[:, 64:] - img[:, 64:]).max() <= 1  # the rest is the pipeline's (here: unchanged)
 
 
+def test_the_page_restores_faces_as_the_cli_does(restorer):
+    """512-px face crops reach a 64-px face model resized to its size and back, as in
+    `iqpir restore --faces` (inference.photos.face_restorer_fn), not through its tiles."""
+    from iqpir.inference.photos import face_restorer_fn
+
+    seen = {}
+
+    def fake_restore_photo(image, restore_faces, *, upscale=1):
+        crop = torch.nn.functional.interpolate(image[None], size=(512, 512), mode="bilinear")
+        seen["crop"], seen["out"] = crop, restore_faces(crop)
+        return image, {"faces": [{"box": [0, 0, 64, 64]}]}
+
+    img = photo(64, 64, seed=6)
+    with TestClient(create_app(restorer, face_pipeline=fake_restore_photo)) as c:
+        assert post(c, png_bytes(img), faces="true", quality=0.3).status_code == 200
+    want = face_restorer_fn(restorer, 0.3)(seen["crop"])
+    assert torch.equal(seen["out"], want)
+
+
 # --------------------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------------------

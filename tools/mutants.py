@@ -320,6 +320,12 @@ MUTANTS = [
              '        if self.model["supports_quality"] and p.quality is not None:\n            kw["quality"] = 1.0\n')],
            [T + "test_knobs.py::test_quality_reaches_the_output_on_every_path"],
            "the page's quality slider replaced by 1 on its way to the model"),
+    Mutant("app-faces-through-tiles", "src/iqpir/app.py",
+           [('            restore_faces = face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"),\n'
+             '                                             kw.get("fidelity", 0.0))\n',
+             '            def restore_faces(crops):\n                return self.restorer.restore(crops, **kw)\n\n')],
+           [T + "test_app.py::test_the_page_restores_faces_as_the_cli_does"],
+           "the page restores face crops through a face model's tiles where the CLI resizes them"),
 ]
 
 

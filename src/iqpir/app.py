@@ -43,6 +43,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from iqpir import __version__
 from iqpir import io as iio
+from iqpir.inference.photos import face_restorer_fn
 
 log = logging.getLogger("iqpir.app")
 
@@ -373,9 +374,9 @@ class RestoreService:
             if self.face_pipeline is None:
                 raise RequestError(400, "face pipeline not installed (pip install 'iqpir[faces]')")
 
-            def restore_faces(crops: torch.Tensor) -> torch.Tensor:
-                return self.restorer.restore(crops, **kw)
-
+            # the CLI's face path: 512-px crops resized to a face model's own size and back
+            restore_faces = face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"),
+                                             kw.get("fidelity", 0.0))
             try:
                 restored, report = self.face_pipeline(img.rgb, restore_faces, upscale=p.upscale)
             except ImportError as exc:  # the pipeline is there but its detector's extra is not
