@@ -471,6 +471,12 @@ def test_cli_face_flags_need_faces(tmp_path, face_checkpoint, capsys):
     assert rc == 2 and "--min-face applies only to whole photos with faces; add --faces" in capsys.readouterr().err
     rc = main(["restore", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--upscale", "2", "--draw-box"])
     assert rc == 2 and "--upscale, --draw-box apply only to whole photos" in capsys.readouterr().err
+    rc = main(["restore", str(tmp_path / "a.png"), "--checkpoint", str(face_checkpoint), "--out", str(tmp_path / "w"),
+               "--faces", "--detector", "hog", "--device", "cpu"])
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    # a small general model (32 px) on faces: one warning line saying what to use instead
+    assert rc == 0 and len(warned) == 1 and "--faces with a general 32-px model" in warned[0]
+    assert "packaged default model" in warned[0]
     rc = main(["restore", str(tmp_path / "a.png"), "--checkpoint", str(face_checkpoint), "--out", str(tmp_path / "o"),
                "--faces", "--detector", "nope"])
     assert rc == 2 and "hog+cnn" in capsys.readouterr().err

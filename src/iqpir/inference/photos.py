@@ -154,6 +154,11 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
     out, paths, missing, report, targets = _plan(inputs, out)
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size)
     restorer.check_knobs(quality, alpha, fidelity)
+    if restorer.task != "faces" and restorer.image_size not in (None, FACE_SIZE):
+        print(f"iqpir restore: warning: --faces with a general {restorer.image_size}-px model: every "
+              f"{FACE_SIZE}-px face is shrunk to {restorer.image_size} px and back, losing its detail; use a "
+              "face model (an IQPIR/CodeFormer release) or the packaged default model (no --checkpoint)",
+              file=sys.stderr)
     restore_faces = face_restorer_fn(restorer, quality, alpha, fidelity)
     background = None
     if bg_checkpoint is not None:
