@@ -197,6 +197,25 @@ def test_identity_restorer_returns_the_photo_exactly_with_synthetic_faces():
     assert (out2 - resize_lanczos(photo, 3)).abs().max() <= 1 / 255
 
 
+def test_with_a_background_function_the_face_blends_from_the_photo_into_the_background():
+    """out = bg + M (U - bg) + change: outside the face's crop exactly the background function's
+    output; where the mask is 1 the photo itself (identity restorer) or the photo plus the
+    restorer's change; in between, each pixel between the photo and the background."""
+    photo = smooth_photo(240, 360, seed=7)
+    face = face_at((120.0, 120.0), 0.3, 8.0)  # its crop spans about 154 px around (120, 120)
+    background = lambda image: (0.9 - 0.8 * image).clamp(0, 1)  # noqa: E731 - far from the photo everywhere
+    core, far = (slice(None), slice(110, 130), slice(110, 130)), (slice(None), slice(None), slice(260, None))
+    bg = background(photo)
+    out, _ = restore_photo(photo, lambda x: x, detector=FixedDetector([face]), background=background)
+    assert (out[far] - bg[far]).abs().max() <= 1 / 255  # the background function's output, to 8 bits
+    assert (out[core] - photo[core]).abs().max() <= 1 / 255
+    lo, hi = torch.minimum(photo, bg) - 1 / 255, torch.maximum(photo, bg) + 1 / 255
+    assert ((out >= lo) & (out <= hi)).all()
+    out2, _ = restore_photo(photo, lambda x: (x + 0.1).clamp(0, 1), detector=FixedDetector([face]),
+                            background=background)
+    assert (out2[core] - photo[core]).mean() > 0.08 and (out2[far] - bg[far]).abs().max() <= 1 / 255
+
+
 def test_upscale_is_lanczos():
     # texture in [0.3, 0.7], so PIL's 8-bit two-pass resize never clips between its passes
     photo = io.from_pil(io.to_pil(0.3 + 0.4 * torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(2))))

@@ -326,6 +326,11 @@ MUTANTS = [
              '            def restore_faces(crops):\n                return self.restorer.restore(crops, **kw)\n\n')],
            [T + "test_app.py::test_the_page_restores_faces_as_the_cli_does"],
            "the page restores face crops through a face model's tiles where the CLI resizes them"),
+    # -- blending (issue 25, item 4) ---------------------------------------------------------------
+    Mutant("blend-from-background", "src/iqpir/faces/align.py",
+           [("    up = resized[:, uy0:uy1, ux0:ux1]\n", "    up = out[:, uy0:uy1, ux0:ux1]\n")],
+           [T + "test_faces.py::test_with_a_background_function_the_face_blends_from_the_photo_into_the_background"],
+           "the face blended into the background from the background, not from the photo"),
 ]
 
 
