@@ -131,6 +131,17 @@ def test_tiled_path_passes_quality_and_alpha():
     assert quality.tolist() == pytest.approx([0.7]) and alpha is None
 
 
+def test_tiles_report_their_progress():
+    """A large photo is many tiles: progress(done, total) after each batch, so a bar can move."""
+    model = PositionDependent(32)
+    r = Restorer(model, image_size=32, device="cpu", batch_size=3)
+    seen = []
+    r.restore_one(torch.rand(3, 50, 77), quality=0.3, progress=lambda done, total: seen.append((done, total)))
+    total = sum(len(q) for q, _ in model.calls)
+    assert seen[-1] == (total, total) and total > 4
+    assert [d for d, _ in seen] == list(range(3, total, 3)) + [total]
+
+
 def test_api_restores_tensors_and_pil(checkpoint_dir):
     # float32: batches equal single crops exactly (bf16 kernels may block a batch differently)
     restorer = iqpir.load_restorer(checkpoint_dir, device="cpu", dtype="float32")

@@ -77,7 +77,8 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
                       "it is restored through tiles. Use --faces for photos with faces, --aligned for aligned "
                       "crops", file=sys.stderr)
                 warned = True
-            restored = restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity)
+            tiles = None if not progress else (lambda done, total: it.set_postfix_str(f"tiles {done}/{total}"))
+            restored = restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity, progress=tiles)
         io.write_image(target, restored, alpha=img.alpha, grey=img.grey, bits=img.bits)
         report.done.append(target)
     report.announce("restore", "restored", out)

@@ -22,6 +22,7 @@ of the tiles' outermost pixels, was steepest at the overlap centres: a visible g
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -152,9 +153,9 @@ class Restorer:
         return self.engine(tiles, quality, alpha, fidelity)  # (N, 3, k h, k w) float32 CPU in [0, 1]
 
     def restore_one(self, image: torch.Tensor, quality: float | None = None, alpha: float | None = None,
-                    fidelity: float = 0.0) -> torch.Tensor:
+                    fidelity: float = 0.0, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """(3, H, W) in [0, 1] -> (3, kH, kW) in [0, 1] (k = scale); any size (tiles when it is
-        not the model's size s x s)."""
+        not the model's size s x s). progress(done, total) is called after each batch of tiles."""
         quality = self.check_knobs(quality, alpha, fidelity)
         _, h, w = image.shape
         s, k = self.tile, self.scale
@@ -183,6 +184,8 @@ class Restorer:
             for (y, x), t in zip(chunk, out):
                 acc[:, k * y : k * y + S, k * x : k * x + S] += t * self._window
                 weight[:, k * y : k * y + S, k * x : k * x + S] += self._window
+            if progress is not None:
+                progress(i + len(chunk), len(boxes))
         return (acc / weight)[:, k * top : k * (top + h), k * left : k * (left + w)]
 
     def restore(self, images, quality: float | None = None, alpha: float | None = None, fidelity: float = 0.0):
