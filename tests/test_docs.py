@@ -33,7 +33,8 @@ COMMANDS = _commands()
 
 def test_the_readme_has_commands_to_check():
     assert len(COMMANDS) >= 15
-    assert ["demo", "--quick", "--out", "demo-quick"] in COMMANDS
+    assert ["restore", "photo.jpg", "--out", "restored/"] in COMMANDS  # the first example: the packaged model
+    assert ["demo", "--train", "--quick", "--out", "demo-quick"] in COMMANDS
 
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
