@@ -10,7 +10,8 @@ demo's three (astronaut, coffee, grace_hopper), long side 384 px (iqpir.training
 sigma 1-3, 2-4x down-sampling, noise <= 10/255, JPEG 50-80) and `iqpir degrade`'s heavy default
 preset. Every restorer goes through `iqpir.load_restorer` (no path: the packaged model) at float32.
 Prints one Markdown table per degradation: PSNR / SSIM at S = 1 and the judge's quality (mean of
-fixed-normalised NIQE and PIQE) at S = 0, 0.5, 1; with --speed, seconds per megapixel at `auto`.
+fixed-normalised NIQE and PIQE) at S = 0, 0.5, 1, its raw NIQE and PIQE, and the detail (mean
+|Laplacian| of the luma over the clean reference's); with --speed, seconds per megapixel at `auto`.
 For IQPIR checkpoints it also restores with AdaIN on and off (issue 21: which is right per model).
 """
 
@@ -32,8 +33,21 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def detail(image: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean |Laplacian| of the luma, over the clean reference's: 1 = as much fine detail as the reference."""
+    from iqpir.metrics import rgb_to_y
+
+    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+
+    def energy(x: torch.Tensor) -> float:
+        return float(torch.nn.functional.conv2d(rgb_to_y(x[None]).float(), k).abs().mean())
+
+    return energy(image) / energy(ref)
+
+
 def scores(restore, refs: dict, lqs: dict, judge) -> dict:
-    """Held-out means of PSNR/SSIM (S = 1), judged quality per S, and the judge's raw NIQE and PIQE."""
+    """Held-out means of PSNR/SSIM (S = 1), and per S: judged quality, the judge's raw NIQE and
+    PIQE, and the detail (Laplacian energy) relative to the reference."""
     from iqpir.metrics import psnr, ssim
 
     rows = {s: [] for s in SWEEP}
@@ -42,10 +56,12 @@ def scores(restore, refs: dict, lqs: dict, judge) -> dict:
             out = restore(lqs[name], s)[None]
             raw = judge.raw(out)
             rows[s].append((float(psnr(out, ref[None])[0]), float(ssim(out, ref[None])[0]),
-                            float(judge.normalize_raw(raw)[0]), float(raw["niqe"][0]), float(raw["piqe"][0])))
+                            float(judge.normalize_raw(raw)[0]), float(raw["niqe"][0]), float(raw["piqe"][0]),
+                            detail(out[0], ref)))
     mean = {s: [sum(v) / len(v) for v in zip(*r)] for s, r in rows.items()}
     return {"psnr": mean[1.0][0], "ssim": mean[1.0][1], **{f"q{s:g}": mean[s][2] for s in SWEEP},
-            **{f"niqe{s:g}": mean[s][3] for s in SWEEP}, **{f"piqe{s:g}": mean[s][4] for s in SWEEP}}
+            **{f"niqe{s:g}": mean[s][3] for s in SWEEP}, **{f"piqe{s:g}": mean[s][4] for s in SWEEP},
+            **{f"detail{s:g}": mean[s][5] for s in SWEEP}}
 
 
 def input_scores(refs: dict, lqs: dict, judge) -> dict:
@@ -56,6 +72,7 @@ def input_scores(refs: dict, lqs: dict, judge) -> dict:
     return {"psnr": sum(float(psnr(lqs[k][None], r[None])[0]) for k, r in refs.items()) / n,
             "ssim": sum(float(ssim(lqs[k][None], r[None])[0]) for k, r in refs.items()) / n,
             "q_input": sum(float(judge.normalize_raw(r)[0]) for r in raw) / n,
+            "detail": sum(detail(lqs[k], r) for k, r in refs.items()) / n,
             "niqe": sum(float(r["niqe"][0]) for r in raw) / n, "piqe": sum(float(r["piqe"][0]) for r in raw) / n}
 
 
@@ -108,10 +125,10 @@ def main() -> None:
         base = input_scores(refs, lqs, judge)
         print(f"\n### {deg} degradation ({len(refs)} held-out photos)\n")
         print("| restorer | PSNR (S=1) | SSIM (S=1) | quality S=0 | S=0.5 | S=1 | NIQE S=0 / 0.5 / 1 | "
-              "PIQE S=0 / 0.5 / 1 |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+              "PIQE S=0 / 0.5 / 1 | detail S=0 / 0.5 / 1 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(f"| degraded input | {base['psnr']:.2f} | {base['ssim']:.4f} | {base['q_input']:.4f} | | | "
-              f"{base['niqe']:.2f} | {base['piqe']:.1f} |")
+              f"{base['niqe']:.2f} | {base['piqe']:.1f} | {base['detail']:.2f} |")
         results[deg] = {"input": base, **refs_row}
         for name, restorer, kw in arms:
             log(f"{deg}: {name}")
@@ -121,8 +138,9 @@ def main() -> None:
             results[deg][name] = r
             niqe = " / ".join(f"{r[f'niqe{s:g}']:.2f}" for s in SWEEP)
             piqe = " / ".join(f"{r[f'piqe{s:g}']:.1f}" for s in SWEEP)
+            det = " / ".join(f"{r[f'detail{s:g}']:.2f}" for s in SWEEP)
             print(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['q0']:.4f} | {r['q0.5']:.4f} | {r['q1']:.4f} | "
-                  f"{niqe} | {piqe} |", flush=True)
+                  f"{niqe} | {piqe} | {det} |", flush=True)
     print(f"\nclean references: NIQE {refs_row['reference (clean)']['niqe']:.2f}, "
           f"PIQE {refs_row['reference (clean)']['piqe']:.1f} (lower is better)")
     if args.speed:
