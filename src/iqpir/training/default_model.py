@@ -148,7 +148,10 @@ def fetch_packages(root: Path) -> Path:
             raise RuntimeError("fetching the training photos needs apt-get (Debian's packages); "
                                f"put {package}'s .deb in {debs} by hand")
         log(f"apt-get download {package}")
-        subprocess.run(["apt-get", "download", package], cwd=debs, check=True, capture_output=True)
+        done = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"apt-get download {package} failed (run `apt-get update` first?): "
+                               f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
     for deb in sorted(debs.glob("*.deb")):
         subprocess.run(["dpkg", "-x", str(deb), str(tree)], check=True)
     return tree
