@@ -148,7 +148,8 @@ def fetch_packages(root: Path) -> Path:
             raise RuntimeError("fetching the training photos needs apt-get (Debian's packages); "
                                f"put {package}'s .deb in {debs} by hand")
         log(f"apt-get download {package}")
-        done = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True)
+        done = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True,
+                              check=False)
         if done.returncode != 0:
             raise RuntimeError(f"apt-get download {package} failed (run `apt-get update` first?): "
                                f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
