@@ -481,7 +481,7 @@ def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
                                           "mean_score_per_level", "held_out")},
                  "photos": photo_licences(), "crops_per_photo": data["crops_per_photo"]},
         "training": {**state["train"], "steps": state["step"], "scheduled_steps": state["train"]["steps"],
-                     "wall_s": round(wall), "cpu_s": round(state.get("cpu_s", 0)),
+                     "wall_s": round(wall), "cpu_s": round(state["cpu_s"]) if "cpu_s" in state else None,
                      "machine": machine or f"{cpu_name()}, {state.get('threads', '?')} torch thread(s)",
                      "train_degradation": TRAIN_DEGRADATION, "level_weights": list(LEVEL_WEIGHTS)},
         "recipe": "make default-model (python -m iqpir.training.default_model data|train|write --work WORK)",
