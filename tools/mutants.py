@@ -321,8 +321,7 @@ MUTANTS = [
            [T + "test_knobs.py::test_quality_reaches_the_output_on_every_path"],
            "the page's quality slider replaced by 1 on its way to the model"),
     Mutant("app-faces-through-tiles", "src/iqpir/app.py",
-           [('            restore_faces = face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"),\n'
-             '                                             kw.get("fidelity", 0.0))\n',
+           [('            restore_faces = face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity"))\n',
              '            def restore_faces(crops):\n                return self.restorer.restore(crops, **kw)\n\n')],
            [T + "test_app.py::test_the_page_restores_faces_as_the_cli_does"],
            "the page restores face crops through a face model's tiles where the CLI resizes them"),
@@ -331,6 +330,20 @@ MUTANTS = [
            [("    up = resized[:, uy0:uy1, ux0:ux1]\n", "    up = out[:, uy0:uy1, ux0:ux1]\n")],
            [T + "test_faces.py::test_with_a_background_function_the_face_blends_from_the_photo_into_the_background"],
            "the face blended into the background from the background, not from the photo"),
+    # -- a checkpoint carries its inference defaults (issue 25, item 7) ----------------------------
+    Mutant("checkpoint-w-forgotten", "src/iqpir/inference/files.py",
+           [("                            default_fidelity=cfg.train.fidelity)", ")")],
+           [T + "test_inference_defaults.py::test_a_checkpoint_restores_at_the_fidelity_it_was_trained_at"],
+           "a run trained at w = 1 restores at w = 0 (the CFT blocks it trained skipped)"),
+    Mutant("app-faces-w-zero", "src/iqpir/app.py",
+           [('face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity"))',
+             'face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity", 0.0))')],
+           [T + "test_inference_defaults.py"],
+           "the page's face path restores at w = 0 when the form leaves fidelity out"),
+    Mutant("graph-w-forgotten", "src/iqpir/export.py",
+           [("default_fidelity=described.default_fidelity if fidelity else 0.0", "default_fidelity=0.0")],
+           [T + "test_inference_defaults.py"],
+           "an exported graph forgets the w its checkpoint was trained at"),
 ]
 
 

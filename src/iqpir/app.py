@@ -25,6 +25,7 @@ What bad input and load get:
 # (Request, defined inside create_app) when they are defined.
 
 import asyncio
+import json
 import logging
 import math
 import socket
@@ -112,7 +113,7 @@ def describe_model(restorer: Any, name: str | None = None) -> dict[str, Any]:
 
     Read defensively: restorers of official CodeFormer weights have a fidelity control and no
     quality control; single-codebook models have no HQ+ weight (alpha). The fidelity w starts
-    at 0, the library's default (and the IQPIR authors' setting).
+    at the model's own (the w an iqpir checkpoint was trained at; 0 for the official releases).
     """
     model = getattr(restorer, "model", None)
     quantizer = getattr(model, "quantizer", None)
@@ -134,6 +135,7 @@ def describe_model(restorer: Any, name: str | None = None) -> dict[str, Any]:
         "supports_alpha": bool(getattr(restorer, "supports_alpha", has_hq or default_alpha is not None)),
         "default_alpha": float(default_alpha) if isinstance(default_alpha, (int, float)) else None,
         "default_fidelity": float(fidelity) if isinstance(fidelity, (int, float)) else 0.0,
+        "adain": getattr(restorer, "adain", None),
     }
 
 
@@ -375,8 +377,7 @@ class RestoreService:
                 raise RequestError(400, "face pipeline not installed (pip install 'iqpir[faces]')")
 
             # the CLI's face path: 512-px crops resized to a face model's own size and back
-            restore_faces = face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"),
-                                             kw.get("fidelity", 0.0))
+            restore_faces = face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity"))
             try:
                 restored, report = self.face_pipeline(img.rgb, restore_faces, upscale=p.upscale)
             except ImportError as exc:  # the pipeline is there but its detector's extra is not
@@ -391,6 +392,11 @@ class RestoreService:
             alpha = None
         png = encode_png(restored, alpha, img.exif, img.icc)
         headers["X-Restore-Seconds"] = f"{time.perf_counter() - t0:.3f}"
+        settings = getattr(self.restorer, "settings", None)
+        if callable(settings):  # the values this restore used (the model's own where the form left one out)
+            used = settings(kw.get("quality"), kw.get("alpha"), kw.get("fidelity"))
+            headers["X-Settings"] = json.dumps({k: used[k] for k in ("quality", "alpha", "fidelity", "adain")},
+                                               separators=(",", ":"))
         headers["X-Image-Size"] = f"{restored.shape[-1]}x{restored.shape[-2]}"
         return png, headers
 

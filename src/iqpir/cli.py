@@ -264,8 +264,9 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=_float_in(0, 2), default=None,
                    help="HQ+ fusion weight in [0, 2]: Zq = Zq1 + alpha * Zq2 (default: the model's, 0.8 for IQPIR; "
                         "0 drops the HQ+ codes)")
-    p.add_argument("--fidelity", type=_float_in(0, 1), default=0.0,
-                   help="CodeFormer's fidelity weight w in [0, 1] (models with CFT blocks; 0 = best quality)")
+    p.add_argument("--fidelity", type=_float_in(0, 1), default=None,
+                   help="CodeFormer's fidelity weight w in [0, 1] (models with CFT blocks; 0 = best quality; "
+                        "default: the w the model was trained at, 0 for the official releases)")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are aligned faces: restore each whole at the model's size (no tiling, no detection)")
     _add_device(p)

@@ -154,8 +154,9 @@ def export(checkpoint: str | Path | None, fmt: str, out: str | Path, fidelity: b
                          f"files export, not a {described.format} {described.kind} model")
     info = ExportedGraph(path=out, format=fmt, image_size=described.image_size, kind=described.kind,
                          task=described.task, inputs=graph.input_names(), outputs=graph.output_names(),
-                         default_alpha=described.alpha, has_cft=described.fidelity, source=described.source,
-                         size_multiple=described.size_multiple, refusals=described.refusals)
+                         default_alpha=described.alpha, has_cft=described.fidelity,
+                         default_fidelity=described.default_fidelity if fidelity else 0.0, adain=described.adain,
+                         source=described.source, size_multiple=described.size_multiple, refusals=described.refusals)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
         _export_onnx(graph, out, info.metadata())

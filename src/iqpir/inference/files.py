@@ -4,6 +4,7 @@
                                             # an official IQPIR/CodeFormer .pth, an .onnx/.xml graph
     described.model       nn.Module (float32, eval, CPU) or ExportedGraph
     described.quality / .alpha / .fidelity    which knobs exist (alpha: its default, None: no knob)
+    described.default_fidelity, .adain    what the model was trained and evaluated with
     described.image_size, .size_multiple, .scale    the sizes it takes and gives
 
 `DETECTORS` is the one table of what `describe` recognises, tried in order; a new kind of file
@@ -62,6 +63,10 @@ class DescribedModel:
     scale: output size / input size (1 for restoration, 2 or 4 for upscalers).
     quality, alpha, fidelity: the knobs: a quality condition S, the HQ+ fusion weight (its
         default; None when the model has no second codebook), CodeFormer's fidelity w.
+    default_fidelity: the w a restore uses unless told otherwise: the w an iqpir checkpoint's
+        CFT blocks were trained at (train.fidelity; the official releases: 0, the IQPIR authors').
+    adain: whether the network re-normalises its codebook latent to the input's (model.adain);
+        None where it has no codebook latent.
     bf16: the mixed bf16 path knows this network's parts (engines.MixedEngine).
     source: provenance of weights not trained here (file, sha256, licence), else None.
     refusals: knob -> why this model lacks it, where NO_KNOB's wording does not fit.
@@ -76,6 +81,8 @@ class DescribedModel:
     quality: bool = False
     alpha: float | None = None
     fidelity: bool = False
+    default_fidelity: float = 0.0
+    adain: bool | None = None
     bf16: bool = False
     format: str = "torch"
     call: str = "iqpir"
@@ -88,16 +95,20 @@ class DescribedModel:
 
 
 def describe_network(model: nn.Module, image_size: int | None = None, *, kind: str = "iqpir",
-                     task: str = "general", source: dict | None = None) -> DescribedModel:
+                     task: str = "general", source: dict | None = None,
+                     default_fidelity: float = 0.0) -> DescribedModel:
     """An IQPIR-family network (iqpir.models.Restorer, or a module with its call and parts) ->
     its description; the knobs are read from the parts it has."""
     embedding = getattr(model, "quality_embedding", None)
     quantizer = getattr(model, "quantizer", None)
+    has_cft = getattr(model, "cft", None) is not None
+    cfg = getattr(model, "cfg", None)
     return DescribedModel(
         model=model, kind=kind, task=task, image_size=image_size, source=source,
         quality=embedding is None or embedding.kind != "none",
         alpha=quantizer.alpha if quantizer is not None and quantizer.hq is not None else None,
-        fidelity=getattr(model, "cft", None) is not None,
+        fidelity=has_cft, default_fidelity=float(default_fidelity) if has_cft else 0.0,
+        adain=bool(cfg.adain) if quantizer is not None and hasattr(cfg, "adain") else None,
         bf16=isinstance(model, IQPIRNetwork),
     )
 
@@ -136,6 +147,8 @@ class ExportedGraph:
     outputs: list[str]
     default_alpha: float | None
     has_cft: bool = False
+    default_fidelity: float = 0.0
+    adain: bool | None = None
     source: dict | None = None
     size_multiple: int = 1
     refusals: dict[str, str] = field(default_factory=dict)
@@ -152,7 +165,7 @@ class ExportedGraph:
     def metadata(self) -> dict:
         return {"image_size": self.image_size, "kind": self.kind, "task": self.task, "inputs": self.inputs,
                 "outputs": self.outputs, "default_alpha": self.default_alpha, "has_cft": self.has_cft,
-                "source": self.source, "size_multiple": self.size_multiple, "refusals": self.refusals}
+                "default_fidelity": self.default_fidelity, "adain": self.adain, "source": self.source, "size_multiple": self.size_multiple, "refusals": self.refusals}
 
 
 def is_graph_file(path: str | Path) -> bool:
@@ -180,6 +193,7 @@ def read_graph(path: str | Path) -> ExportedGraph:
     return ExportedGraph(path=path, format=fmt, image_size=None if size is None else int(size), kind=meta["kind"],
                          task=meta["task"], inputs=list(meta["inputs"]), outputs=list(meta["outputs"]),
                          default_alpha=meta.get("default_alpha"), has_cft=bool(meta.get("has_cft")),
+                         default_fidelity=float(meta.get("default_fidelity") or 0.0), adain=meta.get("adain"),
                          source=meta.get("source"), size_multiple=int(meta.get("size_multiple", 1)),
                          refusals=dict(meta.get("refusals") or {}))
 
@@ -196,8 +210,8 @@ def describe_graph(path: str | Path, use_ema: bool = True) -> DescribedModel:
 def graph_description(graph: ExportedGraph) -> DescribedModel:
     return DescribedModel(model=graph, kind=graph.kind, task=graph.task, image_size=graph.image_size,
                           size_multiple=graph.size_multiple, quality=graph.supports_quality, alpha=graph.default_alpha,
-                          fidelity=graph.supports_fidelity, format=graph.format, source=graph.source,
-                          refusals=graph.refusals)
+                          fidelity=graph.supports_fidelity, default_fidelity=graph.default_fidelity,
+                          adain=graph.adain, format=graph.format, source=graph.source, refusals=graph.refusals)
 
 
 def describe_official(path: str | Path, use_ema: bool = True) -> DescribedModel:
@@ -219,7 +233,10 @@ def describe_checkpoint(path: str | Path, use_ema: bool = True) -> DescribedMode
     _stage2(model, path)
     source = load_checkpoint_meta(path).get("source")
     kind = (source or {}).get("kind") or ("codeformer" if cfg.model.quality_embedding == "none" else "iqpir")
-    return describe_network(model, cfg.model.image_size, kind=kind, task=cfg.model.task, source=source)
+    # The w its CFT blocks learnt at is the w it restores at unless told otherwise (a stage-2
+    # run at train.fidelity = 1 restored at w = 0 skips the blocks it trained: issue 25).
+    return describe_network(model, cfg.model.image_size, kind=kind, task=cfg.model.task, source=source,
+                            default_fidelity=cfg.train.fidelity)
 
 
 # --------------------------------------------------------------------------------------

@@ -37,9 +37,23 @@ def _plan(inputs: Sequence[str], out: str | Path) -> tuple[Path, list[Path], lis
     return out, paths, missing, report, io.plan_outputs(inputs, out).targets
 
 
+def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) -> str:
+    """One line: the model and the values a restore runs with, where each came from."""
+    parts = [settings["engine"]]
+    if settings["quality"] is not None:
+        parts.append(f"quality S = {settings['quality']:g}")
+    if settings["fidelity"] is not None:
+        parts.append(f"fidelity w = {settings['fidelity']:g}" + (" (the model's; --fidelity sets it)" if fidelity is None else ""))
+    if settings["alpha"] is not None:
+        parts.append(f"alpha = {settings['alpha']:g}")
+    if settings["adain"] is not None:
+        parts.append(f"AdaIN {'on' if settings['adain'] else 'off'}")
+    return f"restoring with the {restorer.kind} model: " + ", ".join(parts)
+
+
 def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str | Path, quality: float | None = None,
                   alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "auto",
-                  overwrite: bool = False, progress: bool = True, fidelity: float = 0.0,
+                  overwrite: bool = False, progress: bool = True, fidelity: float | None = None,
                   aligned: bool = False, backend: str = "auto") -> io.FileReport:
     """Restore image files into `out`, named after their inputs; never overwrites an input.
 
@@ -52,7 +66,9 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
     out, paths, _, report, targets = _plan(inputs, out)
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)
-    restorer.check_knobs(quality, alpha, fidelity)
+    settings = restorer.settings(quality, alpha, fidelity)  # refuses knobs the model lacks, before any work
+    if progress:
+        print(settings_line(restorer, settings, fidelity), file=sys.stderr)
     it = paths
     if progress:
         it = tqdm(paths, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
@@ -86,7 +102,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
 
 
 def restore_aligned(restorer: Restorer, image: torch.Tensor, quality: float | None = None,
-                    alpha: float | None = None, fidelity: float = 0.0) -> torch.Tensor:
+                    alpha: float | None = None, fidelity: float | None = None) -> torch.Tensor:
     """An aligned face (3, H, W) in [0, 1] restored whole: resized to the model's size when it is
     not already (bicubic, antialiased), and the result resized back to (H, W)."""
     s = restorer.image_size
@@ -104,7 +120,7 @@ def restore_aligned(restorer: Restorer, image: torch.Tensor, quality: float | No
 
 
 def face_restorer_fn(restorer: Restorer, quality: float | None = None, alpha: float | None = None,
-                     fidelity: float = 0.0):
+                     fidelity: float | None = None):
     """Bind a Restorer into the callable `iqpir.faces.restore_photo` takes: (N,3,512,512) -> same.
 
     A model of another size (a tiny test preset) gets the crops resized to its size and back.
@@ -137,7 +153,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                        overwrite: bool = False, progress: bool = True, detector: str = "hog+cnn", upscale: int = 1,
                        only_center_face: bool = False, min_face: float = 0, save_faces: bool = False,
                        draw_box: bool = False, bg_checkpoint: str | Path | None = None,
-                       fidelity: float = 0.0) -> io.FileReport:
+                       fidelity: float | None = None) -> io.FileReport:
     """`iqpir restore --faces`: restore the faces of whole photos into `out`, plus OUT/restore.json.
 
     Each photo: faces detected (iqpir.faces detectors), aligned to 512x512, restored with the
@@ -154,7 +170,9 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
         raise ValueError(f"--min-face must be >= 0, got {min_face}")
     out, paths, missing, report, targets = _plan(inputs, out)
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size)
-    restorer.check_knobs(quality, alpha, fidelity)
+    settings = restorer.settings(quality, alpha, fidelity)
+    if progress:
+        print(settings_line(restorer, settings, fidelity), file=sys.stderr)
     if restorer.task != "faces" and restorer.image_size not in (None, FACE_SIZE):
         print(f"iqpir restore: warning: --faces with a general {restorer.image_size}-px model: every "
               f"{FACE_SIZE}-px face is shrunk to {restorer.image_size} px and back, losing its detail; use a "
@@ -192,7 +210,8 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
         io.write_image(target, restored, alpha=_tensor_upscale(img.alpha, int(upscale)), grey=img.grey, bits=img.bits)
         report.done.append(target)
         entry = {"input": str(p), "output": str(target), "size": list(img.rgb.shape[1:]), "faces": rep["faces"],
-                 "skipped_faces": rep["skipped_faces"], "detector": rep["detector"], "seconds": rep["seconds"]}
+                 "skipped_faces": rep["skipped_faces"], "detector": rep["detector"], "seconds": rep["seconds"],
+                 "settings": settings}
         if save_faces and rep["faces"]:
             crops = []
             stem = target.relative_to(out).with_suffix("")

@@ -126,11 +126,27 @@ class Restorer:
     supports_fidelity = property(lambda self: self.described.fidelity)
     supports_alpha = property(lambda self: self.described.alpha is not None)
     default_alpha = property(lambda self: self.described.alpha)
+    default_fidelity = property(lambda self: self.described.default_fidelity)
+    adain = property(lambda self: self.described.adain)
 
-    def check_knobs(self, quality: float | None, alpha: float | None, fidelity: float) -> float | None:
+    def fidelity_for(self, fidelity: float | None) -> float:
+        """The w a restore runs at: the given one, else the model's own (`default_fidelity`)."""
+        return self.described.default_fidelity if fidelity is None else float(fidelity)
+
+    def settings(self, quality: float | None = None, alpha: float | None = None,
+                 fidelity: float | None = None) -> dict:
+        """The values a restore with these arguments uses (None: the model has no such knob), for
+        the CLI's line, restore.json and the app."""
+        q = self.check_knobs(quality, alpha, fidelity)
+        return {"quality": q, "alpha": (self.default_alpha if alpha is None else float(alpha)) if self.supports_alpha
+                else None, "fidelity": self.fidelity_for(fidelity) if self.supports_fidelity else None,
+                "adain": self.adain, "dtype": str(self.dtype).replace("torch.", ""), "engine": self.engine.describe()}
+
+    def check_knobs(self, quality: float | None, alpha: float | None, fidelity: float | None = None) -> float | None:
         """Validate the inference settings for this model; -> the quality to feed (None when the
-        model has no quality condition)."""
+        model has no quality condition). fidelity None: the model's default."""
         d = self.described
+        fidelity = self.fidelity_for(fidelity)
         if quality is not None and not 0.0 <= float(quality) <= 1.0:
             raise ValueError(f"quality must be in [0, 1], got {quality}")
         if not 0.0 <= float(fidelity) <= 1.0:
@@ -153,10 +169,11 @@ class Restorer:
         return self.engine(tiles, quality, alpha, fidelity)  # (N, 3, k h, k w) float32 CPU in [0, 1]
 
     def restore_one(self, image: torch.Tensor, quality: float | None = None, alpha: float | None = None,
-                    fidelity: float = 0.0, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                    fidelity: float | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """(3, H, W) in [0, 1] -> (3, kH, kW) in [0, 1] (k = scale); any size (tiles when it is
         not the model's size s x s). progress(done, total) is called after each batch of tiles."""
         quality = self.check_knobs(quality, alpha, fidelity)
+        fidelity = self.fidelity_for(fidelity)
         _, h, w = image.shape
         s, k = self.tile, self.scale
         if s is None:  # a model that takes any size: the whole image, padded to a multiple
@@ -188,14 +205,16 @@ class Restorer:
                 progress(i + len(chunk), len(boxes))
         return (acc / weight)[:, k * top : k * (top + h), k * left : k * (left + w)]
 
-    def restore(self, images, quality: float | None = None, alpha: float | None = None, fidelity: float = 0.0):
+    def restore(self, images, quality: float | None = None, alpha: float | None = None, fidelity: float | None = None):
         """Restore tensors ((3,H,W) or (N,3,H,W) in [0,1]) or PIL images (one or a list).
 
         Returns the same kind as given. `quality` is the target S in [0, 1] (default 1.0, the
         highest; None for models without a quality condition), `alpha` the HQ+ fusion weight
-        (default: the model's), `fidelity` CodeFormer's w (models with CFT blocks).
+        (default: the model's), `fidelity` CodeFormer's w (models with CFT blocks; default: the
+        w the model was trained at, `default_fidelity`).
         """
         self.check_knobs(quality, alpha, fidelity)
+        fidelity = self.fidelity_for(fidelity)
         if isinstance(images, Image.Image):  # grey in, grey out; 16-bit grey in, 16-bit out
             grey, bits = io.pil_kind(images)
             return io.to_pil(self.restore_one(io.from_pil(images), quality, alpha, fidelity), grey=grey, bits=bits)
