@@ -100,7 +100,6 @@ def restore(path: str, run, tmp_path, photo, capsys, **knobs) -> tuple[np.ndarra
     from fastapi.testclient import TestClient
 
     from iqpir.app import create_app
-
     from iqpir.faces import get_detector, restore_photo
 
     def pipeline(image, restore_faces, upscale=1):

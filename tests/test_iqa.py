@@ -494,3 +494,31 @@ def test_a_table_keeps_its_normalisation_and_names_rows_of_deleted_files(tmp_pat
 def test_builtin_scorers_score_one_image_at_a_time_on_cpu():
     """Measured side by side (benchmarks/bench_niqe.py): per image beat vectorised groups on CPU."""
     assert build_scorer("niqe").cpu_chunk == 1 and build_scorer("piqe").cpu_chunk == 1
+
+
+def test_a_typo_is_refused_without_importing_pyiqa(monkeypatch, tmp_path):
+    """An installed pyiqa takes 10-20 s to import: a name close to one it lists is a typo, said at
+    once from its config file; only a name far from all of them asks pyiqa itself (issue 25)."""
+    from iqpir.iqa import UnknownMetric, check_metric_name
+
+    pkg = tmp_path / "pyiqa"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('raise RuntimeError("pyiqa imported")\n')
+    (pkg / "default_model_configs.py").write_text(textwrap.dedent("""
+        from collections import OrderedDict
+        MEAN = (0.5, 0.5, 0.5)
+        DEFAULT_CONFIGS = OrderedDict({
+            'zonkiqa_nr': {'metric_opts': {'type': 'Zonk', 'mean': MEAN}, 'metric_mode': 'NR'},
+            'zonkiqa_fr': {'metric_opts': {'type': 'Zonk'}, 'metric_mode': 'FR'},
+        })
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pyiqa", raising=False)
+    check_metric_name("zonkiqa_nr")  # listed: accepted, pyiqa not imported
+    for typo, close in (("zonkiqa_n", "zonkiqa_nr"), ("musiqq", "musiq")):
+        with pytest.raises(UnknownMetric, match=f"did you mean '{close}'"):
+            check_metric_name(typo)
+    with pytest.raises(UnknownMetric):
+        check_metric_name("zonkiqa_fr")  # full-reference: close to the NR one, never accepted
+    with pytest.raises(RuntimeError, match="pyiqa imported"):
+        check_metric_name("quite_another_thing")  # nothing close: pyiqa decides

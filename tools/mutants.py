@@ -344,6 +344,11 @@ MUTANTS = [
            [("default_fidelity=described.default_fidelity if fidelity else 0.0", "default_fidelity=0.0")],
            [T + "test_inference_defaults.py"],
            "an exported graph forgets the w its checkpoint was trained at"),
+    Mutant("metric-typo-imports-pyiqa", "src/iqpir/iqa/registry.py",
+           [(("    if difflib.get_close_matches(base, [*BUILTIN_SCORERS, *known], n=1, cutoff=0.75):\n"
+              "        raise unknown_metric_error(name, known)\n"), "")],
+           [T + "test_iqa.py::test_a_typo_is_refused_without_importing_pyiqa"],
+           "a metric typo imports pyiqa (10-20 s) before its did-you-mean error"),
 ]
 
 

@@ -6,6 +6,11 @@ built), below the ensemble that builds its members here.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,17 +20,65 @@ from iqpir.iqa.base import Scorer
 from iqpir.iqa.names import BUILTIN_SCORERS, PYIQA_NR_MODELS, unknown_metric_error
 
 
+def installed_pyiqa_names() -> list[str] | None:
+    """The no-reference model names of the installed pyiqa, read from its default_model_configs.py
+    without importing pyiqa (an import takes 10-20 s); None when pyiqa is absent or the file
+    does not have the expected shape (`DEFAULT_CONFIGS = OrderedDict({name: {..., 'metric_mode': ...}})`)."""
+    try:
+        spec = importlib.util.find_spec("pyiqa")  # finds the package without running it
+    except ValueError:  # a module put in sys.modules by hand has no spec
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        source = Path(folder) / "default_model_configs.py"
+        try:
+            tree = ast.parse(source.read_text())
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEFAULT_CONFIGS" for t in node.targets)):
+                continue
+            table = node.value.args[0] if isinstance(node.value, ast.Call) and node.value.args else node.value
+            if not isinstance(table, ast.Dict):
+                return None
+            names = []
+            for key, value in zip(table.keys, table.values):
+                if isinstance(key, ast.Constant) and isinstance(value, ast.Dict):
+                    mode = {k.value: v.value for k, v in zip(value.keys, value.values)
+                            if isinstance(k, ast.Constant) and isinstance(v, ast.Constant)}.get("metric_mode")
+                    if mode == "NR":
+                        names.append(key.value)
+            return names or None
+    return None
+
+
+def _pyiqa_present() -> bool:
+    if "pyiqa" in sys.modules:
+        return sys.modules["pyiqa"] is not None
+    return importlib.util.find_spec("pyiqa") is not None
+
+
 def check_metric_name(name: str) -> None:
     """Raise ValueError (with "did you mean") unless `name` is built in or a pyiqa NR model.
 
-    Without pyiqa installed the names are checked against ``PYIQA_NR_MODELS``; with it,
-    against ``pyiqa.list_models()``. A known pyiqa name needs pyiqa only when it is built.
+    Without pyiqa installed the names are checked against ``PYIQA_NR_MODELS``. With it, against
+    the names its config file lists (read without importing pyiqa); a name close to a known one
+    that is not one of them is a typo, reported at once; only a name far from every known one
+    imports pyiqa to let its ``list_models()`` decide. A known pyiqa name needs pyiqa only when
+    it is built.
     """
     if name in BUILTIN_SCORERS:
         return
     base = name.split(":", 1)[1] if name.startswith("pyiqa:") else name
     if base in PYIQA_NR_MODELS:
         return
+    if not _pyiqa_present():
+        raise unknown_metric_error(name, PYIQA_NR_MODELS)
+    listed = installed_pyiqa_names()
+    if listed is not None and base in listed:
+        return
+    known = [*PYIQA_NR_MODELS, *(listed or [])]
+    if difflib.get_close_matches(base, [*BUILTIN_SCORERS, *known], n=1, cutoff=0.75):
+        raise unknown_metric_error(name, known)
     try:  # an installed pyiqa (perhaps newer than the list) decides
         pyiqa_names = list(pyiqa_backend.import_pyiqa().list_models(metric_mode="NR"))
     except ImportError:
