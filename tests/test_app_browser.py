@@ -134,6 +134,8 @@ def test_the_page_restores_a_photo_in_chromium(server, browser, tmp_path):
     for _ in range(8):
         page.keyboard.press("ArrowLeft")
     assert page.inner_text("#quality-value") == "0.60"
+    # Before the first result a slider does nothing by itself: the page says what applies it.
+    assert "Quality 0.60: press Restore" in page.inner_text("#status"), page.inner_text("#status")
 
     page.click("#restore")
     page.wait_for_selector("#stage[data-restored='1']")
@@ -158,6 +160,20 @@ def test_the_page_restores_a_photo_in_chromium(server, browser, tmp_path):
     page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.5, steps=4)
     page.mouse.up()
     assert abs(float(page.get_attribute("#divider", "aria-valuenow")) - 25) <= 2
+
+    # A re-restore (the slider moved after a result): Download is off until the new result is in.
+    page.evaluate("""() => {
+        window.downloadStates = [];
+        const dl = document.getElementById("download");
+        new MutationObserver((records) => records.forEach(() => window.downloadStates.push(dl.getAttribute("aria-disabled"))))
+            .observe(dl, {attributes: true, attributeFilter: ["aria-disabled"]});
+    }""")
+    page.focus("#quality")
+    page.keyboard.press("ArrowRight")
+    page.wait_for_selector("#stage[data-restored='2']")
+    page.wait_for_function("document.getElementById('busy').hidden")
+    assert page.evaluate("window.downloadStates") == ["true", "false"], page.evaluate("window.downloadStates")
+    shown = shown_pixels(page, "#after").astype(int)
 
     # Download gives the image shown.
     with page.expect_download() as dl:

@@ -332,6 +332,8 @@ def test_evaluate_folder_with_reference(tmp_path, astronaut, coffee, fake_iqa, c
     assert 25 < rep.row["psnr"] < 40 and 0 < rep.row["ssim"] < 1
     err = capsys.readouterr().err
     assert "broken.png" in err and "orphan.png" in err and "small.png" in err
+    # the minute of loading LPIPS/FID/pyiqa models is announced before it starts (issue 25)
+    assert err.index("evaluate: loading psnr, ssim, fakeiqa") < err.index("metrics ready") < err.index("broken.png")
 
     # A second, better method: two rows, and the best per column is bold.
     res_b = tmp_path / "restorer-b"

@@ -349,6 +349,14 @@ MUTANTS = [
               "        raise unknown_metric_error(name, known)\n"), "")],
            [T + "test_iqa.py::test_a_typo_is_refused_without_importing_pyiqa"],
            "a metric typo imports pyiqa (10-20 s) before its did-you-mean error"),
+    Mutant("page-download-stale", "src/iqpir/app_static/index.html",
+           [('  $("download").setAttribute("aria-disabled", "true");\n  $("download").title', '  $("download").title')],
+           [T + "test_app_browser.py"],
+           "during a re-restore the page's Download saves the previous result"),
+    Mutant("page-slider-silent", "src/iqpir/app_static/index.html",
+           [("  if (state.busy) return;  // the running restore", "  return;  // the running restore")],
+           [T + "test_app_browser.py"],
+           "a slider moved before the first result does nothing, with no hint"),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -412,7 +413,12 @@ def evaluate_folder(
     names = _split_metrics(metrics, ref_root is not None)
     dev = _resolve_device(device)
     report = EvaluationReport()
+    if not quiet:  # building LPIPS, FID's Inception or a pyiqa model can take a minute: say what runs
+        print(f"evaluate: loading {', '.join(names)} on {dev}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     metric_set = _build_metrics(names, y_channel, crop_border, dev, report)
+    if not quiet:
+        print(f"evaluate: metrics ready in {time.perf_counter() - t0:.1f} s; scoring", file=sys.stderr, flush=True)
     files, scores = _score_folder(root, ref_root, metric_set, dev, report, quiet)
     _drop_failed_metrics(scores, report)
     if not files:
