@@ -357,6 +357,26 @@ MUTANTS = [
            [("  if (state.busy) return;  // the running restore", "  return;  // the running restore")],
            [T + "test_app_browser.py"],
            "a slider moved before the first result does nothing, with no hint"),
+    # -- the flag matrix (issue 25, item 1): options x paths --------------------------------------
+    Mutant("faces-backend-dropped", "src/iqpir/inference/photos.py",
+           [(("    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)\n"
+              "    settings = restorer.settings(quality, alpha, fidelity)\n    if progress:\n        print(settings_line"),
+             ("    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size)\n"
+              "    settings = restorer.settings(quality, alpha, fidelity)\n    if progress:\n        print(settings_line"))],
+           [T + "test_flag_matrix.py::test_every_option_on_every_path[backend-faces]"],
+           "--faces accepts --backend and ignores it"),
+    Mutant("aligned-one-by-one", "src/iqpir/inference/photos.py",
+           [("            if len(pending) == restorer.batch_size:\n", "            if pending:\n")],
+           [T + "test_flag_matrix.py::test_every_option_on_every_path[batch-size-aligned]"],
+           "--aligned restores one file per forward pass whatever --batch-size says"),
+    Mutant("faces-center-dropped", "src/iqpir/inference/photos.py",
+           [("only_center_face=only_center_face, min_face=min_face", "only_center_face=False, min_face=min_face")],
+           [T + "test_flag_matrix.py::test_every_option_on_every_path[only-center-face-faces]"],
+           "--only-center-face parsed, then dropped on its way to the face pipeline"),
+    Mutant("app-upscale-dropped", "src/iqpir/app.py",
+           [("self.restorer.restore(_resize(img.rgb, p.upscale), **kw)", "self.restorer.restore(img.rgb, **kw)")],
+           [T + "test_flag_matrix.py::test_every_option_on_every_path[upscale-app]"],
+           "the app's upscale field ignored without faces"),
 ]
 
 

@@ -304,7 +304,8 @@ _FACE_FLAGS = {"detector": "--detector", "upscale": "--upscale", "only_center_fa
 def _restore_settings(args: argparse.Namespace) -> dict:
     """The flags that `iqpir restore` hands to both of its modes (tiles and --faces)."""
     return dict(checkpoint=args.checkpoint, out=args.out, quality=args.quality, alpha=args.alpha, device=args.device,
-                batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, fidelity=args.fidelity)
+                batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, fidelity=args.fidelity,
+                backend=args.backend)
 
 
 def _run_restore_faces(args: argparse.Namespace) -> int:
@@ -343,7 +344,6 @@ def _run_restore(args: argparse.Namespace) -> int:
         args.inputs,
         **_restore_settings(args),
         aligned=args.aligned,
-        backend=args.backend,
     )
     return 1 if report.failed else 0
 

@@ -74,6 +74,18 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
         it = tqdm(paths, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
     s = restorer.image_size
     warned = False
+    pending: list[tuple[Path, io.LoadedImage]] = []  # aligned faces waiting for a full batch
+
+    def write(target: Path, img: io.LoadedImage, restored: torch.Tensor) -> None:
+        io.write_image(target, restored, alpha=img.alpha, grey=img.grey, bits=img.bits)
+        report.done.append(target)
+
+    def flush() -> None:
+        outs = restore_aligned_batch(restorer, [img.rgb for _, img in pending], quality, alpha, fidelity)
+        for (target, img), restored in zip(pending, outs):
+            write(target, img, restored)
+        pending.clear()
+
     for p in it:
         target = targets[p]
         if target.exists() and not overwrite:
@@ -85,8 +97,10 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
             report.failed.append((str(p), exc.reason))
             continue
         rgb = img.rgb
-        if aligned:
-            restored = restore_aligned(restorer, rgb, quality, alpha, fidelity)
+        if aligned:  # --batch-size faces per forward pass
+            pending.append((target, img))
+            if len(pending) == restorer.batch_size:
+                flush()
         else:
             if restorer.task == "faces" and s is not None and tuple(rgb.shape[1:]) != (s, s) and not warned:
                 print(f"iqpir restore: warning: {p} is not a {s}x{s} aligned face and this is a face model; "
@@ -94,25 +108,37 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
                       "crops", file=sys.stderr)
                 warned = True
             tiles = None if not progress else (lambda done, total: it.set_postfix_str(f"tiles {done}/{total}"))
-            restored = restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity, progress=tiles)
-        io.write_image(target, restored, alpha=img.alpha, grey=img.grey, bits=img.bits)
-        report.done.append(target)
+            write(target, img, restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity, progress=tiles))
+    if pending:
+        flush()
     report.announce("restore", "restored", out)
     return report
 
 
 def restore_aligned(restorer: Restorer, image: torch.Tensor, quality: float | None = None,
                     alpha: float | None = None, fidelity: float | None = None) -> torch.Tensor:
-    """An aligned face (3, H, W) in [0, 1] restored whole: resized to the model's size when it is
-    not already (bicubic, antialiased), and the result resized back to (H, W)."""
+    """An aligned face (3, H, W) in [0, 1] restored whole (restore_aligned_batch of one)."""
+    return restore_aligned_batch(restorer, [image], quality, alpha, fidelity)[0]
+
+
+def restore_aligned_batch(restorer: Restorer, images: Sequence[torch.Tensor], quality: float | None = None,
+                          alpha: float | None = None, fidelity: float | None = None) -> list[torch.Tensor]:
+    """Aligned faces (3, H, W) in [0, 1], each restored whole: resized to the model's size when
+    not already at it (bicubic, antialiased), restored `restorer.batch_size` per forward pass,
+    and resized back to its (H, W). A model that takes any size restores each at its own size."""
     s = restorer.image_size
-    h, w = image.shape[1:]
-    if s is None or (h, w) == (s, s):  # None: the model takes any size
-        return restorer.restore_one(image, quality, alpha, fidelity)
-    resize = torch.nn.functional.interpolate
-    face = resize(image[None], size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)[0]
-    out = restorer.restore_one(face, quality, alpha, fidelity)
-    return resize(out[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)[0]
+    if s is None:
+        return [restorer.restore_one(image, quality, alpha, fidelity) for image in images]
+
+    def resize(x: torch.Tensor, size: tuple[int, int], **kw) -> torch.Tensor:
+        if tuple(x.shape[1:]) == size:
+            return x
+        return torch.nn.functional.interpolate(x[None], size=size, mode="bicubic", align_corners=False,
+                                               **kw).clamp(0, 1)[0]
+
+    faces = torch.stack([resize(image, (s, s), antialias=True) for image in images])
+    outs = restorer.restore(faces, quality, alpha, fidelity)
+    return [resize(out, tuple(image.shape[1:]), antialias=True) for image, out in zip(images, outs)]
 
 # --------------------------------------------------------------------------------------
 # Whole photos with faces (issue 12): detect, align, restore, paste back
@@ -153,7 +179,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                        overwrite: bool = False, progress: bool = True, detector: str = "hog+cnn", upscale: int = 1,
                        only_center_face: bool = False, min_face: float = 0, save_faces: bool = False,
                        draw_box: bool = False, bg_checkpoint: str | Path | None = None,
-                       fidelity: float | None = None) -> io.FileReport:
+                       fidelity: float | None = None, backend: str = "auto") -> io.FileReport:
     """`iqpir restore --faces`: restore the faces of whole photos into `out`, plus OUT/restore.json.
 
     Each photo: faces detected (iqpir.faces detectors), aligned to 512x512, restored with the
@@ -169,7 +195,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
     if min_face < 0:
         raise ValueError(f"--min-face must be >= 0, got {min_face}")
     out, paths, missing, report, targets = _plan(inputs, out)
-    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size)
+    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)
     settings = restorer.settings(quality, alpha, fidelity)
     if progress:
         print(settings_line(restorer, settings, fidelity), file=sys.stderr)
