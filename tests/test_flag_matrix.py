@@ -19,6 +19,7 @@ import importlib.util
 import io as pyio
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,12 +46,14 @@ VALUES = {
     "dtype": ("float32", "bfloat16"), "backend": ("onnxruntime", "openvino"), "batch-size": (1, 3),
     "upscale": (1, 2), "only-center-face": ("flag", "flag"), "min-face": (0, 10_000), "draw-box": ("flag", "flag"),
     "save-faces": ("flag", "flag"), "bg-checkpoint": (None, "general"), "aligned": ("flag", "flag"),
+    "blend": (1.0, 0.0), "grayscale": ("flag", "flag"), "color": ("flag", "flag"), "format": (None, "jpg"),
 }
 
 # option -> {path: what must happen}. "pixels": A and B give different outputs; "size": B's output
 # is larger; "engine": the line restore prints names a different engine; "batches": the model
 # sees batches of that size; "faces": restore.json counts fewer restored faces with B; "files": B
-# writes the crops; "refused": B is refused in one line and nothing is written.
+# writes the crops; "suffix": B's output has B's suffix; "refused": B is refused in one line and
+# nothing is written. --color is tried on a grey picture (the model tints it; --color keeps that).
 MATRIX: dict[str, dict[str, str]] = {
     "quality": dict.fromkeys(PATHS, "pixels"),
     "alpha": dict.fromkeys(PATHS, "pixels"),
@@ -75,6 +78,11 @@ MATRIX: dict[str, dict[str, str]] = {
                       "app": "refused", "app-faces": "refused", "graph": "refused"},
     "aligned": {"library": "n/a", "tiles": "pixels", "aligned": "n/a", "faces": "refused",
                 "app": "refused", "app-faces": "refused", "graph": "pixels"},
+    "blend": {"library": "n/a", "tiles": "pixels", "aligned": "pixels", "faces": "pixels",
+              "app": "pixels", "app-faces": "pixels", "graph": "pixels"},
+    **{option: {"library": "n/a", "tiles": what, "aligned": what, "faces": what, "app": "refused",
+                "app-faces": "refused", "graph": what}
+       for option, what in (("grayscale", "pixels"), ("color", "pixels"), ("format", "suffix"))},
 }
 CELLS = [(opt, path) for opt, row in MATRIX.items() for path, what in row.items() if what != "n/a"]
 
@@ -128,9 +136,13 @@ def photos(tmp_path_factory):
     two.paste(face, (10, 20))
     two.paste(face, (270, 20))
     two.save(root / "two.png")
+    (root / "grey").mkdir()
+    two.convert("L").convert("RGB").save(root / "grey" / "two.png")
     for i, name in enumerate(("p", "q", "r")):
         io.write_image(root / f"{name}.png", torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(1 + i)))
-    return {"plain": root / "p.png", "faces": root / "two.png", "more": [root / "q.png", root / "r.png"]}
+    io.write_image(root / "grey" / "p.png", torch.rand(1, 40, 56, generator=torch.Generator().manual_seed(1)).expand(3, -1, -1))
+    return {"plain": root / "p.png", "faces": root / "two.png", "more": [root / "q.png", root / "r.png"],
+            "grey-plain": root / "grey" / "p.png", "grey-faces": root / "grey" / "two.png"}
 
 
 def _batches(monkeypatch) -> list[int]:
@@ -147,9 +159,9 @@ def _batches(monkeypatch) -> list[int]:
     return seen
 
 
-def restore(path: str, opts: dict, models, photos, tmp_path, capsys, monkeypatch) -> Result:
-    """Run one path with `opts` (CLI option names -> value; "flag" = a bare flag)."""
-    photo = photos["faces" if "faces" in path else "plain"]
+def restore(path: str, opts: dict, models, photos, tmp_path, capsys, monkeypatch, grey: bool = False) -> Result:
+    """Run one path with `opts` (CLI option names -> value; "flag" = a bare flag); grey: on a grey picture."""
+    photo = photos[("grey-" if grey else "") + ("faces" if "faces" in path else "plain")]
     knobs = {k: v for k, v in opts.items() if k in ("quality", "alpha", "fidelity")}
     batches = _batches(monkeypatch)
     source = models["graph"] if path == "graph" else models["run"]
@@ -184,8 +196,8 @@ def restore(path: str, opts: dict, models, photos, tmp_path, capsys, monkeypatch
     faces = None
     if report.exists():
         faces = sum(len(e.get("faces", [])) for e in json.loads(report.read_text()))
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
-    pixels = np.asarray(Image.open(out / photo.name).convert("RGB"))
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "restore.json")
+    pixels = np.asarray(Image.open(next(out.glob(photo.stem + ".*"))).convert("RGB"))
     return Result(pixels=pixels, faces=faces, files=files, line=line, batches=batches)
 
 
@@ -202,7 +214,7 @@ def _app(path, opts, source, photo, knobs, batches) -> Result:
     restorer = iqpir.load_restorer(source, device="cpu", dtype=opts.get("dtype", "float32"))
     fields = {k: str(v) for k, v in knobs.items()}
     for k in ("upscale", "only-center-face", "min-face", "draw-box", "save-faces", "bg-checkpoint", "aligned",
-              "batch-size"):
+              "batch-size", "blend", "grayscale", "color", "format"):
         if k in opts and opts[k] is not None:  # the API's name for each, if it had one
             fields[k.replace("-", "_")] = "true" if opts[k] == "flag" else str(opts[k])
     if path == "app-faces":
@@ -223,11 +235,12 @@ def test_every_option_on_every_path(option, path, models, photos, tmp_path, caps
     if option == "backend" and not HAS_OPENVINO:
         pytest.skip("needs the openvino extra: pip install 'iqpir[openvino]'")
     a, b = VALUES[option]
-    if a == b == "flag" or option == "bg-checkpoint":  # without the option, then with it
-        first = restore(path, {}, models, photos, tmp_path, capsys, monkeypatch)
+    grey = option == "color"
+    if a == b == "flag" or a is None:  # without the option, then with it
+        first = restore(path, {}, models, photos, tmp_path, capsys, monkeypatch, grey)
     else:
-        first = restore(path, {option: a}, models, photos, tmp_path, capsys, monkeypatch)
-    second = restore(path, {option: b}, models, photos, tmp_path, capsys, monkeypatch)
+        first = restore(path, {option: a}, models, photos, tmp_path, capsys, monkeypatch, grey)
+    second = restore(path, {option: b}, models, photos, tmp_path, capsys, monkeypatch, grey)
 
     if what == "refused":
         assert second.refusal, f"{path} accepted --{option} {b} and ignored it"
@@ -252,3 +265,6 @@ def test_every_option_on_every_path(option, path, models, photos, tmp_path, caps
         assert first.faces == 2 and second.faces < 2, (first.faces, second.faces)
     elif what == "files":
         assert first.files == ["two.png"] and len(second.files) == 1 + 2 * 2, second.files
+    elif what == "suffix":
+        assert [Path(f).suffix for f in first.files] == [".png"] * len(first.files), first.files
+        assert [Path(f).suffix for f in second.files] == [f".{b}"] * len(second.files), second.files

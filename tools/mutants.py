@@ -377,6 +377,23 @@ MUTANTS = [
            [("self.restorer.restore(_resize(img.rgb, p.upscale), **kw)", "self.restorer.restore(img.rgb, **kw)")],
            [T + "test_flag_matrix.py::test_every_option_on_every_path[upscale-app]"],
            "the app's upscale field ignored without faces"),
+    # -- what reaches the file (issue 23, items 5-7) ------------------------------------------------
+    Mutant("faces-blend-dropped", "src/iqpir/inference/photos.py",
+           [("        return finish.mix(restore(faces), faces)\n", "        return restore(faces)\n")],
+           [T + "test_finish.py::test_blend_0_with_faces_leaves_the_photo_as_it_was"],
+           "--blend accepted with --faces and ignored"),
+    Mutant("grey-content-ignored", "src/iqpir/inference/photos.py",
+           [('(self.colour == "auto" and img.grey_content)', '(self.colour == "auto" and img.grey)')],
+           [T + "test_finish.py::test_grey_in_grey_out_and_the_two_overrides"],
+           "a grey picture in a colour file comes back tinted"),
+    Mutant("jpeg-tables-dropped", "src/iqpir/inference/photos.py",
+           [("bits=img.bits, jpeg=img.jpeg)", "bits=img.bits)")],
+           [T + "test_finish.py::test_a_jpeg_keeps_its_tables_and_what_is_not_restored_stays"],
+           "a JPEG re-saved at quality 95, moving the pixels the model left alone"),
+    Mutant("faces-alpha-dropped", "src/iqpir/inference/photos.py",
+           [("    return alpha if alpha is None or upscale == 1 else", "    return None if alpha is None or upscale == 1 else")],
+           [T + "test_finish.py::test_blend_0_with_faces_leaves_the_photo_as_it_was"],
+           "--faces drops a photo's transparency at --upscale 1"),
 ]
 
 

@@ -1,7 +1,7 @@
 """The web page and its HTTP API: `iqpir app [--checkpoint C]` (extra: `pip install 'iqpir[app]'`).
 
     GET  /             the page: upload, Quality/alpha/fidelity sliders, faces, before/after, download
-    POST /api/restore  multipart: file `image`; fields quality, alpha, fidelity, faces, upscale, keep_exif
+    POST /api/restore  multipart: file `image`; fields quality, alpha, fidelity, blend, faces, upscale, keep_exif
                        -> image/png at the input's size times `upscale`
     GET  /api/health   the model, the queue, the limits, whether the face pipeline is installed
 
@@ -44,7 +44,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from iqpir import __version__
 from iqpir import io as iio
-from iqpir.inference.photos import face_restorer_fn
+from iqpir.inference.photos import Finish, face_restorer_fn
 
 log = logging.getLogger("iqpir.app")
 
@@ -52,7 +52,7 @@ _EXTRA = "pip install 'iqpir[app]'"
 _MULTIPART_OVERHEAD = 64 * 1024  # form fields and part headers around the image
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no", "")
-FIELDS = ("quality", "alpha", "fidelity", "faces", "upscale", "keep_exif")
+FIELDS = ("quality", "alpha", "fidelity", "blend", "faces", "upscale", "keep_exif")
 PAGE_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob: data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -101,6 +101,7 @@ class Params:
     faces: bool
     upscale: int
     keep_exif: bool
+    blend: float = 1.0
 
 
 # --------------------------------------------------------------------------------------
@@ -256,8 +257,9 @@ def parse_params(fields: dict[str, str], model: dict[str, Any], limits: AppLimit
     upscale_text = fields.get("upscale", "").strip() or "1"
     if not upscale_text.isdigit() or not 1 <= int(upscale_text) <= limits.max_upscale:
         raise RequestError(400, f"field 'upscale' must be an integer from 1 to {limits.max_upscale}, got {upscale_text[:40]!r}")
+    blend = _number(fields, "blend", 0.0, 1.0)
     return Params(quality=quality, alpha=alpha, fidelity=fidelity, faces=_flag(fields, "faces"),
-                  upscale=int(upscale_text), keep_exif=_flag(fields, "keep_exif"))
+                  upscale=int(upscale_text), keep_exif=_flag(fields, "keep_exif"), blend=1.0 if blend is None else blend)
 
 
 def _megapixels(n: int) -> str:
@@ -377,7 +379,8 @@ class RestoreService:
                 raise RequestError(400, "face pipeline not installed (pip install 'iqpir[faces]')")
 
             # the CLI's face path: 512-px crops resized to a face model's own size and back
-            restore_faces = face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity"))
+            restore_faces = face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity"),
+                                             blend=p.blend)
             try:
                 restored, report = self.face_pipeline(img.rgb, restore_faces, upscale=p.upscale)
             except ImportError as exc:  # the pipeline is there but its detector's extra is not
@@ -386,7 +389,10 @@ class RestoreService:
             if isinstance(faces, list):
                 headers["X-Faces"] = str(len(faces))
         else:
-            restored = self.restorer.restore(_resize(img.rgb, p.upscale), **kw)
+            original = _resize(img.rgb, p.upscale)
+            restored = Finish(blend=p.blend).mix(self.restorer.restore(original, **kw), original)
+        if iio.is_grey_content(img.rgb):  # grey in, grey out (as the CLI: Finish, colour "auto")
+            restored = iio.to_grey(restored).expand(3, -1, -1)
         alpha = None if img.alpha is None else _resize(img.alpha, p.upscale)
         if alpha is not None and alpha.shape[-2:] != restored.shape[-2:]:
             alpha = None
@@ -550,6 +556,7 @@ def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | No
                       "quality": {"type": "number", "minimum": 0, "maximum": 1, "default": 1.0},
                       "alpha": {"type": "number", "minimum": 0, "maximum": 2},
                       "fidelity": {"type": "number", "minimum": 0, "maximum": 1},
+                      "blend": {"type": "number", "minimum": 0, "maximum": 1, "default": 1.0},
                       "faces": {"type": "boolean", "default": False},
                       "upscale": {"type": "integer", "minimum": 1, "maximum": limits.max_upscale, "default": 1},
                       "keep_exif": {"type": "boolean", "default": False}}}}}}})

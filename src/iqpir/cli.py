@@ -278,6 +278,19 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
                    help="auto (default): torch for checkpoints, onnxruntime for .onnx, openvino for .xml "
                         "(graphs written by `iqpir export`)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    g = p.add_argument_group("the output")
+    g.add_argument("--blend", type=_float_in(0, 1), default=1.0, metavar="W",
+                   help="W * restored + (1 - W) * input, inside the faces with --faces, else everywhere "
+                        "(default 1: the restoration as it is; 0: the input)")
+    colour = g.add_mutually_exclusive_group()
+    colour.add_argument("--grayscale", dest="colour", action="store_const", const="grey", default="auto",
+                        help="grey outputs whatever the inputs (default: grey inputs, including colour files "
+                             "holding a grey picture, come back grey; colour ones in colour)")
+    colour.add_argument("--color", dest="colour", action="store_const", const="colour",
+                        help="keep the model's colour output even for grey inputs")
+    g.add_argument("--format", choices=["png", "jpg", "webp", "tiff"], default=None,
+                   help="write every output in this format (png: lossless); default: each input's own, "
+                        "a JPEG with the input's quantisation tables and chroma subsampling")
     _add_restore_faces(p)
 
 
@@ -303,9 +316,11 @@ _FACE_FLAGS = {"detector": "--detector", "upscale": "--upscale", "only_center_fa
 
 def _restore_settings(args: argparse.Namespace) -> dict:
     """The flags that `iqpir restore` hands to both of its modes (tiles and --faces)."""
+    from iqpir.inference.photos import Finish
+
     return dict(checkpoint=args.checkpoint, out=args.out, quality=args.quality, alpha=args.alpha, device=args.device,
                 batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, fidelity=args.fidelity,
-                backend=args.backend)
+                backend=args.backend, finish=Finish(blend=args.blend, colour=args.colour, format=args.format))
 
 
 def _run_restore_faces(args: argparse.Namespace) -> int:

@@ -53,7 +53,9 @@ class LoadedImage:
 
     rgb: (3, H, W) float32 in [0, 1]; alpha: (1, H, W) float32 in [0, 1] or None;
     grey: the file held one grey channel (the three rgb channels are then equal);
-    bits: 16 for a 16-bit (or 32-bit integer/float) grey file, else 8.
+    bits: 16 for a 16-bit (or 32-bit integer/float) grey file, else 8;
+    jpeg: a JPEG file's quantisation tables and chroma subsampling (`write_image(jpeg=...)`
+        writes a JPEG with them, so that what is not restored loses nothing more), else None.
     """
 
     rgb: torch.Tensor
@@ -61,6 +63,35 @@ class LoadedImage:
     path: Path
     grey: bool = False
     bits: int = 8
+    jpeg: dict | None = None
+
+    @property
+    def grey_content(self) -> bool:
+        """A grey file, or colour channels that hold a grey picture (`is_grey_content`)."""
+        return self.grey or is_grey_content(self.rgb)
+
+
+# A pixel is grey when its channels lie within 3/255 of each other (JPEG's chroma rounding stays
+# below that); a picture is grey when fewer than 0.1% of its pixels are not (a few stray ones).
+GREY_SPREAD = 3.0 / 255
+GREY_SHARE = 0.001
+
+
+def is_grey_content(rgb: torch.Tensor) -> bool:
+    """(3, H, W): R = G = B within GREY_SPREAD at all but GREY_SHARE of the pixels."""
+    spread = rgb.amax(0) - rgb.amin(0)
+    return bool((spread > GREY_SPREAD + 1e-6).float().mean() <= GREY_SHARE)
+
+
+def _jpeg_settings(img: Image.Image) -> dict | None:
+    """The quantisation tables and subsampling of an opened JPEG, as Pillow's `save` takes them."""
+    if img.format != "JPEG" or not getattr(img, "quantization", None):
+        return None
+    from PIL import JpegImagePlugin
+
+    sampling = JpegImagePlugin.get_sampling(img)
+    tables = [list(img.quantization[k]) for k in sorted(img.quantization)]
+    return {"qtables": tables, "subsampling": sampling if sampling in (0, 1, 2) else 2}
 
 
 def _pil_to_float(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool, int]:
@@ -112,6 +143,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     try:
         with Image.open(p) as img:
             img.load()
+            jpeg = _jpeg_settings(img)
             rgb_t, alpha_t, grey, bits = pil_to_tensors(ImageOps.exif_transpose(img))
     except UnidentifiedImageError as exc:
         raise ImageReadError(p, "not an image file (or a format Pillow cannot read)") from exc
@@ -120,7 +152,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         raise ImageReadError(p, f"cannot read image ({why})") from exc
     if rgb_t.shape[1] == 0 or rgb_t.shape[2] == 0:
         raise ImageReadError(p, "image has zero size")
-    return LoadedImage(rgb=rgb_t, alpha=alpha_t, path=p, grey=grey, bits=bits)
+    return LoadedImage(rgb=rgb_t, alpha=alpha_t, path=p, grey=grey, bits=bits, jpeg=jpeg)
 
 
 def load_rgb(path: str | os.PathLike) -> torch.Tensor:
@@ -217,9 +249,11 @@ HIGH_BIT_FORMATS = ("PNG", "TIFF")  # formats Pillow writes 16-bit grey and grey
 
 
 def write_image(path: str | os.PathLike, image: torch.Tensor, alpha: torch.Tensor | None = None, quality: int = 95,
-                grey: bool = False, bits: int = 8) -> Path:
+                grey: bool = False, bits: int = 8, jpeg: dict | None = None) -> Path:
     """Write (3, H, W) float in [0, 1] atomically (`atomic_write`).
 
+    jpeg: a JPEG input's tables (`LoadedImage.jpeg`): a JPEG output is written with its
+        quantisation tables and chroma subsampling instead of `quality` (Pillow's "keep").
     grey: write one luma channel (L; LA with alpha in PNG and TIFF, RGBA in other formats
         that hold alpha), for an input that was grey.
     bits: 16 writes 16-bit grey where the format holds it (PNG, TIFF; not with alpha),
@@ -236,6 +270,9 @@ def write_image(path: str | os.PathLike, image: torch.Tensor, alpha: torch.Tenso
         grey = grey and alpha is None
     pil = to_pil(image, alpha, grey=grey, bits=bits)
     options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    if fmt == "JPEG" and jpeg is not None and len(jpeg["qtables"]) >= (1 if pil.mode == "L" else 2):
+        options = {"qtables": jpeg["qtables"][:1] if pil.mode == "L" else jpeg["qtables"],
+                   "subsampling": jpeg["subsampling"]}
     return atomic_write(p, lambda tmp: pil.save(tmp, format=fmt, **options))
 
 
@@ -308,12 +345,12 @@ class OutputPlan:
 
 
 def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 extensions: Sequence[str] | None = None, flag: str = "--out") -> OutputPlan:
+                 extensions: Sequence[str] | None = None, flag: str = "--out", suffix: str | None = None) -> OutputPlan:
     """The one output rule of `iqpir restore` and `iqpir degrade`.
 
     - an image found in a folder keeps its path relative to that folder; a file or glob
       match keeps its name; with `extensions`, a name whose suffix is not among them gets
-      ".png" appended (a.pgm -> a.pgm.png);
+      ".png" appended (a.pgm -> a.pgm.png); with `suffix` every output gets it (a.jpg -> a.png);
     - the output folder may not be an input folder nor lie inside one (a second run would
       take the first run's outputs for inputs), and no output may be an input file;
     - hidden files and folders are not inputs (`collect_inputs`).
@@ -350,7 +387,9 @@ def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 continue
             seen.add(key)
             rel = src.relative_to(item_p) if item_p.is_dir() else Path(src.name)  # lexical: links stay named
-            if exts is not None and rel.suffix.lower() not in exts:
+            if suffix is not None:
+                rel = rel.with_suffix(suffix)
+            elif exts is not None and rel.suffix.lower() not in exts:
                 rel = rel.with_name(rel.name + ".png")
             pairs.append((src, out / rel))
     taken: dict[Path, Path] = {}

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +26,59 @@ from iqpir.faces import FACE_SIZE, get_detector, resize_lanczos, restore_photo
 from iqpir.inference.restorer import Restorer, load_restorer
 
 
-def _plan(inputs: Sequence[str], out: str | Path) -> tuple[Path, list[Path], list[str], io.FileReport, dict[Path, Path]]:
+COLOURS = ("auto", "grey", "colour")
+FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif"}
+
+
+@dataclass(frozen=True)
+class Finish:
+    """What happens between the model's output and the file (issue 23).
+
+    blend: W in [0, 1]: the output is W * restored + (1 - W) * input (inside the pasted face
+        regions with --faces; the whole image otherwise). 1 = the restoration as it is.
+    colour: "auto" = a grey input (a grey file, or colour channels that hold a grey picture,
+        `io.is_grey_content`) comes back grey, a colour one in colour; "grey" forces grey
+        (`--grayscale`), "colour" keeps the model's colour output even for grey inputs (`--color`).
+    format: write every output as png/jpg/webp/tiff (`--format`); None keeps each input's format.
+        A JPEG written from a JPEG input keeps the input's quantisation tables and subsampling.
+    """
+
+    blend: float = 1.0
+    colour: str = "auto"
+    format: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.blend) <= 1.0:
+            raise ValueError(f"--blend must be in [0, 1], got {self.blend}")
+        if self.colour not in COLOURS:
+            raise ValueError(f"colour must be one of {list(COLOURS)}, got {self.colour!r}")
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {list(FORMATS)}, got {self.format!r}")
+
+    def mix(self, restored: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """W * restored + (1 - W) * original (same shapes); exactly `restored` at W = 1, `original` at 0."""
+        if self.blend >= 1.0:
+            return restored
+        if self.blend <= 0.0:
+            return original.clone()
+        return (self.blend * restored + (1.0 - self.blend) * original).clamp(0, 1)
+
+    def colour_of(self, img: io.LoadedImage) -> tuple[bool, bool]:
+        """(make the output grey, write a one-channel file) for this input."""
+        grey = self.colour == "grey" or (self.colour == "auto" and img.grey_content)
+        return grey, grey and img.grey
+
+    def write(self, target: Path, img: io.LoadedImage, restored: torch.Tensor, upscale: int = 1) -> Path:
+        """The output file of one input: grey where it should be, alpha and JPEG tables kept."""
+        grey, one_channel = self.colour_of(img)
+        if grey:
+            restored = io.to_grey(restored).expand(3, -1, -1)
+        alpha = _tensor_upscale(img.alpha, upscale)
+        return io.write_image(target, restored, alpha=alpha, grey=one_channel, bits=img.bits, jpeg=img.jpeg)
+
+
+def _plan(inputs: Sequence[str], out: str | Path,
+          suffix: str | None = None) -> tuple[Path, list[Path], list[str], io.FileReport, dict[Path, Path]]:
     """The start of every restore command: the output folder, the inputs found, the inputs that
     matched nothing (already in the report as failures) and each input's output path, by the
     rule of `io.plan_outputs` (shared with `iqpir degrade`: the output folder may not be or lie
@@ -34,7 +87,7 @@ def _plan(inputs: Sequence[str], out: str | Path) -> tuple[Path, list[Path], lis
     paths, missing = io.collect_inputs(inputs)
     report = io.FileReport.empty()
     report.failed.extend((m, "no such file, folder or matching image") for m in missing)
-    return out, paths, missing, report, io.plan_outputs(inputs, out).targets
+    return out, paths, missing, report, io.plan_outputs(inputs, out, suffix=suffix).targets
 
 
 def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) -> str:
@@ -54,17 +107,19 @@ def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) ->
 def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str | Path, quality: float | None = None,
                   alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "auto",
                   overwrite: bool = False, progress: bool = True, fidelity: float | None = None,
-                  aligned: bool = False, backend: str = "auto") -> io.FileReport:
+                  aligned: bool = False, backend: str = "auto", finish: Finish | None = None) -> io.FileReport:
     """Restore image files into `out`, named after their inputs; never overwrites an input.
 
     Unreadable files are named and skipped; existing outputs are kept unless `overwrite`.
     Grey inputs give grey outputs, 16-bit grey inputs 16-bit outputs.
     aligned: every input is an aligned face (CodeFormer's `--has_aligned`): restored whole at
     the model's size (resized there and back when it has another size), never tiled.
+    finish: blend with the input, colour and output format (`Finish`; default: none of them).
     """
     if quality is not None and not 0.0 <= quality <= 1.0:
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
-    out, paths, _, report, targets = _plan(inputs, out)
+    finish = finish or Finish()
+    out, paths, _, report, targets = _plan(inputs, out, FORMATS.get(finish.format))
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)
     settings = restorer.settings(quality, alpha, fidelity)  # refuses knobs the model lacks, before any work
     if progress:
@@ -77,7 +132,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
     pending: list[tuple[Path, io.LoadedImage]] = []  # aligned faces waiting for a full batch
 
     def write(target: Path, img: io.LoadedImage, restored: torch.Tensor) -> None:
-        io.write_image(target, restored, alpha=img.alpha, grey=img.grey, bits=img.bits)
+        finish.write(target, img, finish.mix(restored, img.rgb))
         report.done.append(target)
 
     def flush() -> None:
@@ -146,19 +201,25 @@ def restore_aligned_batch(restorer: Restorer, images: Sequence[torch.Tensor], qu
 
 
 def face_restorer_fn(restorer: Restorer, quality: float | None = None, alpha: float | None = None,
-                     fidelity: float | None = None):
+                     fidelity: float | None = None, blend: float = 1.0):
     """Bind a Restorer into the callable `iqpir.faces.restore_photo` takes: (N,3,512,512) -> same.
 
     A model of another size (a tiny test preset) gets the crops resized to its size and back.
+    blend: W * restored + (1 - W) * the aligned input crop (`Finish.mix`): paste-back carries the
+    restorer's change into the photo, so W scales that change inside each face region.
     """
+    finish = Finish(blend=blend)
     s = restorer.image_size
 
-    def run(faces: torch.Tensor) -> torch.Tensor:
+    def restore(faces: torch.Tensor) -> torch.Tensor:
         if s in (None, FACE_SIZE):
             return restorer.restore(faces, quality=quality, alpha=alpha, fidelity=fidelity)
         small = torch.nn.functional.interpolate(faces, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
         out = restorer.restore(small.clamp(0, 1), quality=quality, alpha=alpha, fidelity=fidelity)
         return torch.nn.functional.interpolate(out, size=faces.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+
+    def run(faces: torch.Tensor) -> torch.Tensor:
+        return finish.mix(restore(faces), faces)
 
     return run
 
@@ -171,7 +232,7 @@ def background_fn(restorer: Restorer, upscale: int, quality: float | None = None
 
 
 def _tensor_upscale(alpha: torch.Tensor | None, upscale: int) -> torch.Tensor | None:
-    return None if alpha is None or upscale == 1 else resize_lanczos(alpha, upscale)
+    return alpha if alpha is None or upscale == 1 else resize_lanczos(alpha, upscale)
 
 
 def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str | Path, quality: float | None = None,
@@ -179,14 +240,16 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                        overwrite: bool = False, progress: bool = True, detector: str = "hog+cnn", upscale: int = 1,
                        only_center_face: bool = False, min_face: float = 0, save_faces: bool = False,
                        draw_box: bool = False, bg_checkpoint: str | Path | None = None,
-                       fidelity: float | None = None, backend: str = "auto") -> io.FileReport:
+                       fidelity: float | None = None, backend: str = "auto",
+                       finish: Finish | None = None) -> io.FileReport:
     """`iqpir restore --faces`: restore the faces of whole photos into `out`, plus OUT/restore.json.
 
     Each photo: faces detected (iqpir.faces detectors), aligned to 512x512, restored with the
     face model of `checkpoint` at `quality`/`alpha`, pasted back; the rest of the photo kept,
     Lanczos-resized by `upscale`, or restored by the general model `bg_checkpoint`. A photo
     without faces is written as it is (resized) and reported. With `save_faces`, the aligned
-    and restored crops go to OUT/faces/. Never overwrites an input.
+    and restored crops go to OUT/faces/. Never overwrites an input. `finish.blend` mixes each
+    restored face with its input crop before paste-back, so it acts inside the face regions only.
     """
     if quality is not None and not 0.0 <= quality <= 1.0:
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
@@ -194,7 +257,8 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
         raise ValueError(f"--upscale must be a positive integer, got {upscale}")
     if min_face < 0:
         raise ValueError(f"--min-face must be >= 0, got {min_face}")
-    out, paths, missing, report, targets = _plan(inputs, out)
+    finish = finish or Finish()
+    out, paths, missing, report, targets = _plan(inputs, out, FORMATS.get(finish.format))
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)
     settings = restorer.settings(quality, alpha, fidelity)
     if progress:
@@ -204,7 +268,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
               f"{FACE_SIZE}-px face is shrunk to {restorer.image_size} px and back, losing its detail; use a "
               "face model (an IQPIR/CodeFormer release) or the packaged default model (no --checkpoint)",
               file=sys.stderr)
-    restore_faces = face_restorer_fn(restorer, quality, alpha, fidelity)
+    restore_faces = face_restorer_fn(restorer, quality, alpha, fidelity, blend=finish.blend)
     background = None
     if bg_checkpoint is not None:
         background = background_fn(load_restorer(bg_checkpoint, device=device, dtype=dtype, batch_size=batch_size),
@@ -233,7 +297,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
         restored, rep = restore_photo(img.rgb, restore_faces, detector=face_detector, upscale=int(upscale),
                                       only_center_face=only_center_face, min_face=min_face, background=background,
                                       save_faces=save_faces, draw_box=draw_box)
-        io.write_image(target, restored, alpha=_tensor_upscale(img.alpha, int(upscale)), grey=img.grey, bits=img.bits)
+        finish.write(target, img, restored, int(upscale))
         report.done.append(target)
         entry = {"input": str(p), "output": str(target), "size": list(img.rgb.shape[1:]), "faces": rep["faces"],
                  "skipped_faces": rep["skipped_faces"], "detector": rep["detector"], "seconds": rep["seconds"],
