@@ -25,7 +25,6 @@ from iqpir import io
 from iqpir.faces import FACE_SIZE, get_detector, resize_lanczos, restore_photo
 from iqpir.inference.restorer import Restorer, load_restorer
 
-
 COLOURS = ("auto", "grey", "colour")
 FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif"}
 
