@@ -394,6 +394,16 @@ MUTANTS = [
            [("    return alpha if alpha is None or upscale == 1 else", "    return None if alpha is None or upscale == 1 else")],
            [T + "test_finish.py::test_blend_0_with_faces_leaves_the_photo_as_it_was"],
            "--faces drops a photo's transparency at --upscale 1"),
+    # -- upscalers through spandrel (issue 23, items 1-4) -------------------------------------------
+    Mutant("weights-unpickled-with-code", "src/iqpir/official.py",
+           [('obj = torch.load(p, map_location="cpu", weights_only=True)', 'obj = torch.load(p, map_location="cpu", weights_only=False)')],
+           [T + "test_upscalers.py::test_a_pickle_that_runs_code_is_refused"],
+           "a .pth is unpickled with code execution"),
+    Mutant("upsampler-scale-kept", "src/iqpir/inference/photos.py",
+           [("        return rescale(restorer.restore_one(image), (h * upscale, w * upscale))\n",
+             "        return restorer.restore_one(image)\n")],
+           [T + "test_upscalers.py::test_bg_upsampler_with_faces_restores_the_background"],
+           "an upscaler's native scale kept where --upscale asks for another"),
 ]
 
 

@@ -307,11 +307,19 @@ def _add_restore_faces(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draw-box", action="store_true", help="draw the face boxes and landmarks on the output")
     g.add_argument("--bg-checkpoint", default=None,
                    help="a general model that restores the rest of the photo through tiles (default: kept as is)")
+    g.add_argument("--bg-upsampler", default=None, metavar="FILE",
+                   help="an image model spandrel loads (Real-ESRGAN, SwinIR, HAT, ... .pth or .safetensors; extra "
+                        "upscale) that restores and upscales the rest of the photo to --upscale; without --faces, "
+                        "the whole photo")
+    g.add_argument("--bg-tile", type=_positive_int, default=400, metavar="PX",
+                   help="tile size of --bg-upsampler in input pixels (default 400; smaller needs less memory)")
 
 
 _FACE_FLAGS = {"detector": "--detector", "upscale": "--upscale", "only_center_face": "--only-center-face",
                "min_face": "--min-face", "save_faces": "--save-faces", "draw_box": "--draw-box",
                "bg_checkpoint": "--bg-checkpoint"}
+# Without --faces, --bg-upsampler restores whole photos, and these apply to it.
+_UPSAMPLER_FLAGS = ("upscale",)
 
 
 def _restore_settings(args: argparse.Namespace) -> dict:
@@ -336,7 +344,22 @@ def _run_restore_faces(args: argparse.Namespace) -> int:
         save_faces=args.save_faces,
         draw_box=args.draw_box,
         bg_checkpoint=args.bg_checkpoint,
+        bg_upsampler=args.bg_upsampler,
+        bg_tile=args.bg_tile,
     )
+    return 1 if report.failed else 0
+
+
+def _run_upsampler(args: argparse.Namespace) -> int:
+    """`--bg-upsampler FILE` without --faces: the whole photo through that model, at --upscale."""
+    from iqpir.inference.photos import restore_files
+
+    if args.checkpoint is not None:
+        print("iqpir restore: error: without --faces, --bg-upsampler restores the whole photo: leave --checkpoint "
+              "out, or add --faces to restore the faces with it", file=sys.stderr)
+        return 2
+    settings = _restore_settings(args) | {"checkpoint": args.bg_upsampler}
+    report = restore_files(args.inputs, **settings, aligned=args.aligned, tile=args.bg_tile, upscale=args.upscale)
     return 1 if report.failed else 0
 
 
@@ -345,14 +368,21 @@ def _run_restore(args: argparse.Namespace) -> int:
         print("iqpir restore: error: --faces (photos: detect and align) and --aligned (already aligned crops) "
               "exclude each other", file=sys.stderr)
         return 2
+    if args.bg_checkpoint and args.bg_upsampler:
+        print("iqpir restore: error: --bg-checkpoint and --bg-upsampler both restore the background: choose one",
+              file=sys.stderr)
+        return 2
     if args.faces:
         return _run_restore_faces(args)
-    used = [flag for key, flag in _FACE_FLAGS.items() if getattr(args, key) not in (None, False)]
+    allowed = _UPSAMPLER_FLAGS if args.bg_upsampler else ()
+    used = [flag for key, flag in _FACE_FLAGS.items() if getattr(args, key) not in (None, False) and key not in allowed]
     if used:
         verb = "apply" if len(used) > 1 else "applies"
         print(f"iqpir restore: error: {', '.join(used)} {verb} only to whole photos with faces; add --faces",
               file=sys.stderr)
         return 2
+    if args.bg_upsampler:
+        return _run_upsampler(args)
     from iqpir.inference.photos import restore_files
 
     report = restore_files(

@@ -100,6 +100,13 @@ def _one_line(exc: BaseException) -> str:
 
 def read_official(path: str | Path) -> OfficialWeights:
     """Load an official .pth safely and recognise its kind (see the module docstring)."""
+    state, group = read_state(path)
+    return OfficialWeights(detect_kind(state, path), state, group, Path(path))
+
+
+def read_state(path: str | Path) -> tuple[dict[str, Tensor], str]:
+    """A PyTorch weights file's state dict, read safely (weights_only: no code runs), and the group
+    it came from ('params_ema', 'params', ... or '' for a bare state dict)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {p}")
@@ -113,8 +120,7 @@ def read_official(path: str | Path) -> OfficialWeights:
                 "plain tensors (torch.load weights_only=True)"
             ) from None
         raise OfficialCheckpointError(f"{p}: not a readable PyTorch weights file ({_one_line(exc)})") from None
-    state, group = _state_dict(obj, p)
-    return OfficialWeights(detect_kind(state, p), state, group, p)
+    return _state_dict(obj, p)
 
 
 def _state_dict(obj, path: Path) -> tuple[dict[str, Tensor], str]:

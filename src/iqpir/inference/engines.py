@@ -26,6 +26,7 @@ An int8 engine is one more class here and one more branch of `make_engine`.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, Protocol
@@ -70,7 +71,8 @@ def resolve_dtype(dtype: str, device: torch.device, model: Any = None) -> str:
         raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
     if dtype != "auto":
         return dtype
-    return "bfloat16" if native_bf16(device) and model is not None and as_described(model).bf16 else "float32"
+    d = as_described(model) if model is not None else None
+    return "bfloat16" if native_bf16(device) and d is not None and (d.bf16 or d.low_precision) else "float32"
 
 
 # --------------------------------------------------------------------------------------
@@ -436,6 +438,10 @@ def make_engine(model: DescribedModel | nn.Module | ExportedGraph, device: torch
         raise ValueError(f"--backend {backend} runs a graph written by `iqpir export`; "
                          f"export the checkpoint first (iqpir export CHECKPOINT --format ...)")
     dtype = resolve_dtype(dtype, device, described)
+    if dtype != "float32" and described.low_precision is False:
+        warnings.warn(f"--dtype {dtype} breaks this {described.kind} model (its architecture does not support it): "
+                      "it runs float32", UserWarning, stacklevel=2)
+        dtype = "float32"
     if device.type == "cpu":
         # What the CLI does for every command: large activations stop being re-faulted from the
         # kernel on every forward pass. Process-wide (glibc only); IQPIR_DEFAULT_MALLOC=1 opts out.

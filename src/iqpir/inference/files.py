@@ -15,6 +15,7 @@ network or knows about tiles (engines.py, restorer.py) or image files (photos.py
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class DescribedModel:
     adain: whether the network re-normalises its codebook latent to the input's (model.adain);
         None where it has no codebook latent.
     bf16: the mixed bf16 path knows this network's parts (engines.MixedEngine).
+    low_precision: whether bf16 autocast suits the whole network: True = `auto` may choose it
+        where the hardware has native bf16; False = it breaks the network, so a requested bf16 or
+        float16 runs float32 (spandrel says so per architecture); None = not known (run as asked).
     source: provenance of weights not trained here (file, sha256, licence), else None.
     refusals: knob -> why this model lacks it, where NO_KNOB's wording does not fit.
     """
@@ -84,6 +88,7 @@ class DescribedModel:
     default_fidelity: float = 0.0
     adain: bool | None = None
     bf16: bool = False
+    low_precision: bool | None = None
     format: str = "torch"
     call: str = "iqpir"
     source: dict | None = None
@@ -215,11 +220,83 @@ def graph_description(graph: ExportedGraph) -> DescribedModel:
 
 
 def describe_official(path: str | Path, use_ema: bool = True) -> DescribedModel:
-    """A released IQPIR/CodeFormer .pth (iqpir.official: safe unpickling, key mapping)."""
-    model, cfg, weights = official.load_official(path)
+    """A PyTorch weights file (.pth, .pt, .ckpt, .bin), read without running code: a released
+    IQPIR/CodeFormer network (iqpir.official: key mapping), else any image model spandrel knows."""
+    state, group = official.read_state(path)
+    try:
+        kind = official.detect_kind(state, path)
+    except official.OfficialCheckpointError as exc:
+        if importlib.util.find_spec("spandrel") is None:
+            raise official.OfficialCheckpointError(
+                f"{exc}; other image models (Real-ESRGAN, SwinIR, GFPGAN, ...) load with "
+                "pip install 'iqpir[upscale]'") from None
+        return describe_spandrel(state, path, exc)
+    weights = official.OfficialWeights(kind, state, group, Path(path))
+    model, cfg = official.build_official(weights)
+    weights.state = {}  # the network holds the tensors now (official.load_official does the same)
     _stage2(model, path)
     source = {"file": str(weights.path), "kind": weights.kind, "licence": official.LICENCE_NOTE}
     return describe_network(model, cfg.model.image_size, kind=weights.kind, task=cfg.model.task, source=source)
+
+
+# --------------------------------------------------------------------------------------
+# Any other image model: spandrel (extra `upscale`) knows the architectures from the keys
+# --------------------------------------------------------------------------------------
+
+SPANDREL_NOTE = ("read through spandrel (MIT; its core architectures only); the model's own licence "
+                 "is yours to check")
+
+
+class SpandrelNetwork(nn.Module):
+    """A spandrel ImageModelDescriptor as a module called model(x) -> (N, 3, kH, kW)."""
+
+    def __init__(self, descriptor: Any) -> None:
+        super().__init__()
+        self.descriptor = descriptor
+        self.network = descriptor.model  # registered, so that .to()/.eval() reach its parameters
+
+    def forward(self, x):
+        return self.descriptor(x)
+
+
+def describe_spandrel(state: dict, path: str | Path, why: Exception | None = None) -> DescribedModel:
+    """A state dict (already read safely) -> the image model spandrel recognises in it."""
+    spandrel = require_extra("spandrel", "upscale")
+    try:
+        desc = spandrel.ModelLoader().load_from_state_dict(state)
+    except spandrel.UnsupportedModelError:
+        raise official.OfficialCheckpointError(
+            f"{path}: not an IQPIR/CodeFormer network nor an architecture spandrel knows"
+            + (f" ({why})" if why is not None else "")) from None
+    if not isinstance(desc, spandrel.ImageModelDescriptor) or desc.input_channels != 3 or desc.output_channels != 3:
+        raise ValueError(f"{path}: a {desc.architecture.name} model ({desc.purpose}, {desc.input_channels} -> "
+                         f"{desc.output_channels} channels): iqpir restores RGB images with RGB image models only")
+    name = desc.architecture.name
+    req = desc.size_requirements
+    face = desc.purpose == "FaceSR"
+    why_not = "(read through spandrel) has no "
+    return DescribedModel(
+        model=SpandrelNetwork(desc).eval(), kind=name, task="faces" if face else "general",
+        image_size=req.minimum if face else None, size_multiple=max(1, req.multiple_of),  # GFPGAN: 512 aligned faces
+        scale=int(desc.scale), quality=False, call="image", low_precision=bool(desc.supports_bfloat16),
+        source={"file": str(path), "kind": name, "architecture": name, "purpose": desc.purpose,
+                "licence": SPANDREL_NOTE},
+        refusals={"quality": why_not + "quality condition: leave --quality out",
+                  "alpha": why_not + "codebooks: leave --alpha out",
+                  "fidelity": why_not + "CFT blocks: leave --fidelity out"})
+
+
+def is_spandrel_safetensors(path: str | Path) -> bool:
+    """A .safetensors file that is neither an iqpir checkpoint (JSON beside it) nor a plug-in U-Net."""
+    p = Path(path)
+    return (p.suffix == ".safetensors" and p.is_file() and not p.with_suffix(".json").is_file()
+            and _safetensors_meta(p) is None)
+
+
+def describe_spandrel_file(path: str | Path, use_ema: bool = True) -> DescribedModel:
+    from safetensors.torch import load_file
+
+    return describe_spandrel(load_file(str(path)), path)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -289,11 +366,14 @@ Detector = tuple[Callable[[str | Path], bool], Callable[[str | Path, bool], Desc
 # What `describe` recognises: name -> (recognises(path), describe(path, use_ema)), tried in
 # order, the first that recognises a path describes it. Each new kind of model file is one new
 # entry here: "plugin" reads quality-conditioned U-Nets (the packaged default model, iqpir/weights);
-# spandrel upscalers come next ("spandrel", extra; call="image", scale 2 or 4, no knobs).
+# "official" reads PyTorch weights files: IQPIR/CodeFormer releases, else any image model spandrel
+# knows (extra `upscale`: Real-ESRGAN, SwinIR, GFPGAN, ...; call="image", its own scale, no knobs);
+# "spandrel" the same models as .safetensors.
 DETECTORS: dict[str, Detector] = {
     "graph": (is_graph_file, describe_graph),
     "plugin": (is_plugin_weights, describe_plugin),
-    "official": (official.is_official_file, describe_official),
+    "official": (official.is_official_file, describe_official),  # or spandrel, by the keys
+    "spandrel": (is_spandrel_safetensors, describe_spandrel_file),
     "checkpoint": (is_checkpoint, describe_checkpoint),
 }
 

@@ -106,7 +106,8 @@ def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) ->
 def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str | Path, quality: float | None = None,
                   alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "auto",
                   overwrite: bool = False, progress: bool = True, fidelity: float | None = None,
-                  aligned: bool = False, backend: str = "auto", finish: Finish | None = None) -> io.FileReport:
+                  aligned: bool = False, backend: str = "auto", finish: Finish | None = None,
+                  tile: int | None = None, upscale: int | None = None) -> io.FileReport:
     """Restore image files into `out`, named after their inputs; never overwrites an input.
 
     Unreadable files are named and skipped; existing outputs are kept unless `overwrite`.
@@ -114,12 +115,18 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
     aligned: every input is an aligned face (CodeFormer's `--has_aligned`): restored whole at
     the model's size (resized there and back when it has another size), never tiled.
     finish: blend with the input, colour and output format (`Finish`; default: none of them).
+    tile: tiles of this size for a model that takes any size (an upscaler: `--bg-tile`).
+    upscale: the output's size over the input's (None: the model's own scale); a model of
+        another scale (an x4 upscaler at --upscale 2) has its output resampled (bicubic, antialiased).
     """
     if quality is not None and not 0.0 <= quality <= 1.0:
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
     finish = finish or Finish()
+    if upscale is not None and (int(upscale) != upscale or upscale < 1):
+        raise ValueError(f"--upscale must be a positive integer, got {upscale}")
     out, paths, _, report, targets = _plan(inputs, out, FORMATS.get(finish.format))
-    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)
+    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend, tile=tile)
+    upscale = restorer.scale if upscale is None else int(upscale)
     settings = restorer.settings(quality, alpha, fidelity)  # refuses knobs the model lacks, before any work
     if progress:
         print(settings_line(restorer, settings, fidelity), file=sys.stderr)
@@ -131,7 +138,11 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
     pending: list[tuple[Path, io.LoadedImage]] = []  # aligned faces waiting for a full batch
 
     def write(target: Path, img: io.LoadedImage, restored: torch.Tensor) -> None:
-        finish.write(target, img, finish.mix(restored, img.rgb))
+        h, w = img.rgb.shape[1:]
+        restored = rescale(restored, (h * upscale, w * upscale))
+        if finish.blend < 1:
+            restored = finish.mix(restored, img.rgb if upscale == 1 else resize_lanczos(img.rgb, upscale))
+        finish.write(target, img, restored, upscale)
         report.done.append(target)
 
     def flush() -> None:
@@ -223,6 +234,24 @@ def face_restorer_fn(restorer: Restorer, quality: float | None = None, alpha: fl
     return run
 
 
+def rescale(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) -> (3, *size) (bicubic, antialiased, clamped); the image itself at its size."""
+    if tuple(image.shape[1:]) == tuple(size):
+        return image
+    return torch.nn.functional.interpolate(image[None], size=size, mode="bicubic", antialias=True,
+                                           align_corners=False).clamp(0, 1)[0]
+
+
+def upsampler_fn(restorer: Restorer, upscale: int):
+    """The rest of the photo through an upscaler's tiles (`--bg-upsampler`), at its native scale,
+    then resampled to `upscale` when that differs (an x4 model at --upscale 2)."""
+    def run(image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[1:]
+        return rescale(restorer.restore_one(image), (h * upscale, w * upscale))
+
+    return run
+
+
 def background_fn(restorer: Restorer, upscale: int, quality: float | None = None):
     """The rest of the photo through a general model's tiles (at `quality` when it is
     quality-conditioned, its own defaults otherwise), then Lanczos-resized by `upscale`."""
@@ -240,12 +269,14 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                        only_center_face: bool = False, min_face: float = 0, save_faces: bool = False,
                        draw_box: bool = False, bg_checkpoint: str | Path | None = None,
                        fidelity: float | None = None, backend: str = "auto",
-                       finish: Finish | None = None) -> io.FileReport:
+                       finish: Finish | None = None, bg_upsampler: str | Path | None = None,
+                       bg_tile: int = 400) -> io.FileReport:
     """`iqpir restore --faces`: restore the faces of whole photos into `out`, plus OUT/restore.json.
 
     Each photo: faces detected (iqpir.faces detectors), aligned to 512x512, restored with the
     face model of `checkpoint` at `quality`/`alpha`, pasted back; the rest of the photo kept,
-    Lanczos-resized by `upscale`, or restored by the general model `bg_checkpoint`. A photo
+    Lanczos-resized by `upscale`, restored by the general model `bg_checkpoint`, or restored and
+    upscaled by the upscaler `bg_upsampler` (spandrel; tiles of `bg_tile` px). A photo
     without faces is written as it is (resized) and reported. With `save_faces`, the aligned
     and restored crops go to OUT/faces/. Never overwrites an input. `finish.blend` mixes each
     restored face with its input crop before paste-back, so it acts inside the face regions only.
@@ -269,6 +300,11 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
               file=sys.stderr)
     restore_faces = face_restorer_fn(restorer, quality, alpha, fidelity, blend=finish.blend)
     background = None
+    if bg_checkpoint is not None and bg_upsampler is not None:
+        raise ValueError("--bg-checkpoint and --bg-upsampler both restore the background: choose one")
+    if bg_upsampler is not None:
+        upsampler = load_restorer(bg_upsampler, device=device, dtype=dtype, batch_size=batch_size, tile=bg_tile)
+        background = upsampler_fn(upsampler, int(upscale))
     if bg_checkpoint is not None:
         background = background_fn(load_restorer(bg_checkpoint, device=device, dtype=dtype, batch_size=batch_size),
                                    int(upscale), quality)

@@ -176,7 +176,8 @@ class Restorer:
         fidelity = self.fidelity_for(fidelity)
         _, h, w = image.shape
         s, k = self.tile, self.scale
-        if s is None:  # a model that takes any size: the whole image, padded to a multiple
+        whole = s is None or (self.described.image_size is None and h <= s and w <= s)
+        if whole:  # a model that takes any size, and the image fits one tile: whole, padded to a multiple
             m = self.described.size_multiple
             out = self._run(_pad(image, 0, -w % m, 0, -h % m)[None], quality, alpha, fidelity)[0]
             return out[:, : k * h, : k * w]
@@ -234,13 +235,17 @@ class Restorer:
 
 
 def load_restorer(path: str | Path | None = None, device: str = "auto", dtype: str = "auto", batch_size: int = 4,
-                  use_ema: bool = True, backend: str = "auto") -> Restorer:
+                  use_ema: bool = True, backend: str = "auto", tile: int | None = None) -> Restorer:
     """Build a Restorer from a stage-2 run folder (its latest checkpoint), a checkpoint file, a
     folder written by `iqpir convert`, a released IQPIR/CodeFormer `.pth` file, a quality-
     conditioned U-Net (.safetensors), or a graph written by `iqpir export` (.onnx, .xml); None:
     the packaged default model. files.describe -> engines.make_engine -> Restorer.
-    dtype/backend: see iqpir.inference.engines."""
+    dtype/backend: see iqpir.inference.engines. tile: for models that take any size, restore
+    through tiles of this size (rounded up to the model's multiple) instead of whole images."""
     described = files.describe(path, use_ema=use_ema)
     if device == "auto" and described.format in files.GRAPH_FORMATS:
         device = "cpu"  # graphs run on the CPU here
-    return Restorer(described, device=device, dtype=dtype, batch_size=batch_size, backend=backend, own_model=True)
+    if tile is not None and described.image_size is None:
+        tile = -(-tile // described.size_multiple) * described.size_multiple
+    return Restorer(described, device=device, dtype=dtype, batch_size=batch_size, backend=backend, own_model=True,
+                    tile=tile if described.image_size is None else None)
