@@ -180,3 +180,30 @@ def test_without_the_extra_the_error_names_it(models, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "spandrel" else object())
     with pytest.raises(ValueError, match=r"pip install 'iqpir\[upscale\]'"):
         files.describe(models["x2"])
+
+
+def test_face_upsample_pastes_faces_from_the_upscaled_crop(models, tmp_path, capsys):
+    """--face-upsample: the restored face goes through the upscaler before paste-back, so the face
+    region differs from a run without it, and the far field (the upscaler's background) does not."""
+    import matplotlib.cbook
+    from test_default_model import tiny_file
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
+        face = Image.open(fh).convert("RGB").resize((120, 140), Image.LANCZOS)
+    photo = Image.new("RGB", (240, 160), (90, 140, 200))
+    photo.paste(face, (100, 10))
+    src = tmp_path / "in" / "photo.png"
+    src.parent.mkdir()
+    photo.save(src)
+    unet, _ = tiny_file(tmp_path)
+    common = ["restore", str(src), "--faces", "--detector", "hog", "--checkpoint", str(unet), "--bg-upsampler",
+              str(models["x2"]), "--upscale", "2", "--device", "cpu", "--dtype", "float32"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--face-upsample", "--out", str(tmp_path / "up")]) == 0
+    plain = np.asarray(Image.open(tmp_path / "plain" / "photo.png")).astype(int)
+    up = np.asarray(Image.open(tmp_path / "up" / "photo.png")).astype(int)
+    assert np.array_equal(plain[:, :120], up[:, :120])
+    assert np.abs(plain[:, 240:400] - up[:, 240:400]).max() > 10
+    capsys.readouterr()
+    assert main([*common[:-6], "--face-upsample", "--out", str(tmp_path / "no")]) == 2  # --upscale 1
+    assert "needs --bg-upsampler" in capsys.readouterr().err

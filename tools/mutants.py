@@ -404,6 +404,10 @@ MUTANTS = [
              "        return restorer.restore_one(image)\n")],
            [T + "test_upscalers.py::test_bg_upsampler_with_faces_restores_the_background"],
            "an upscaler's native scale kept where --upscale asks for another"),
+    Mutant("face-upsample-dropped", "src/iqpir/inference/photos.py",
+           [("draw_box=draw_box, face_upsample=faces_up)", "draw_box=draw_box)")],
+           [T + "test_upscalers.py::test_face_upsample_pastes_faces_from_the_upscaled_crop"],
+           "--face-upsample accepted and ignored"),
 ]
 
 

@@ -311,13 +311,16 @@ def _add_restore_faces(p: argparse.ArgumentParser) -> None:
                    help="an image model spandrel loads (Real-ESRGAN, SwinIR, HAT, ... .pth or .safetensors; extra "
                         "upscale) that restores and upscales the rest of the photo to --upscale; without --faces, "
                         "the whole photo")
+    g.add_argument("--face-upsample", action="store_true",
+                   help="with --bg-upsampler and --upscale > 1: upscale the restored faces with that model too "
+                        "before pasting them back")
     g.add_argument("--bg-tile", type=_positive_int, default=400, metavar="PX",
                    help="tile size of --bg-upsampler in input pixels (default 400; smaller needs less memory)")
 
 
 _FACE_FLAGS = {"detector": "--detector", "upscale": "--upscale", "only_center_face": "--only-center-face",
                "min_face": "--min-face", "save_faces": "--save-faces", "draw_box": "--draw-box",
-               "bg_checkpoint": "--bg-checkpoint"}
+               "bg_checkpoint": "--bg-checkpoint", "face_upsample": "--face-upsample"}
 # Without --faces, --bg-upsampler restores whole photos, and these apply to it.
 _UPSAMPLER_FLAGS = ("upscale",)
 
@@ -346,6 +349,7 @@ def _run_restore_faces(args: argparse.Namespace) -> int:
         bg_checkpoint=args.bg_checkpoint,
         bg_upsampler=args.bg_upsampler,
         bg_tile=args.bg_tile,
+        face_upsample=args.face_upsample,
     )
     return 1 if report.failed else 0
 

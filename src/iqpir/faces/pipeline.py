@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from iqpir.faces.align import FACE_SIZE, align_face, paste_faces
+from iqpir.faces.align import FACE_SIZE, align_face, compose, invert_affine, paste_faces, upscale_map
 from iqpir.faces.detect import Face, FaceDetector, get_detector
 
 BOX_COLOUR = (0.0, 1.0, 0.0)
@@ -82,7 +82,8 @@ def draw_faces(image: torch.Tensor, faces: list[Face], skipped: list[Face], upsc
 def restore_photo(image: torch.Tensor, restore_faces: Callable[[torch.Tensor], torch.Tensor], *,
                   detector: FaceDetector | None = None, upscale: int = 1, only_center_face: bool = False,
                   min_face: float = 0, background: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  save_faces: bool = False, draw_box: bool = False) -> tuple[torch.Tensor, dict]:
+                  save_faces: bool = False, draw_box: bool = False,
+                  face_upsample: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """Restore every face of a photo and paste it back.
 
     Args:
@@ -96,6 +97,9 @@ def restore_photo(image: torch.Tensor, restore_faces: Callable[[torch.Tensor], t
             (default: the photo itself at upscale 1, Lanczos-resized otherwise).
         save_faces: put the aligned and restored crops in the report.
         draw_box: draw the face boxes and landmarks on the result.
+        face_upsample: (N, 3, 512, 512) -> (N, 3, 512 k, 512 k): with upscale > 1, the restored
+            crops are upscaled by it (CodeFormer's --face_upsample: the background's upscaler) and
+            pasted from that resolution, the input crops resized to match (bicubic).
     Returns:
         (restored (3, H*upscale, W*upscale) in [0, 1], report) with report keys `faces` (each
         `box` [x0, y0, x1, y1], `landmarks` 5x[x, y] and `score`, in input pixels), `skipped_faces`
@@ -151,7 +155,15 @@ def restore_photo(image: torch.Tensor, restore_faces: Callable[[torch.Tensor], t
     seconds["background"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    out = paste_faces(bg, resized, aligned, restored, to_crop, upscale=upscale)
+    crops_in, crops_out, maps = aligned, restored, to_crop
+    if face_upsample is not None and upscale > 1 and faces:
+        crops_out = face_upsample(restored).detach().float().to(image.device).clamp(0, 1)
+        k = crops_out.shape[-1] / FACE_SIZE
+        crops_in = torch.nn.functional.interpolate(aligned, size=crops_out.shape[-2:], mode="bicubic",
+                                                   align_corners=False).clamp(0, 1)
+        to_big = invert_affine(upscale_map(k))  # crop pixel -> pixel of the k-times larger crop
+        maps = [compose(to_big, m) for m in to_crop]
+    out = paste_faces(bg, resized, crops_in, crops_out, maps, upscale=upscale)
     if draw_box:
         out = draw_faces(out, faces, [f for f, _ in skipped], upscale)
     seconds["paste"] = time.perf_counter() - t

@@ -270,13 +270,14 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                        draw_box: bool = False, bg_checkpoint: str | Path | None = None,
                        fidelity: float | None = None, backend: str = "auto",
                        finish: Finish | None = None, bg_upsampler: str | Path | None = None,
-                       bg_tile: int = 400) -> io.FileReport:
+                       bg_tile: int = 400, face_upsample: bool = False) -> io.FileReport:
     """`iqpir restore --faces`: restore the faces of whole photos into `out`, plus OUT/restore.json.
 
     Each photo: faces detected (iqpir.faces detectors), aligned to 512x512, restored with the
     face model of `checkpoint` at `quality`/`alpha`, pasted back; the rest of the photo kept,
     Lanczos-resized by `upscale`, restored by the general model `bg_checkpoint`, or restored and
-    upscaled by the upscaler `bg_upsampler` (spandrel; tiles of `bg_tile` px). A photo
+    upscaled by the upscaler `bg_upsampler` (spandrel; tiles of `bg_tile` px; with `face_upsample`
+    and upscale > 1 the restored faces are upscaled by it too before paste-back). A photo
     without faces is written as it is (resized) and reported. With `save_faces`, the aligned
     and restored crops go to OUT/faces/. Never overwrites an input. `finish.blend` mixes each
     restored face with its input crop before paste-back, so it acts inside the face regions only.
@@ -302,9 +303,15 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
     background = None
     if bg_checkpoint is not None and bg_upsampler is not None:
         raise ValueError("--bg-checkpoint and --bg-upsampler both restore the background: choose one")
+    if face_upsample and (bg_upsampler is None or int(upscale) == 1):
+        raise ValueError("--face-upsample upscales the restored faces with the --bg-upsampler model: it needs "
+                         "--bg-upsampler and --upscale > 1")
+    faces_up = None
     if bg_upsampler is not None:
         upsampler = load_restorer(bg_upsampler, device=device, dtype=dtype, batch_size=batch_size, tile=bg_tile)
         background = upsampler_fn(upsampler, int(upscale))
+        if face_upsample:
+            faces_up = lambda crops: torch.stack([upsampler.restore_one(c) for c in crops])
     if bg_checkpoint is not None:
         background = background_fn(load_restorer(bg_checkpoint, device=device, dtype=dtype, batch_size=batch_size),
                                    int(upscale), quality)
@@ -331,7 +338,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
             continue
         restored, rep = restore_photo(img.rgb, restore_faces, detector=face_detector, upscale=int(upscale),
                                       only_center_face=only_center_face, min_face=min_face, background=background,
-                                      save_faces=save_faces, draw_box=draw_box)
+                                      save_faces=save_faces, draw_box=draw_box, face_upsample=faces_up)
         finish.write(target, img, restored, int(upscale))
         report.done.append(target)
         entry = {"input": str(p), "output": str(target), "size": list(img.rgb.shape[1:]), "faces": rep["faces"],
