@@ -207,3 +207,29 @@ def test_face_upsample_pastes_faces_from_the_upscaled_crop(models, tmp_path, cap
     capsys.readouterr()
     assert main([*common[:-6], "--face-upsample", "--out", str(tmp_path / "no")]) == 2  # --upscale 1
     assert "needs --bg-upsampler" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_gfpgan_file_is_a_face_model_without_our_knobs(tmp_path, capsys):
+    """GFPGANv1.4-clean's layout (random weights, 340 MB, so marked slow): spandrel reads it as a
+    512-px face model; `--faces` runs it; `--quality` is refused in one line."""
+    import matplotlib.cbook
+    from spandrel.architectures.GFPGAN import GFPGAN
+
+    torch.manual_seed(0)
+    net = GFPGAN(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,
+                 num_mlp=8, input_is_latent=True, different_w=True, narrow=1, sft_half=True)
+    path = tmp_path / "GFPGANv1.4.pth"
+    torch.save({"params_ema": net.state_dict()}, path)
+    del net
+    d = files.describe(path)
+    assert (d.kind, d.task, d.image_size, d.scale, d.quality) == ("GFPGAN", "faces", 512, 1, False)
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
+        Image.open(fh).convert("RGB").resize((240, 280), Image.LANCZOS).save(tmp_path / "face.png")
+    common = ["restore", str(tmp_path / "face.png"), "--checkpoint", str(path), "--faces", "--detector", "hog",
+              "--device", "cpu", "--dtype", "float32"]
+    assert main([*common, "--quality", "0.5", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "leave --quality out" in err, err
+    assert main([*common, "--out", str(tmp_path / "out")]) == 0
+    assert Image.open(tmp_path / "out" / "face.png").size == (240, 280)
