@@ -224,6 +224,11 @@ def test_a_gfpgan_file_is_a_face_model_without_our_knobs(tmp_path, capsys):
     del net
     d = files.describe(path)
     assert (d.kind, d.task, d.image_size, d.scale, d.quality) == ("GFPGAN", "faces", 512, 1, False)
+    from iqpir.inference.photos import face_restorer_fn
+
+    crops = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(6))
+    ours = face_restorer_fn(iqpir.load_restorer(path, device="cpu", dtype="float32"))(crops)[0]
+    assert float((ours - direct(path, crops[0])).abs().max()) <= 1e-4  # the face path is spandrel's output
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
         Image.open(fh).convert("RGB").resize((240, 280), Image.LANCZOS).save(tmp_path / "face.png")
     common = ["restore", str(tmp_path / "face.png"), "--checkpoint", str(path), "--faces", "--detector", "hog",
