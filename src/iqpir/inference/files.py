@@ -1,7 +1,8 @@
 """What a path holds -> a described model: the network (or graph) and what callers need to know.
 
     described = describe("runs/stage2")     # or a checkpoint file, an `iqpir convert` folder,
-                                            # an official IQPIR/CodeFormer .pth, an .onnx/.xml graph
+                                            # an official IQPIR/CodeFormer .pth, an .onnx/.xml graph,
+                                            # any image model spandrel knows (.pth, .safetensors)
     described.model       nn.Module (float32, eval, CPU) or ExportedGraph
     described.quality / .alpha / .fidelity    which knobs exist (alpha: its default, None: no knob)
     described.default_fidelity, .adain    what the model was trained and evaluated with

@@ -5,8 +5,11 @@
 
 Each loop plans its outputs (iqpir.io: never over an input), loads a Restorer once
 (restorer.load_restorer), reads, restores and writes file by file, and reports what was done,
-skipped and failed. The restoring itself is restorer.py's; faces are iqpir.faces'. A video
-loop (frames in, frames out) is one more module beside this one (inference/video.py).
+skipped and failed. The restoring itself is restorer.py's; faces are iqpir.faces'. `Finish`
+is what happens between a model's output and the file (blend with the input, grey in -> grey
+out, the output format, a JPEG's tables); `upsampler_fn` puts an upscaler (`--bg-upsampler`)
+behind a photo's background. A video loop (frames in, frames out) is one more module beside
+this one (inference/video.py).
 """
 
 from __future__ import annotations
