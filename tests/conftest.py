@@ -30,6 +30,19 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def face_photo(tmp_path_factory):
+    """grace_hopper (matplotlib's sample photo) at 300x256: one face the HOG detector finds."""
+    import matplotlib.cbook
+    from PIL import Image
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
+        img = Image.open(fh).convert("RGB").resize((300, 256), Image.LANCZOS)
+    path = tmp_path_factory.mktemp("face") / "grace.png"
+    img.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def train_images(tmp_path_factory):
     return write_train_images(tmp_path_factory.mktemp("images"))
 

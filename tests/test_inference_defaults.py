@@ -52,17 +52,6 @@ def run_w1(tmp_path_factory):
     return _run_folder(tmp_path_factory.mktemp("w1"), 1.0)
 
 
-@pytest.fixture(scope="module")
-def face_photo(tmp_path_factory):
-    import matplotlib.cbook
-
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
-        img = Image.open(fh).convert("RGB").resize((300, 256), Image.LANCZOS)
-    path = tmp_path_factory.mktemp("face") / "grace.png"
-    img.save(path)
-    return path
-
-
 def _photo(tmp_path):
     path = tmp_path / "in" / "p.png"
     io.write_image(path, torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)))

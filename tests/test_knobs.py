@@ -36,17 +36,6 @@ def unet(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def face_photo(tmp_path_factory):
-    import matplotlib.cbook
-
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
-        img = Image.open(fh).convert("RGB").resize((300, 256), Image.LANCZOS)
-    path = tmp_path_factory.mktemp("face") / "grace.png"
-    img.save(path)
-    return path
-
-
 def _photo(tmp_path, size=(40, 56)):
     path = tmp_path / "in" / "p.png"
     io.write_image(path, torch.rand(3, *size, generator=torch.Generator().manual_seed(1)))

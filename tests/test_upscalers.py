@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_default_model import tiny_file
 
 import iqpir
 from iqpir import io
@@ -61,6 +62,21 @@ def models(tmp_path_factory):
     torch.save({"params": swin.state_dict()}, root / "SwinIR_small_x2.pth")
     return {"x2": root / "RealESRGAN_x2plus.pth", "x4": root / "RealESRGAN_x4plus.safetensors",
             "swinir": root / "SwinIR_small_x2.pth"}
+
+
+@pytest.fixture(scope="module")
+def sky_portrait(tmp_path_factory):
+    """A face (grace_hopper, 120x140) on the right of a flat blue 240x160 photo: the left half is
+    background only."""
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
+        face = Image.open(fh).convert("RGB").resize((120, 140), Image.LANCZOS)
+    photo = Image.new("RGB", (240, 160), (90, 140, 200))
+    photo.paste(face, (100, 10))
+    src = tmp_path_factory.mktemp("sky") / "photo.png"
+    photo.save(src)
+    return src
 
 
 def direct(path, x: torch.Tensor) -> torch.Tensor:
@@ -110,17 +126,8 @@ def test_bg_upsampler_without_faces_is_an_upscaling_restore(models, tmp_path):
         assert np.abs(got - io.to_uint8(want).astype(int)).max() <= 1
 
 
-def test_bg_upsampler_with_faces_restores_the_background(models, tmp_path):
-    import matplotlib.cbook
-    from test_default_model import tiny_file
-
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
-        face = Image.open(fh).convert("RGB").resize((120, 140), Image.LANCZOS)
-    photo = Image.new("RGB", (240, 160), (90, 140, 200))
-    photo.paste(face, (100, 10))
-    src = tmp_path / "in" / "photo.png"
-    src.parent.mkdir()
-    photo.save(src)
+def test_bg_upsampler_with_faces_restores_the_background(models, sky_portrait, tmp_path):
+    src = sky_portrait
     unet, _ = tiny_file(tmp_path)
     out = tmp_path / "out"
     assert main(["restore", str(src), "--faces", "--detector", "hog", "--checkpoint", str(unet), "--bg-upsampler",
@@ -182,19 +189,10 @@ def test_without_the_extra_the_error_names_it(models, monkeypatch):
         files.describe(models["x2"])
 
 
-def test_face_upsample_pastes_faces_from_the_upscaled_crop(models, tmp_path, capsys):
+def test_face_upsample_pastes_faces_from_the_upscaled_crop(models, sky_portrait, tmp_path, capsys):
     """--face-upsample: the restored face goes through the upscaler before paste-back, so the face
     region differs from a run without it, and the far field (the upscaler's background) does not."""
-    import matplotlib.cbook
-    from test_default_model import tiny_file
-
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
-        face = Image.open(fh).convert("RGB").resize((120, 140), Image.LANCZOS)
-    photo = Image.new("RGB", (240, 160), (90, 140, 200))
-    photo.paste(face, (100, 10))
-    src = tmp_path / "in" / "photo.png"
-    src.parent.mkdir()
-    photo.save(src)
+    src = sky_portrait
     unet, _ = tiny_file(tmp_path)
     common = ["restore", str(src), "--faces", "--detector", "hog", "--checkpoint", str(unet), "--bg-upsampler",
               str(models["x2"]), "--upscale", "2", "--device", "cpu", "--dtype", "float32"]
