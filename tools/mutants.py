@@ -408,6 +408,19 @@ MUTANTS = [
            [("draw_box=draw_box, face_upsample=faces_up)", "draw_box=draw_box)")],
            [T + "test_upscalers.py::test_face_upsample_pastes_faces_from_the_upscaled_crop"],
            "--face-upsample accepted and ignored"),
+    # -- videos (issue 22) ---------------------------------------------------------------------------
+    Mutant("video-cut-short-passed", "src/iqpir/inference/video.py",
+           [("            if length and end < length - 0.25:", "            if False:")],
+           [T + "test_video.py::test_bad_clips_get_one_line_and_leave_nothing"],
+           "a clip cut short is written as if it were whole"),
+    Mutant("video-sound-dropped", "src/iqpir/inference/video.py",
+           [("                        out.mux(packet)\n                    continue", "                    continue")],
+           [T + "test_video.py::test_every_frame_restored_at_its_time_and_the_sound_copied"],
+           "the audio stream is dropped (CodeFormer's video script)"),
+    Mutant("video-times-renumbered", "src/iqpir/inference/video.py",
+           [("    new.pts, new.time_base = frame.pts, frame.time_base", "    new.pts = None")],
+           [T + "test_video.py::test_variable_frame_rate_keeps_each_frame_time"],
+           "frames get new, evenly spaced timestamps (a variable-rate clip changes its timing)"),
 ]
 
 

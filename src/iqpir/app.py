@@ -278,6 +278,9 @@ def probe_image(data: bytes, upscale: int, limits: AppLimits) -> tuple[str, int,
     except Image.DecompressionBombError:
         raise RequestError(413, f"the image is over {_megapixels(limits.max_pixels)}, the limit") from None
     except UnidentifiedImageError:
+        if _looks_like_video(data):
+            raise RequestError(415, "the web page restores photos only; restore a video with "
+                                    "`iqpir restore clip.mp4 --out OUT/`") from None
         raise RequestError(415, "the upload is not an image in a format this server reads "
                                 "(PNG, JPEG, WebP, TIFF, BMP, GIF, PPM ...)") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -298,6 +301,11 @@ class Decoded:
     alpha: torch.Tensor | None  # (1, H, W) or None
     exif: bytes | None  # the upload's EXIF with the orientation tag removed, when asked for
     icc: bytes | None
+
+
+def _looks_like_video(data: bytes) -> bool:
+    """MP4/MOV (an 'ftyp' box), Matroska/WebM (EBML) or AVI (RIFF....AVI) by their first bytes."""
+    return data[4:8] == b"ftyp" or data[:4] == b"\x1a\x45\xdf\xa3" or (data[:4] == b"RIFF" and data[8:11] == b"AVI")
 
 
 def decode_image(data: bytes, keep_exif: bool) -> Decoded:

@@ -253,7 +253,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_restore(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (recursive) or globs; video files (.mp4, .mov, .mkv, .avi, .webm; "
+                        "extra video) given by name")
     p.add_argument("--checkpoint", default=None,
                    help="stage-2 run folder (its latest checkpoint), checkpoint, released IQPIR/CodeFormer .pth, "
                         "a quality-conditioned U-Net (.safetensors) or a graph from `iqpir export` (.onnx, .xml); "
@@ -288,6 +290,10 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
                              "holding a grey picture, come back grey; colour ones in colour)")
     colour.add_argument("--color", dest="colour", action="store_const", const="colour",
                         help="keep the model's colour output even for grey inputs")
+    g.add_argument("--crf", type=int, default=18, choices=range(0, 52), metavar="0-51",
+                   help="videos: H.264 quality, lower is better and larger (default 18)")
+    g.add_argument("--max-frames", type=_positive_int, default=None, metavar="N",
+                   help="videos: refuse clips of more than N frames before any work")
     g.add_argument("--format", choices=["png", "jpg", "webp", "tiff"], default=None,
                    help="write every output in this format (png: lossless); default: each input's own, "
                         "a JPEG with the input's quantisation tables and chroma subsampling")
@@ -331,7 +337,8 @@ def _restore_settings(args: argparse.Namespace) -> dict:
 
     return dict(checkpoint=args.checkpoint, out=args.out, quality=args.quality, alpha=args.alpha, device=args.device,
                 batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, fidelity=args.fidelity,
-                backend=args.backend, finish=Finish(blend=args.blend, colour=args.colour, format=args.format))
+                backend=args.backend, finish=Finish(blend=args.blend, colour=args.colour, format=args.format),
+                crf=args.crf, max_frames=args.max_frames)
 
 
 def _run_restore_faces(args: argparse.Namespace) -> int:

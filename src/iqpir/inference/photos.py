@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from iqpir import io
 from iqpir.faces import FACE_SIZE, get_detector, resize_lanczos, restore_photo
+from iqpir.inference import video
 from iqpir.inference.restorer import Restorer, load_restorer
 
 COLOURS = ("auto", "grey", "colour")
@@ -110,7 +111,8 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
                   alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "auto",
                   overwrite: bool = False, progress: bool = True, fidelity: float | None = None,
                   aligned: bool = False, backend: str = "auto", finish: Finish | None = None,
-                  tile: int | None = None, upscale: int | None = None) -> io.FileReport:
+                  tile: int | None = None, upscale: int | None = None, crf: int = 18,
+                  max_frames: int | None = None) -> io.FileReport:
     """Restore image files into `out`, named after their inputs; never overwrites an input.
 
     Unreadable files are named and skipped; existing outputs are kept unless `overwrite`.
@@ -121,6 +123,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
     tile: tiles of this size for a model that takes any size (an upscaler: `--bg-tile`).
     upscale: the output's size over the input's (None: the model's own scale); a model of
         another scale (an x4 upscaler at --upscale 2) has its output resampled (bicubic, antialiased).
+    crf, max_frames: for videos (inference.video: H.264 quality; clips with more frames are refused).
     """
     if quality is not None and not 0.0 <= quality <= 1.0:
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
@@ -156,8 +159,14 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
 
     for p in it:
         target = targets[p]
+        if video.is_video(p):
+            target = target.with_name(video.output_name(p))  # a clip keeps its container (not --format)
         if target.exists() and not overwrite:
             report.skipped.append(p)
+            continue
+        if video.is_video(p):  # every frame through the same path, the other streams copied
+            frame = tile_frames(restorer, finish, upscale, quality, alpha, fidelity)
+            _clip(p, target, frame, upscale, crf, max_frames, report, progress)
             continue
         try:
             img = io.read_image(p)
@@ -181,6 +190,31 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
         flush()
     report.announce("restore", "restored", out)
     return report
+
+
+def tile_frames(restorer: Restorer, finish: Finish, upscale: int, quality: float | None = None,
+                alpha: float | None = None, fidelity: float | None = None):
+    """A video frame through the tiles path: restored, resampled to `upscale`, blended by `finish`."""
+    def run(image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[1:]
+        out = rescale(restorer.restore_one(image, quality=quality, alpha=alpha, fidelity=fidelity), (h * upscale, w * upscale))
+        if finish.blend < 1:
+            out = finish.mix(out, image if upscale == 1 else resize_lanczos(image, upscale))
+        return out
+
+    return run
+
+
+def _clip(src: Path, target: Path, frame, scale: int, crf: int, max_frames: int | None, report: io.FileReport,
+          progress: bool) -> bool:
+    """One video through inference.video; a clip that cannot be restored is named in the report."""
+    try:
+        video.restore_video(src, target, frame, scale=scale, crf=crf, max_frames=max_frames, progress=progress)
+    except (video.VideoError, ImportError) as exc:
+        report.failed.append((str(src), str(exc).removeprefix(f"{src}: ")))
+        return False
+    report.done.append(target)
+    return True
 
 
 def restore_aligned(restorer: Restorer, image: torch.Tensor, quality: float | None = None,
@@ -273,7 +307,8 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                        draw_box: bool = False, bg_checkpoint: str | Path | None = None,
                        fidelity: float | None = None, backend: str = "auto",
                        finish: Finish | None = None, bg_upsampler: str | Path | None = None,
-                       bg_tile: int = 400, face_upsample: bool = False) -> io.FileReport:
+                       bg_tile: int = 400, face_upsample: bool = False, crf: int = 18,
+                       max_frames: int | None = None) -> io.FileReport:
     """`iqpir restore --faces`: restore the faces of whole photos into `out`, plus OUT/restore.json.
 
     Each photo: faces detected (iqpir.faces detectors), aligned to 512x512, restored with the
@@ -328,9 +363,20 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
         it = bar = tqdm(paths, desc="restore", unit="photo", file=sys.stderr, dynamic_ncols=True)
     for p in it:
         target = targets[p]
+        if video.is_video(p):
+            target = target.with_name(video.output_name(p))  # a clip keeps its container (not --format)
         if target.exists() and not overwrite:
             report.skipped.append(p)
             entries.append({"input": str(p), "output": str(target), "skipped": "output exists (--overwrite replaces it)"})
+            continue
+        if video.is_video(p):  # each frame through the photo path (detection per frame)
+            def frame(image: torch.Tensor) -> torch.Tensor:
+                return restore_photo(image, restore_faces, detector=face_detector, upscale=int(upscale),
+                                     only_center_face=only_center_face, min_face=min_face, background=background,
+                                     draw_box=draw_box, face_upsample=faces_up)[0]
+
+            ok = _clip(p, target, frame, int(upscale), crf, max_frames, report, progress)
+            entries.append({"input": str(p), "output": str(target)} if ok else {"input": str(p), "error": report.failed[-1][1]})
             continue
         try:
             img = io.read_image(p)

@@ -1,0 +1,187 @@
+"""Videos: frames in, restored frames out, everything else copied (issue 22).
+
+    restore_video(src, dst, restore_frame)     # `iqpir restore clip.mp4 --out OUT/`
+
+One pass over the input's packets (PyAV, extra `video`: FFmpeg's libraries in wheels): video
+packets are decoded, each frame restored by `restore_frame` ((3, H, W) -> (3, kH, kW) in [0, 1])
+and encoded as H.264 (yuv420p, `crf`) with the frame's own timestamp, so the frame count, the
+timing (variable frame rate included) and the duration stay the input's; every other stream
+(audio, subtitles, data) is copied packet for packet, without re-encoding. Memory holds a few
+frames, whatever the clip's length. The output is written to a hidden partial file beside the
+target and renamed into place only when complete: an interrupted or failed run leaves no
+truncated clip (and a re-run starts over). Inputs are only read.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")
+H264_CONTAINERS = (".mp4", ".mov", ".mkv", ".avi")  # the others (webm) get an .mp4 output
+
+
+class VideoError(ValueError):
+    """A clip that cannot be restored; the message is one line naming the file."""
+
+
+def is_video(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def output_name(path: str | Path) -> str:
+    """The output's file name: the input's, with .mp4 where its container cannot hold H.264."""
+    p = Path(path)
+    return p.name if p.suffix.lower() in H264_CONTAINERS else p.stem + ".mp4"
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise ImportError("restoring videos needs PyAV: pip install 'iqpir[video]'") from None
+    return av
+
+
+def _even(n: int) -> int:
+    return n + (n % 2)
+
+
+def probe(src: str | Path) -> dict:
+    """What a clip holds: {"frames", "fps", "width", "height", "codec", "streams"}; VideoError when
+    it cannot be opened or has no video stream."""
+    av = _av()
+    try:
+        with av.open(str(src)) as container:
+            video = next((s for s in container.streams if s.type == "video"), None)
+            if video is None:
+                raise VideoError(f"{src}: no video stream (streams: "
+                                 f"{', '.join(s.type for s in container.streams) or 'none'})")
+            return {"frames": int(video.frames or 0), "fps": float(video.average_rate or 0),
+                    "width": video.codec_context.width, "height": video.codec_context.height,
+                    "codec": video.codec_context.name, "streams": [s.type for s in container.streams]}
+    except av.FFmpegError as exc:
+        raise VideoError(f"{src}: cannot open the clip ({exc})") from None
+
+
+def restore_video(src: str | Path, dst: str | Path, restore_frame: Callable[[torch.Tensor], torch.Tensor],
+                  scale: int = 1, crf: int = 18, max_frames: int | None = None, progress: bool = True) -> dict:
+    """Restore every frame of `src` into `dst` (H.264), copying the other streams; -> a summary.
+
+    scale: the restored frame's size over the input's (restore_frame must keep to it).
+    Raises VideoError (one line, naming the file) for a clip without a video stream, a codec
+    FFmpeg cannot decode, damage found while decoding (nothing is written: a clip cut short is
+    never passed off as the whole), or more than `max_frames` frames (checked before any work
+    where the container says how many frames it has, else as soon as the count passes it).
+    """
+    av = _av()
+    src, dst = Path(src), Path(dst)
+    info = probe(src)
+    if max_frames is not None and info["frames"] > max_frames:
+        raise VideoError(f"{src}: {info['frames']} frames, over --max-frames {max_frames}")
+    partial = dst.with_name(f".{dst.name}.partial{dst.suffix}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    frames = 0
+    try:
+        with av.open(str(src)) as inp, av.open(str(partial), "w", format=_format(dst)) as out:
+            vin = next(s for s in inp.streams if s.type == "video")
+            try:
+                vin.codec_context  # noqa: B018 - opening the decoder names an unsupported codec here
+            except av.FFmpegError as exc:
+                raise VideoError(f"{src}: cannot decode its {vin.codec_context.name} video ({exc})") from None
+            vout = _video_stream(out, vin, (3, info["height"] * scale, info["width"] * scale), crf)
+            copies = {}
+            for s in inp.streams:
+                if s is not vin and s.type in ("audio", "subtitle", "data"):
+                    try:
+                        copies[s.index] = out.add_stream_from_template(s)
+                    except (ValueError, av.FFmpegError):
+                        print(f"iqpir restore: warning: {src}: its {s.type} stream {s.index} "
+                              f"({s.codec_context.name}) cannot go into {dst.suffix}; left out", file=sys.stderr)
+            bar = _bar(info["frames"], src.name) if progress else None
+            end = 0.0  # where the packets read so far end, in seconds: a cut clip ends early
+            for packet in inp.demux():
+                if packet.pts is not None and packet.time_base is not None:
+                    end = max(end, float((packet.pts + (packet.duration or 0)) * packet.time_base))
+                if packet.stream.index in copies:
+                    if packet.dts is not None:
+                        packet.stream = copies[packet.stream.index]
+                        out.mux(packet)
+                    continue
+                if packet.stream is not vin:
+                    continue
+                for frame in packet.decode():
+                    image = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float() / 255
+                    restored = restore_frame(image).clamp(0, 1)
+                    frames += 1
+                    if max_frames is not None and frames > max_frames:
+                        raise VideoError(f"{src}: more than --max-frames {max_frames} frames")
+                    _encode(out, vout, restored, frame)
+                    if bar is not None:
+                        bar.update(1)
+            if frames == 0:
+                raise VideoError(f"{src}: no frame could be decoded")
+            if info["frames"] and frames < info["frames"]:
+                raise VideoError(f"{src}: the clip is damaged: {frames} of its {info['frames']} frames decoded; "
+                                 "nothing written")
+            length = (inp.duration or 0) / 1e6
+            if length and end < length - 0.25:  # the streams stop well before the container's duration
+                raise VideoError(f"{src}: the clip is damaged or cut short: its streams end at {end:.2f} s of its "
+                                 f"{length:.2f} s ({frames} frames decoded); nothing written")
+            for p in vout.encode():
+                out.mux(p)
+            if bar is not None:
+                bar.close()
+    except av.FFmpegError as exc:
+        partial.unlink(missing_ok=True)
+        raise VideoError(f"{src}: the clip is damaged after {frames} frames ({exc}); nothing written") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, dst)
+    return {"input": str(src), "output": str(dst), "frames": frames, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _format(dst: Path) -> str | None:
+    return {".mkv": "matroska", ".mov": "mov", ".avi": "avi", ".mp4": "mp4"}.get(dst.suffix.lower())
+
+
+def _video_stream(out, vin, shape: tuple[int, ...], crf: int):
+    """H.264 yuv420p in the input's time base, sized like the restored frames (even sides)."""
+    vout = out.add_stream("libx264", rate=vin.average_rate or vin.guessed_rate or 25)
+    vout.width, vout.height = _even(shape[2]), _even(shape[1])
+    vout.pix_fmt = "yuv420p"
+    vout.time_base = vin.time_base
+    vout.codec_context.time_base = vin.time_base
+    vout.options = {"crf": str(crf)}
+    rotation = (vin.metadata or {}).get("rotate")
+    if rotation:
+        vout.metadata["rotate"] = rotation
+    return vout
+
+
+def _encode(out, vout, restored: torch.Tensor, frame) -> None:
+    av = _av()
+    arr = (restored.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    h, w = arr.shape[:2]
+    if h > vout.height or w > vout.width:
+        raise ValueError(f"a restored frame of {w}x{h} does not fit the clip's {vout.width}x{vout.height}")
+    if (h, w) != (vout.height, vout.width):  # yuv420p needs even sides: repeat the last row/column
+        arr = np.pad(arr, ((0, vout.height - h), (0, vout.width - w), (0, 0)), mode="edge")
+    new = av.VideoFrame.from_ndarray(arr, format="rgb24")
+    new.pts, new.time_base = frame.pts, frame.time_base
+    for p in vout.encode(new):
+        out.mux(p)
+
+
+def _bar(total: int, name: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total or None, desc=name, unit="frame", file=sys.stderr, dynamic_ncols=True)
