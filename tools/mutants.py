@@ -421,6 +421,19 @@ MUTANTS = [
            [("    new.pts, new.time_base = frame.pts, frame.time_base", "    new.pts = None")],
            [T + "test_video.py::test_variable_frame_rate_keeps_each_frame_time"],
            "frames get new, evenly spaced timestamps (a variable-rate clip changes its timing)"),
+    Mutant("track-no-hold", "src/iqpir/faces/track.py",
+           [("            elif t.misses < self.max_misses:", "            elif False:")],
+           [T + "test_track.py::test_a_missed_face_is_held_then_dropped_and_identities_follow_overlap"],
+           "a face the detector misses for one frame is dropped (and found again as a new one)"),
+    Mutant("track-stride-ignored", "src/iqpir/faces/track.py",
+           [("        if step % self.stride and self.tracks:", "        if False:")],
+           [T + "test_track.py::test_detection_on_a_stride_and_held_between"],
+           "--detect-every accepted and ignored: the detector runs on every frame"),
+    Mutant("track-not-smoothed", "src/iqpir/faces/track.py",
+           [("OneEuro(self.rate, self.min_cutoff, self.beta) if self.smooth else None",
+             "None")],
+           [T + "test_track.py::test_the_tracker_smooths_landmarks_unless_told_not_to"],
+           "the landmarks are not smoothed over time"),
 ]
 
 

@@ -290,7 +290,7 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
                              "holding a grey picture, come back grey; colour ones in colour)")
     colour.add_argument("--color", dest="colour", action="store_const", const="colour",
                         help="keep the model's colour output even for grey inputs")
-    g.add_argument("--crf", type=int, default=18, choices=range(0, 52), metavar="0-51",
+    g.add_argument("--crf", type=int, default=18, choices=range(52), metavar="0-51",
                    help="videos: H.264 quality, lower is better and larger (default 18)")
     g.add_argument("--max-frames", type=_positive_int, default=None, metavar="N",
                    help="videos: refuse clips of more than N frames before any work")
@@ -317,6 +317,10 @@ def _add_restore_faces(p: argparse.ArgumentParser) -> None:
                    help="an image model spandrel loads (Real-ESRGAN, SwinIR, HAT, ... .pth or .safetensors; extra "
                         "upscale) that restores and upscales the rest of the photo to --upscale; without --faces, "
                         "the whole photo")
+    g.add_argument("--detect-every", type=_positive_int, default=None, metavar="K",
+                   help="videos: run the face detector every K frames and track the faces in between (default 1)")
+    g.add_argument("--no-smooth", dest="smooth", action="store_false",
+                   help="videos: use each frame's raw landmarks (default: smoothed over time, one-euro filter)")
     g.add_argument("--face-upsample", action="store_true",
                    help="with --bg-upsampler and --upscale > 1: upscale the restored faces with that model too "
                         "before pasting them back")
@@ -326,7 +330,8 @@ def _add_restore_faces(p: argparse.ArgumentParser) -> None:
 
 _FACE_FLAGS = {"detector": "--detector", "upscale": "--upscale", "only_center_face": "--only-center-face",
                "min_face": "--min-face", "save_faces": "--save-faces", "draw_box": "--draw-box",
-               "bg_checkpoint": "--bg-checkpoint", "face_upsample": "--face-upsample"}
+               "bg_checkpoint": "--bg-checkpoint", "face_upsample": "--face-upsample",
+               "detect_every": "--detect-every", "no_smooth": "--no-smooth"}
 # Without --faces, --bg-upsampler restores whole photos, and these apply to it.
 _UPSAMPLER_FLAGS = ("upscale",)
 
@@ -357,6 +362,8 @@ def _run_restore_faces(args: argparse.Namespace) -> int:
         bg_upsampler=args.bg_upsampler,
         bg_tile=args.bg_tile,
         face_upsample=args.face_upsample,
+        detect_every=args.detect_every or 1,
+        smooth=args.smooth,
     )
     return 1 if report.failed else 0
 
@@ -385,6 +392,7 @@ def _run_restore(args: argparse.Namespace) -> int:
         return 2
     if args.faces:
         return _run_restore_faces(args)
+    args.no_smooth = not args.smooth
     allowed = _UPSAMPLER_FLAGS if args.bg_upsampler else ()
     used = [flag for key, flag in _FACE_FLAGS.items() if getattr(args, key) not in (None, False) and key not in allowed]
     if used:

@@ -205,6 +205,17 @@ def tile_frames(restorer: Restorer, finish: Finish, upscale: int, quality: float
     return run
 
 
+def _tracker(src: Path, detector, detect_every: int, smooth: bool):
+    """A fresh TrackingDetector for one clip, at its frame rate (25 where it states none)."""
+    from iqpir.faces.track import TrackingDetector
+
+    try:
+        rate = video.probe(src)["fps"] or 25.0
+    except (video.VideoError, ImportError):
+        rate = 25.0  # restore_video names the problem
+    return TrackingDetector(detector, stride=detect_every, smooth=smooth, rate=rate)
+
+
 def _clip(src: Path, target: Path, frame, scale: int, crf: int, max_frames: int | None, report: io.FileReport,
           progress: bool) -> bool:
     """One video through inference.video; a clip that cannot be restored is named in the report."""
@@ -308,7 +319,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                        fidelity: float | None = None, backend: str = "auto",
                        finish: Finish | None = None, bg_upsampler: str | Path | None = None,
                        bg_tile: int = 400, face_upsample: bool = False, crf: int = 18,
-                       max_frames: int | None = None) -> io.FileReport:
+                       max_frames: int | None = None, detect_every: int = 1, smooth: bool = True) -> io.FileReport:
     """`iqpir restore --faces`: restore the faces of whole photos into `out`, plus OUT/restore.json.
 
     Each photo: faces detected (iqpir.faces detectors), aligned to 512x512, restored with the
@@ -369,9 +380,11 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
             report.skipped.append(p)
             entries.append({"input": str(p), "output": str(target), "skipped": "output exists (--overwrite replaces it)"})
             continue
-        if video.is_video(p):  # each frame through the photo path (detection per frame)
-            def frame(image: torch.Tensor) -> torch.Tensor:
-                return restore_photo(image, restore_faces, detector=face_detector, upscale=int(upscale),
+        if video.is_video(p):  # each frame through the photo path, the faces tracked across frames
+            tracker = _tracker(p, face_detector, detect_every, smooth)
+
+            def frame(image: torch.Tensor, tracker=tracker) -> torch.Tensor:
+                return restore_photo(image, restore_faces, detector=tracker, upscale=int(upscale),
                                      only_center_face=only_center_face, min_face=min_face, background=background,
                                      draw_box=draw_box, face_upsample=faces_up)[0]
 
