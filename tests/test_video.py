@@ -216,3 +216,25 @@ def test_memory_stays_flat_over_a_30_s_clip(clips, tmp_path):
         peaks[seconds] = int(done.stdout.split()[-1]) / 1024  # MB
     print(f"peak RSS: {peaks}")
     assert peaks[30] - peaks[3] < 30, peaks
+
+
+def test_a_portrait_clip_keeps_its_rotation(clips, tmp_path):
+    import av
+
+    _, unet = clips
+    src = tmp_path / "in" / "phone.mp4"
+    src.parent.mkdir()
+    with av.open(str(src), "w") as out:
+        v = out.add_stream("libx264", rate=25)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        v.set_display_rotation(90)
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            for p in v.encode(frame):
+                out.mux(p)
+        for p in v.encode():
+            out.mux(p)
+    assert main(["restore", str(src), "--checkpoint", str(unet), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    with av.open(str(tmp_path / "out" / "phone.mp4")) as c:
+        assert next(c.decode(video=0)).rotation == 90

@@ -434,6 +434,10 @@ MUTANTS = [
              "None")],
            [T + "test_track.py::test_the_tracker_smooths_landmarks_unless_told_not_to"],
            "the landmarks are not smoothed over time"),
+    Mutant("video-rotation-lost", "src/iqpir/inference/video.py",
+           [("                vout.set_display_rotation(info[\"rotation\"])", "                pass")],
+           [T + "test_video.py::test_a_portrait_clip_keeps_its_rotation"],
+           "a phone's portrait clip comes back lying on its side"),
 ]
 
 

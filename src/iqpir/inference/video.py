@@ -63,9 +63,15 @@ def probe(src: str | Path) -> dict:
             if video is None:
                 raise VideoError(f"{src}: no video stream (streams: "
                                  f"{', '.join(s.type for s in container.streams) or 'none'})")
-            return {"frames": int(video.frames or 0), "fps": float(video.average_rate or 0),
+            info = {"frames": int(video.frames or 0), "fps": float(video.average_rate or 0),
                     "width": video.codec_context.width, "height": video.codec_context.height,
-                    "codec": video.codec_context.name, "streams": [s.type for s in container.streams]}
+                    "codec": video.codec_context.name, "streams": [s.type for s in container.streams],
+                    "rotation": 0}
+            try:  # the display rotation rides on the frames (a phone's portrait clip): read one
+                info["rotation"] = int(getattr(next(container.decode(video=0)), "rotation", 0) or 0)
+            except (StopIteration, av.FFmpegError):
+                pass  # restore_video names the damage
+            return info
     except av.FFmpegError as exc:
         raise VideoError(f"{src}: cannot open the clip ({exc})") from None
 
@@ -97,6 +103,8 @@ def restore_video(src: str | Path, dst: str | Path, restore_frame: Callable[[tor
             except av.FFmpegError as exc:
                 raise VideoError(f"{src}: cannot decode its {vin.codec_context.name} video ({exc})") from None
             vout = _video_stream(out, vin, (3, info["height"] * scale, info["width"] * scale), crf)
+            if info["rotation"]:
+                vout.set_display_rotation(info["rotation"])
             copies = {}
             for s in inp.streams:
                 if s is not vin and s.type in ("audio", "subtitle", "data"):
@@ -161,9 +169,6 @@ def _video_stream(out, vin, shape: tuple[int, ...], crf: int):
     vout.time_base = vin.time_base
     vout.codec_context.time_base = vin.time_base
     vout.options = {"crf": str(crf)}
-    rotation = (vin.metadata or {}).get("rotate")
-    if rotation:
-        vout.metadata["rotate"] = rotation
     return vout
 
 
