@@ -438,6 +438,11 @@ MUTANTS = [
            [("                vout.set_display_rotation(info[\"rotation\"])", "                pass")],
            [T + "test_video.py::test_a_portrait_clip_keeps_its_rotation"],
            "a phone's portrait clip comes back lying on its side"),
+    # -- sharded batch jobs (issue 24, item 4) -------------------------------------------------------
+    Mutant("shard-everything-everywhere", "src/iqpir/inference/photos.py",
+           [("        paths = [p for p in paths if shard_owner(p, world) == rank]\n", "")],
+           [T + "test_shard.py::test_two_ranks_restore_each_file_once_and_as_one_process_does"],
+           "every rank of a torchrun job restores every input"),
 ]
 
 

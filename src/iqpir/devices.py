@@ -19,6 +19,15 @@ from pathlib import Path
 import torch
 
 
+def process_shard() -> tuple[int, int]:
+    """(rank, world size) of this process in a job started by torchrun (RANK, WORLD_SIZE); (0, 1) alone."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+    return (rank, world) if 0 <= rank < world else (0, 1)
+
+
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto' -> cuda:LOCAL_RANK when CUDA is available, else mps, else cpu."""
     if name == "auto":

@@ -14,6 +14,7 @@ this one (inference/video.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -25,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from iqpir import io
+from iqpir.devices import process_shard
 from iqpir.faces import FACE_SIZE, get_detector, resize_lanczos, restore_photo
 from iqpir.inference import video
 from iqpir.inference.restorer import Restorer, load_restorer
@@ -88,9 +90,25 @@ def _plan(inputs: Sequence[str], out: str | Path,
     inside an input folder, and no output may replace an input)."""
     out = Path(out)
     paths, missing = io.collect_inputs(inputs)
+    rank, world = process_shard()
+    if world > 1:  # a torchrun job: this process takes its share, each input goes to one rank
+        paths = [p for p in paths if shard_owner(p, world) == rank]
+        missing = missing if rank == 0 else []
+        print(f"iqpir restore: rank {rank} of {world}: {len(paths)} inputs", file=sys.stderr)
     report = io.FileReport.empty()
     report.failed.extend((m, "no such file, folder or matching image") for m in missing)
     return out, paths, missing, report, io.plan_outputs(inputs, out, suffix=suffix).targets
+
+
+def shard_owner(path: Path, world: int) -> int:
+    """The rank that restores `path` in a job of `world` processes: a stable hash of its path."""
+    return int(hashlib.sha256(str(path).encode()).hexdigest(), 16) % world
+
+
+def report_name() -> str:
+    """restore.json, or restore-RANK.json in a torchrun job (each process writes its own)."""
+    rank, world = process_shard()
+    return "restore.json" if world == 1 else f"restore-{rank}.json"
 
 
 def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) -> str:
@@ -419,8 +437,8 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
         n_without += not rep["faces"]
         if bar is not None:
             bar.set_postfix(faces=n_faces)
-        io.atomic_write_text(out / "restore.json", json.dumps(entries, indent=1) + "\n")
-    io.atomic_write_text(out / "restore.json", json.dumps(entries, indent=1) + "\n")
+        io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
+    io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
     seconds = time.perf_counter() - start
     msg = (f"{len(report.done)} photos, {n_faces} faces restored, {n_without} without faces, "
            f"{len(report.skipped)} skipped, {len(report.failed)} failed, {seconds:.1f} s")

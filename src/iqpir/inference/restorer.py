@@ -21,6 +21,7 @@ of the tiles' outermost pixels, was steepest at the overlap centres: a visible g
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +100,8 @@ class Restorer:
         if isinstance(model, files.DescribedModel) and image_size not in (None, described.image_size):
             raise ValueError(f"image_size {image_size} differs from the described model's {described.image_size}")
         self.described = described
-        self.device = resolve_device(device) if isinstance(device, str) else device
+        # under torchrun each process takes its own GPU (LOCAL_RANK); alone, the first
+        self.device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0") or 0)) if isinstance(device, str) else device
         self.engine = make_engine(described, self.device, dtype, backend, own=own_model)
         self.model = self.engine.model  # the network (None for a graph; bf16 parts where own_model and fast)
         self.dtype = self.engine.dtype
