@@ -238,3 +238,15 @@ def test_a_portrait_clip_keeps_its_rotation(clips, tmp_path):
     assert main(["restore", str(src), "--checkpoint", str(unet), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     with av.open(str(tmp_path / "out" / "phone.mp4")) as c:
         assert next(c.decode(video=0)).rotation == 90
+
+
+def test_several_frames_per_forward_pass(clips, tmp_path, monkeypatch):
+    from iqpir.inference.restorer import Restorer
+
+    root, unet = clips
+    seen = []
+    run = Restorer._run
+    monkeypatch.setattr(Restorer, "_run", lambda self, tiles, *a, **k: seen.append(tiles.shape[0]) or run(self, tiles, *a, **k))
+    assert main(["restore", str(root / "clip.mp4"), "--checkpoint", str(unet), "--out", str(tmp_path), "--device", "cpu",
+                 "--batch-size", "4"]) == 0
+    assert seen == [4] * 12 + [2], seen  # 50 frames: twelve batches of 4 and one of 2

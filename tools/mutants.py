@@ -443,6 +443,10 @@ MUTANTS = [
            [("        paths = [p for p in paths if shard_owner(p, world) == rank]\n", "")],
            [T + "test_shard.py::test_two_ranks_restore_each_file_once_and_as_one_process_does"],
            "every rank of a torchrun job restores every input"),
+    Mutant("video-one-frame-per-pass", "src/iqpir/inference/video.py",
+           [("                    if len(pending) >= batch_size:\n", "                    if pending:\n")],
+           [T + "test_video.py::test_several_frames_per_forward_pass"],
+           "--batch-size accepted for a clip and ignored: one frame per forward pass"),
 ]
 
 

@@ -183,8 +183,8 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
             report.skipped.append(p)
             continue
         if video.is_video(p):  # every frame through the same path, the other streams copied
-            frame = tile_frames(restorer, finish, upscale, quality, alpha, fidelity)
-            _clip(p, target, frame, upscale, crf, max_frames, report, progress)
+            frames = tile_frames(restorer, finish, upscale, quality, alpha, fidelity)
+            _clip(p, target, frames, upscale, crf, max_frames, report, progress, restorer.batch_size)
             continue
         try:
             img = io.read_image(p)
@@ -212,13 +212,15 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
 
 def tile_frames(restorer: Restorer, finish: Finish, upscale: int, quality: float | None = None,
                 alpha: float | None = None, fidelity: float | None = None):
-    """A video frame through the tiles path: restored, resampled to `upscale`, blended by `finish`."""
-    def run(image: torch.Tensor) -> torch.Tensor:
-        h, w = image.shape[1:]
-        out = rescale(restorer.restore_one(image, quality=quality, alpha=alpha, fidelity=fidelity), (h * upscale, w * upscale))
+    """Video frames (N, 3, H, W) through the tiles path, several per forward pass where the model
+    takes them whole (Restorer.restore): restored, resampled to `upscale`, blended by `finish`."""
+    def run(frames: torch.Tensor) -> torch.Tensor:
+        h, w = frames.shape[2:]
+        outs = restorer.restore(frames, quality=quality, alpha=alpha, fidelity=fidelity)
+        outs = [rescale(o, (h * upscale, w * upscale)) for o in outs]
         if finish.blend < 1:
-            out = finish.mix(out, image if upscale == 1 else resize_lanczos(image, upscale))
-        return out
+            outs = [finish.mix(o, f if upscale == 1 else resize_lanczos(f, upscale)) for o, f in zip(outs, frames)]
+        return torch.stack(outs)
 
     return run
 
@@ -234,11 +236,12 @@ def _tracker(src: Path, detector, detect_every: int, smooth: bool):
     return TrackingDetector(detector, stride=detect_every, smooth=smooth, rate=rate)
 
 
-def _clip(src: Path, target: Path, frame, scale: int, crf: int, max_frames: int | None, report: io.FileReport,
-          progress: bool) -> bool:
+def _clip(src: Path, target: Path, frames, scale: int, crf: int, max_frames: int | None, report: io.FileReport,
+          progress: bool, batch_size: int = 1) -> bool:
     """One video through inference.video; a clip that cannot be restored is named in the report."""
     try:
-        video.restore_video(src, target, frame, scale=scale, crf=crf, max_frames=max_frames, progress=progress)
+        video.restore_video(src, target, frames, scale=scale, crf=crf, max_frames=max_frames, progress=progress,
+                            batch_size=batch_size)
     except (video.VideoError, ImportError) as exc:
         report.failed.append((str(src), str(exc).removeprefix(f"{src}: ")))
         return False
@@ -401,12 +404,13 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
         if video.is_video(p):  # each frame through the photo path, the faces tracked across frames
             tracker = _tracker(p, face_detector, detect_every, smooth)
 
-            def frame(image: torch.Tensor, tracker=tracker) -> torch.Tensor:
-                return restore_photo(image, restore_faces, detector=tracker, upscale=int(upscale),
-                                     only_center_face=only_center_face, min_face=min_face, background=background,
-                                     draw_box=draw_box, face_upsample=faces_up)[0]
+            def frames(batch: torch.Tensor, tracker=tracker) -> torch.Tensor:  # one frame at a time: tracked in order
+                return torch.stack([restore_photo(image, restore_faces, detector=tracker, upscale=int(upscale),
+                                                  only_center_face=only_center_face, min_face=min_face,
+                                                  background=background, draw_box=draw_box, face_upsample=faces_up)[0]
+                                    for image in batch])
 
-            ok = _clip(p, target, frame, int(upscale), crf, max_frames, report, progress)
+            ok = _clip(p, target, frames, int(upscale), crf, max_frames, report, progress)
             entries.append({"input": str(p), "output": str(target)} if ok else {"input": str(p), "error": report.failed[-1][1]})
             continue
         try:

@@ -229,10 +229,15 @@ class Restorer:
             return self.restore(images[None], quality, alpha, fidelity)[0]
         io.check_batch(images)
         n, _, h, w = images.shape
-        if h == self.image_size and w == self.image_size:  # whole batches of aligned crops
+        fits = self.tile is None or (self.image_size is None and h <= self.tile and w <= self.tile)
+        if (h == self.image_size and w == self.image_size) or (self.image_size is None and fits):
+            # whole batches: aligned crops at the model's size, or images of one size (video
+            # frames) for a model that takes any size, padded to its multiple
             q = self.check_knobs(quality, alpha, fidelity)
-            outs = [self._run(images[i : i + self.batch_size], q, alpha, fidelity) for i in range(0, n, self.batch_size)]
-            return torch.cat(outs)
+            m, k = self.described.size_multiple, self.scale
+            padded = torch.cat([_pad(im, 0, -w % m, 0, -h % m)[None] for im in images.float().cpu()])
+            outs = [self._run(padded[i : i + self.batch_size], q, alpha, fidelity) for i in range(0, n, self.batch_size)]
+            return torch.cat(outs)[:, :, : k * h, : k * w]
         return torch.stack([self.restore_one(im.float().cpu(), quality, alpha, fidelity) for im in images])
 
 

@@ -76,11 +76,13 @@ def probe(src: str | Path) -> dict:
         raise VideoError(f"{src}: cannot open the clip ({exc})") from None
 
 
-def restore_video(src: str | Path, dst: str | Path, restore_frame: Callable[[torch.Tensor], torch.Tensor],
-                  scale: int = 1, crf: int = 18, max_frames: int | None = None, progress: bool = True) -> dict:
+def restore_video(src: str | Path, dst: str | Path, restore_frames: Callable[[torch.Tensor], torch.Tensor],
+                  scale: int = 1, crf: int = 18, max_frames: int | None = None, progress: bool = True,
+                  batch_size: int = 1) -> dict:
     """Restore every frame of `src` into `dst` (H.264), copying the other streams; -> a summary.
 
-    scale: the restored frame's size over the input's (restore_frame must keep to it).
+    restore_frames: (N, 3, H, W) in [0, 1] -> (N, 3, scale H, scale W), given up to `batch_size`
+        consecutive frames at a time (several frames per forward pass where the model allows).
     Raises VideoError (one line, naming the file) for a clip without a video stream, a codec
     FFmpeg cannot decode, damage found while decoding (nothing is written: a clip cut short is
     never passed off as the whole), or more than `max_frames` frames (checked before any work
@@ -115,6 +117,16 @@ def restore_video(src: str | Path, dst: str | Path, restore_frame: Callable[[tor
                               f"({s.codec_context.name}) cannot go into {dst.suffix}; left out", file=sys.stderr)
             bar = _bar(info["frames"], src.name) if progress else None
             end = 0.0  # where the packets read so far end, in seconds: a cut clip ends early
+            pending: list = []  # (decoded frame, its image) waiting for a full batch
+
+            def flush() -> None:
+                restored = restore_frames(torch.stack([image for _, image in pending])).clamp(0, 1)
+                for (frame, _), out_image in zip(pending, restored):
+                    _encode(out, vout, out_image, frame)
+                if bar is not None:
+                    bar.update(len(pending))
+                pending.clear()
+
             for packet in inp.demux():
                 if packet.pts is not None and packet.time_base is not None:
                     end = max(end, float((packet.pts + (packet.duration or 0)) * packet.time_base))
@@ -126,14 +138,15 @@ def restore_video(src: str | Path, dst: str | Path, restore_frame: Callable[[tor
                 if packet.stream is not vin:
                     continue
                 for frame in packet.decode():
-                    image = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float() / 255
-                    restored = restore_frame(image).clamp(0, 1)
                     frames += 1
                     if max_frames is not None and frames > max_frames:
                         raise VideoError(f"{src}: more than --max-frames {max_frames} frames")
-                    _encode(out, vout, restored, frame)
-                    if bar is not None:
-                        bar.update(1)
+                    image = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float() / 255
+                    pending.append((frame, image))
+                    if len(pending) >= batch_size:
+                        flush()
+            if pending:
+                flush()
             if frames == 0:
                 raise VideoError(f"{src}: no frame could be decoded")
             if info["frames"] and frames < info["frames"]:
