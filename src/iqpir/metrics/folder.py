@@ -362,6 +362,18 @@ def _print_report(report: EvaluationReport) -> None:
         print(report.table)
 
 
+def _load_metrics(names: list[str], y_channel: bool, crop_border: int, dev: torch.device, report: EvaluationReport,
+                  quiet: bool) -> _MetricSet:
+    """`_build_metrics`, saying what loads: LPIPS, FID's Inception or a pyiqa model can take a minute."""
+    if not quiet:
+        print(f"evaluate: loading {', '.join(names)} on {dev}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    metric_set = _build_metrics(names, y_channel, crop_border, dev, report)
+    if not quiet:
+        print(f"evaluate: metrics ready in {time.perf_counter() - t0:.1f} s; scoring", file=sys.stderr, flush=True)
+    return metric_set
+
+
 def evaluate_folder(
     restored: str | os.PathLike,
     reference: str | os.PathLike | None = None,
@@ -413,12 +425,7 @@ def evaluate_folder(
     names = _split_metrics(metrics, ref_root is not None)
     dev = _resolve_device(device)
     report = EvaluationReport()
-    if not quiet:  # building LPIPS, FID's Inception or a pyiqa model can take a minute: say what runs
-        print(f"evaluate: loading {', '.join(names)} on {dev}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    metric_set = _build_metrics(names, y_channel, crop_border, dev, report)
-    if not quiet:
-        print(f"evaluate: metrics ready in {time.perf_counter() - t0:.1f} s; scoring", file=sys.stderr, flush=True)
+    metric_set = _load_metrics(names, y_channel, crop_border, dev, report, quiet)
     files, scores = _score_folder(root, ref_root, metric_set, dev, report, quiet)
     _drop_failed_metrics(scores, report)
     if not files:
