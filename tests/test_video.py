@@ -250,3 +250,27 @@ def test_several_frames_per_forward_pass(clips, tmp_path, monkeypatch):
     assert main(["restore", str(root / "clip.mp4"), "--checkpoint", str(unet), "--out", str(tmp_path), "--device", "cpu",
                  "--batch-size", "4"]) == 0
     assert seen == [4] * 12 + [2], seen  # 50 frames: twelve batches of 4 and one of 2
+
+
+@pytest.mark.parametrize("suffix, codec, out_name", [(".mov", "libx264", "c.mov"), (".avi", "mpeg4", "c.mp4"),
+                                                      (".webm", "libvpx-vp9", "c.mp4")])
+def test_each_container(clips, tmp_path, suffix, codec, out_name):
+    """.mov comes back in its container (H.264), .avi and .webm as .mp4; frames and times kept."""
+    import av
+
+    _, unet = clips
+    src = tmp_path / "in" / f"c{suffix}"
+    src.parent.mkdir()
+    with av.open(str(src), "w") as out:
+        v = out.add_stream(codec, rate=25)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 30 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            for p in v.encode(frame):
+                out.mux(p)
+        for p in v.encode():
+            out.mux(p)
+    assert main(["restore", str(src), "--checkpoint", str(unet), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [out_name]
+    assert frames_of(tmp_path / "out" / out_name)[0] == frames_of(src)[0]

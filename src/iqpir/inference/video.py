@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")
-H264_CONTAINERS = (".mp4", ".mov", ".mkv", ".avi")  # the others (webm) get an .mp4 output
+# Containers that hold H.264 with its timestamps; .webm cannot hold it, and .avi keeps no
+# presentation times (its H.264 frames come back a frame late), so both get an .mp4 output.
+H264_CONTAINERS = (".mp4", ".mov", ".mkv")
 
 
 class VideoError(ValueError):
@@ -171,7 +173,7 @@ def restore_video(src: str | Path, dst: str | Path, restore_frames: Callable[[to
 
 
 def _format(dst: Path) -> str | None:
-    return {".mkv": "matroska", ".mov": "mov", ".avi": "avi", ".mp4": "mp4"}.get(dst.suffix.lower())
+    return {".mkv": "matroska", ".mov": "mov", ".mp4": "mp4"}.get(dst.suffix.lower())
 
 
 def _video_stream(out, vin, shape: tuple[int, ...], crf: int):
