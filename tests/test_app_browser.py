@@ -3,9 +3,9 @@
 One page load: drop a photo, choose a photo, move the Quality slider, press Restore, wait for the
 result, check the shown image's pixels against the model's output, drag the divider, download.
 The browser must start: where it cannot, the test fails with the reason (CI installs Chromium
-in .ci/run). IQPIR_APP_SCREENSHOT=docs/app.png writes the README's screenshot (with
-IQPIR_APP_CHECKPOINT=RUN: of a trained model instead of the tiny random one); IQPIR_CHROMIUM
-names another Chromium executable.
+in .ci/run). IQPIR_APP_SCREENSHOT=FILE keeps its screenshot (with IQPIR_APP_CHECKPOINT=RUN: of a
+trained model instead of the tiny random one; the README's picture is tools/app_screenshot.py's);
+IQPIR_CHROMIUM names another Chromium executable.
 """
 
 import base64
