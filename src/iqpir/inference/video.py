@@ -102,10 +102,6 @@ def restore_video(src: str | Path, dst: str | Path, restore_frames: Callable[[to
     try:
         with av.open(str(src)) as inp, av.open(str(partial), "w", format=_format(dst)) as out:
             vin = next(s for s in inp.streams if s.type == "video")
-            try:
-                vin.codec_context  # noqa: B018 - opening the decoder names an unsupported codec here
-            except av.FFmpegError as exc:
-                raise VideoError(f"{src}: cannot decode its {vin.codec_context.name} video ({exc})") from None
             vout = _video_stream(out, vin, (3, info["height"] * scale, info["width"] * scale), crf)
             if info["rotation"]:
                 vout.set_display_rotation(info["rotation"])
@@ -164,6 +160,8 @@ def restore_video(src: str | Path, dst: str | Path, restore_frames: Callable[[to
                 bar.close()
     except av.FFmpegError as exc:
         partial.unlink(missing_ok=True)
+        if isinstance(exc, (av.error.DecoderNotFoundError, av.error.PatchWelcomeError)):  # FFmpeg lacks it
+            raise VideoError(f"{src}: cannot decode its {info['codec']} video ({exc}); nothing written") from None
         raise VideoError(f"{src}: the clip is damaged after {frames} frames ({exc}); nothing written") from None
     except BaseException:
         partial.unlink(missing_ok=True)
