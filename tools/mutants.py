@@ -447,6 +447,10 @@ MUTANTS = [
            [("                    if len(pending) >= batch_size:\n", "                    if pending:\n")],
            [T + "test_video.py::test_several_frames_per_forward_pass"],
            "--batch-size accepted for a clip and ignored: one frame per forward pass"),
+    Mutant("cli-threads-spin", "src/iqpir/cli.py",
+           [('    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")\n', "")],
+           [T + "test_cli.py::test_the_cli_lets_waiting_threads_sleep_unless_told"],
+           "the CLI leaves OpenMP's threads spinning (1.19x slower beside a busy process)"),
 ]
 
 
