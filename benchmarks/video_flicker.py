@@ -21,9 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import itertools
+
+from test_video import write_clip
+
 
 def make_clip(path: Path, frames: int, seed: int = 0) -> tuple[int, int, int, int]:
-    import av
     import matplotlib.cbook
     from PIL import Image
 
@@ -31,28 +35,19 @@ def make_clip(path: Path, frames: int, seed: int = 0) -> tuple[int, int, int, in
         face = torch.from_numpy(np.asarray(Image.open(fh).convert("RGB").resize((200, 234), Image.LANCZOS)))
     face = face.permute(2, 0, 1).float()[None] / 255
     g = torch.Generator().manual_seed(seed)
-    with av.open(str(path), "w") as out:
-        v = out.add_stream("libx264", rate=25)
-        v.width = v.height = 320
-        v.pix_fmt = "yuv420p"
-        v.options = {"crf": "12"}
-        for i in range(frames):
-            dx, dy = 40 + 0.4 * i, 30 + 0.2 * i
-            theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
-            canvas = torch.full((1, 3, 320, 320), 0.45)
-            x0, y0 = int(dx), int(dy)
-            theta[0, 0, 2], theta[0, 1, 2] = -(dx - x0) * 2 / 200, -(dy - y0) * 2 / 234  # the sub-pixel part
-            grid = torch.nn.functional.affine_grid(theta, face.shape, align_corners=False)
-            moved = torch.nn.functional.grid_sample(face, grid, padding_mode="border", align_corners=False)
-            canvas[..., y0:y0 + 234, x0:x0 + 200] = moved
-            canvas = (canvas + torch.randn(canvas.shape, generator=g) * 4 / 255).clamp(0, 1)
-            arr = (canvas[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-            frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
-            frame.pts = i
-            for p in v.encode(frame):
-                out.mux(p)
-        for p in v.encode():
-            out.mux(p)
+    canvases = []
+    for i in range(frames):
+        dx, dy = 40 + 0.4 * i, 30 + 0.2 * i
+        theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+        canvas = torch.full((1, 3, 320, 320), 0.45)
+        x0, y0 = int(dx), int(dy)
+        theta[0, 0, 2], theta[0, 1, 2] = -(dx - x0) * 2 / 200, -(dy - y0) * 2 / 234  # the sub-pixel part
+        grid = torch.nn.functional.affine_grid(theta, face.shape, align_corners=False)
+        moved = torch.nn.functional.grid_sample(face, grid, padding_mode="border", align_corners=False)
+        canvas[..., y0:y0 + 234, x0:x0 + 200] = moved
+        canvas = (canvas + torch.randn(canvas.shape, generator=g) * 4 / 255).clamp(0, 1)
+        canvases.append((canvas[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
+    write_clip(path, canvases, crf=12)
     return 40, 30, int(40 + 0.4 * frames) + 200, int(30 + 0.2 * frames) + 234
 
 
@@ -62,7 +57,7 @@ def flicker(path: Path, box: tuple[int, int, int, int]) -> float:
     x0, y0, x1, y1 = box
     with av.open(str(path)) as c:
         frames = [f.to_ndarray(format="rgb24")[y0:y1, x0:x1].astype(np.float64) for f in c.decode(video=0)]
-    return float(np.mean([np.abs(b - a).mean() for a, b in zip(frames, frames[1:])]))
+    return float(np.mean([np.abs(b - a).mean() for a, b in itertools.pairwise(frames)]))
 
 
 def crop_jitter(path: Path, detector_name: str, smooth: bool) -> float:
@@ -83,7 +78,7 @@ def crop_jitter(path: Path, detector_name: str, smooth: bool) -> float:
             if faces:
                 crop, _ = align_face(image, faces[0].landmarks, np.asarray(tracker.template), FACE_SIZE)
                 crops.append(crop * 255)
-    return float(np.mean([float((b - a).abs().mean()) for a, b in zip(crops, crops[1:])]))
+    return float(np.mean([float((b - a).abs().mean()) for a, b in itertools.pairwise(crops)]))
 
 
 def main(argv: list[str] | None = None) -> int:

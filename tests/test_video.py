@@ -56,6 +56,30 @@ def make_clip(path, pts: list[int], rate: int = 25, audio: bool = True, size=(64
                 out.mux(p)
 
 
+def write_clip(path, frames, codec: str = "libx264", rate: int = 25, rotation: int = 0, crf: int | None = None) -> None:
+    """(H, W, 3) uint8 frames -> a clip at `rate` frames per second, frame i at pts i."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        v = None
+        for i, array in enumerate(frames):
+            if v is None:
+                v = out.add_stream(codec, rate=rate)
+                v.height, v.width = array.shape[:2]
+                v.pix_fmt = "yuv420p"
+                if crf is not None:
+                    v.options = {"crf": str(crf)}
+                if rotation:
+                    v.set_display_rotation(rotation)
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            frame.pts = i
+            for p in v.encode(frame):
+                out.mux(p)
+        for p in v.encode():
+            out.mux(p)
+
+
 def frames_of(path) -> tuple[list, list[np.ndarray]]:
     import av
 
@@ -169,7 +193,6 @@ def test_the_web_page_says_it_takes_photos_only(clips):
 
 def test_faces_in_a_clip(clips, tmp_path):
     """--faces on a clip: each frame through the photo path; the frames and their times kept."""
-    import av
     import matplotlib.cbook
     from PIL import Image
 
@@ -177,19 +200,12 @@ def test_faces_in_a_clip(clips, tmp_path):
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
         face = np.asarray(Image.open(fh).convert("RGB").resize((160, 188), Image.LANCZOS))
     src = tmp_path / "in" / "face.mp4"
-    src.parent.mkdir()
-    with av.open(str(src), "w") as out:
-        v = out.add_stream("libx264", rate=25)
-        v.width, v.height, v.pix_fmt = 192, 208, "yuv420p"
-        for i in range(6):
-            canvas = np.full((208, 192, 3), 120, np.uint8)
-            canvas[10:198, 16 + i: 176 + i] = face
-            frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
-            frame.pts = i
-            for p in v.encode(frame):
-                out.mux(p)
-        for p in v.encode():
-            out.mux(p)
+    canvases = []
+    for i in range(6):
+        canvas = np.full((208, 192, 3), 120, np.uint8)
+        canvas[10:198, 16 + i: 176 + i] = face
+        canvases.append(canvas)
+    write_clip(src, canvases)
     assert main(["restore", str(src), "--faces", "--detector", "hog", "--checkpoint", str(unet), "--out",
                  str(tmp_path / "out"), "--device", "cpu"]) == 0
     times_in, frames_in = frames_of(src)
@@ -223,18 +239,7 @@ def test_a_portrait_clip_keeps_its_rotation(clips, tmp_path):
 
     _, unet = clips
     src = tmp_path / "in" / "phone.mp4"
-    src.parent.mkdir()
-    with av.open(str(src), "w") as out:
-        v = out.add_stream("libx264", rate=25)
-        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        v.set_display_rotation(90)
-        for i in range(5):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
-            frame.pts = i
-            for p in v.encode(frame):
-                out.mux(p)
-        for p in v.encode():
-            out.mux(p)
+    write_clip(src, [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(5)], rotation=90)
     assert main(["restore", str(src), "--checkpoint", str(unet), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     with av.open(str(tmp_path / "out" / "phone.mp4")) as c:
         assert next(c.decode(video=0)).rotation == 90
@@ -256,21 +261,10 @@ def test_several_frames_per_forward_pass(clips, tmp_path, monkeypatch):
                                                       (".webm", "libvpx-vp9", "c.mp4")])
 def test_each_container(clips, tmp_path, suffix, codec, out_name):
     """.mov comes back in its container (H.264), .avi and .webm as .mp4; frames and times kept."""
-    import av
 
     _, unet = clips
     src = tmp_path / "in" / f"c{suffix}"
-    src.parent.mkdir()
-    with av.open(str(src), "w") as out:
-        v = out.add_stream(codec, rate=25)
-        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        for i in range(8):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 30 * i, np.uint8), format="rgb24")
-            frame.pts = i
-            for p in v.encode(frame):
-                out.mux(p)
-        for p in v.encode():
-            out.mux(p)
+    write_clip(src, [np.full((48, 64, 3), 30 * i, np.uint8) for i in range(8)], codec=codec)
     assert main(["restore", str(src), "--checkpoint", str(unet), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     assert [p.name for p in (tmp_path / "out").iterdir()] == [out_name]
     assert frames_of(tmp_path / "out" / out_name)[0] == frames_of(src)[0]
