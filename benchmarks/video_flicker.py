@@ -14,6 +14,7 @@ clip), in 8-bit levels; the input's own value (noise and motion) is the floor. P
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +23,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import itertools
-
 from test_video import write_clip
 
 
