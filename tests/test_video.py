@@ -212,6 +212,8 @@ def test_faces_in_a_clip(clips, tmp_path):
     times_out, frames_out = frames_of(tmp_path / "out" / "face.mp4")
     assert times_out == times_in
     assert np.abs(frames_out[3].astype(float) - frames_in[3]).mean() > 1.0, "no face was restored"
+    # the background is kept as it is (no background model): the right-hand strip, far from the face
+    assert np.abs(frames_out[3][:, 184:].astype(float) - frames_in[3][:, 184:]).max() <= 6
 
 
 @pytest.mark.slow
