@@ -168,6 +168,18 @@ class MetricUnavailable(RuntimeError):
     """An optional metric cannot run here (package or weights missing); the message is one line."""
 
 
+def _optional_weights(metric: str, module: str, package: str, extra: str, filename: str) -> Path:
+    """The local weights file of a metric from an optional package, or MetricUnavailable naming
+    what is missing (the package or the file) and how to get both."""
+    path = _hub_checkpoints() / filename
+    hint = f"pip install 'iqpir[{extra}]' and place {filename} in {path.parent}"
+    if importlib.util.find_spec(module) is None:
+        raise MetricUnavailable(f"{metric} skipped: package {package} not installed ({hint})")
+    if not path.is_file():
+        raise MetricUnavailable(f"{metric} skipped: weights not found at {path} ({hint})")
+    return path
+
+
 def build_lpips(device: str | torch.device = "cpu") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """LPIPS (Zhang et al., CVPR 2018), AlexNet variant, from the `lpips` package.
 
@@ -178,12 +190,7 @@ def build_lpips(device: str | torch.device = "cpu") -> Callable[[torch.Tensor, t
     Raises:
         MetricUnavailable: the package or the weights are missing.
     """
-    path = _hub_checkpoints() / LPIPS_BACKBONE_FILE
-    hint = f"pip install 'iqpir[perceptual]' and place {LPIPS_BACKBONE_FILE} in {path.parent}"
-    if importlib.util.find_spec("lpips") is None:
-        raise MetricUnavailable(f"lpips skipped: package lpips not installed ({hint})")
-    if not path.is_file():
-        raise MetricUnavailable(f"lpips skipped: weights not found at {path} ({hint})")
+    path = _optional_weights("lpips", "lpips", "lpips", "perceptual", LPIPS_BACKBONE_FILE)
     import lpips  # optional dependency
 
     try:
@@ -211,12 +218,7 @@ def build_fid_features(device: str | torch.device = "cpu") -> Callable[[torch.Te
     Raises:
         MetricUnavailable: the package or the weights are missing.
     """
-    path = _hub_checkpoints() / FID_INCEPTION_FILE
-    hint = f"pip install 'iqpir[fid]' and place {FID_INCEPTION_FILE} in {path.parent}"
-    if importlib.util.find_spec("torch_fidelity") is None:
-        raise MetricUnavailable(f"fid skipped: package torch-fidelity not installed ({hint})")
-    if not path.is_file():
-        raise MetricUnavailable(f"fid skipped: weights not found at {path} ({hint})")
+    path = _optional_weights("fid", "torch_fidelity", "torch-fidelity", "fid", FID_INCEPTION_FILE)
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # optional
 
     try:
