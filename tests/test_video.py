@@ -270,3 +270,23 @@ def test_each_container(clips, tmp_path, suffix, codec, out_name):
     assert main(["restore", str(src), "--checkpoint", str(unet), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     assert [p.name for p in (tmp_path / "out").iterdir()] == [out_name]
     assert frames_of(tmp_path / "out" / out_name)[0] == frames_of(src)[0]
+
+
+def test_clip_frames_follow_blend_and_colour_and_video_flags_need_a_clip(clips, tmp_path, capsys):
+    """--blend 0 gives the input's frames back, --grayscale grey frames; --crf without a clip is refused."""
+    root, unet = clips
+    common = ["restore", str(root / "clip.mp4"), "--checkpoint", str(unet), "--device", "cpu", "--crf", "0"]
+    assert main([*common, "--blend", "0", "--out", str(tmp_path / "b0")]) == 0
+    assert main([*common, "--grayscale", "--out", str(tmp_path / "grey")]) == 0
+    luma = np.array([0.299, 0.587, 0.114])
+    _, frames_in = frames_of(root / "clip.mp4")
+    _, same = frames_of(tmp_path / "b0" / "clip.mp4")
+    assert np.abs(same[10] @ luma - frames_in[10] @ luma).mean() < 2.0  # RGB -> yuv420p -> RGB rounding
+    _, grey = frames_of(tmp_path / "grey" / "clip.mp4")
+    assert np.abs(grey[10].astype(int) - grey[10].mean(axis=-1, keepdims=True)).max() <= 3
+    photo = tmp_path / "in" / "p.png"
+    photo.parent.mkdir()
+    photo.write_bytes(b"")
+    capsys.readouterr()
+    assert main(["restore", str(photo), "--checkpoint", str(unet), "--crf", "20", "--out", str(tmp_path / "o")]) == 2
+    assert "apply only to videos" in capsys.readouterr().err

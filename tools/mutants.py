@@ -391,7 +391,7 @@ MUTANTS = [
            [T + "test_finish.py::test_a_jpeg_keeps_its_tables_and_what_is_not_restored_stays"],
            "a JPEG re-saved at quality 95, moving the pixels the model left alone"),
     Mutant("faces-alpha-dropped", "src/iqpir/inference/photos.py",
-           [("    return alpha if alpha is None or upscale == 1 else", "    return None if alpha is None or upscale == 1 else")],
+           [("    return None if alpha is None else resize_lanczos(alpha, upscale)", "    return None")],
            [T + "test_finish.py::test_blend_0_with_faces_leaves_the_photo_as_it_was"],
            "--faces drops a photo's transparency at --upscale 1"),
     # -- upscalers through spandrel (issue 23, items 1-4) -------------------------------------------
@@ -451,6 +451,14 @@ MUTANTS = [
            [('    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")\n', "")],
            [T + "test_cli.py::test_the_cli_lets_waiting_threads_sleep_unless_told"],
            "the CLI leaves OpenMP's threads spinning (1.19x slower beside a busy process)"),
+    Mutant("video-colour-ignored", "src/iqpir/inference/photos.py",
+           [("        return io.to_grey(out).expand(3, -1, -1) if grey else out", "        return out")],
+           [T + "test_video.py::test_clip_frames_follow_blend_and_colour_and_video_flags_need_a_clip"],
+           "--grayscale accepted for a clip and ignored"),
+    Mutant("video-flags-on-photos", "src/iqpir/inference/photos.py",
+           [("    if given and not any(video.is_video(p) for p in paths):", "    if False:")],
+           [T + "test_video.py::test_clip_frames_follow_blend_and_colour_and_video_flags_need_a_clip"],
+           "--crf accepted for photos and ignored"),
 ]
 
 

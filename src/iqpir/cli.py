@@ -290,7 +290,7 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
                              "holding a grey picture, come back grey; colour ones in colour)")
     colour.add_argument("--color", dest="colour", action="store_const", const="colour",
                         help="keep the model's colour output even for grey inputs")
-    g.add_argument("--crf", type=int, default=18, choices=range(52), metavar="0-51",
+    g.add_argument("--crf", type=int, default=None, choices=range(52), metavar="0-51",
                    help="videos: H.264 quality, lower is better and larger (default 18)")
     g.add_argument("--max-frames", type=_positive_int, default=None, metavar="N",
                    help="videos: refuse clips of more than N frames before any work")

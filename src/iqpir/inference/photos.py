@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -67,6 +67,16 @@ class Finish:
         if self.blend <= 0.0:
             return original.clone()
         return (self.blend * restored + (1.0 - self.blend) * original).clamp(0, 1)
+
+    def blended(self, restored: torch.Tensor, original: torch.Tensor, upscale: int = 1) -> torch.Tensor:
+        """`mix` with the input brought to the output's size (Lanczos, as the background is)."""
+        return restored if self.blend >= 1.0 else self.mix(restored, resize_lanczos(original, upscale))
+
+    def frame(self, restored: torch.Tensor, original: torch.Tensor, upscale: int = 1) -> torch.Tensor:
+        """A video frame as the file rule would write it: blended, grey where the input frame is."""
+        out = self.blended(restored, original, upscale)
+        grey = self.colour == "grey" or (self.colour == "auto" and io.is_grey_content(original))
+        return io.to_grey(out).expand(3, -1, -1) if grey else out
 
     def colour_of(self, img: io.LoadedImage) -> tuple[bool, bool]:
         """(make the output grey, write a one-channel file) for this input."""
@@ -129,7 +139,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
                   alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "auto",
                   overwrite: bool = False, progress: bool = True, fidelity: float | None = None,
                   aligned: bool = False, backend: str = "auto", finish: Finish | None = None,
-                  tile: int | None = None, upscale: int | None = None, crf: int = 18,
+                  tile: int | None = None, upscale: int | None = None, crf: int | None = None,
                   max_frames: int | None = None) -> io.FileReport:
     """Restore image files into `out`, named after their inputs; never overwrites an input.
 
@@ -141,7 +151,8 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
     tile: tiles of this size for a model that takes any size (an upscaler: `--bg-tile`).
     upscale: the output's size over the input's (None: the model's own scale); a model of
         another scale (an x4 upscaler at --upscale 2) has its output resampled (bicubic, antialiased).
-    crf, max_frames: for videos (inference.video: H.264 quality; clips with more frames are refused).
+    crf, max_frames: for videos (inference.video: H.264 quality, default 18; clips with more frames
+        are refused); given without a video among the inputs, they are refused.
     """
     if quality is not None and not 0.0 <= quality <= 1.0:
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
@@ -149,6 +160,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
     if upscale is not None and (int(upscale) != upscale or upscale < 1):
         raise ValueError(f"--upscale must be a positive integer, got {upscale}")
     out, paths, _, report, targets = _plan(inputs, out, FORMATS.get(finish.format))
+    _check_video_options(paths, crf, max_frames)
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend, tile=tile)
     upscale = restorer.scale if upscale is None else int(upscale)
     settings = restorer.settings(quality, alpha, fidelity)  # refuses knobs the model lacks, before any work
@@ -163,10 +175,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
 
     def write(target: Path, img: io.LoadedImage, restored: torch.Tensor) -> None:
         h, w = img.rgb.shape[1:]
-        restored = rescale(restored, (h * upscale, w * upscale))
-        if finish.blend < 1:
-            restored = finish.mix(restored, img.rgb if upscale == 1 else resize_lanczos(img.rgb, upscale))
-        finish.write(target, img, restored, upscale)
+        finish.write(target, img, finish.blended(rescale(restored, (h * upscale, w * upscale)), img.rgb, upscale), upscale)
         report.done.append(target)
 
     def flush() -> None:
@@ -213,14 +222,12 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
 def tile_frames(restorer: Restorer, finish: Finish, upscale: int, quality: float | None = None,
                 alpha: float | None = None, fidelity: float | None = None):
     """Video frames (N, 3, H, W) through the tiles path, several per forward pass where the model
-    takes them whole (Restorer.restore): restored, resampled to `upscale`, blended by `finish`."""
+    takes them whole (Restorer.restore): restored, resampled to `upscale`, finished (`Finish.frame`)."""
     def run(frames: torch.Tensor) -> torch.Tensor:
         h, w = frames.shape[2:]
         outs = restorer.restore(frames, quality=quality, alpha=alpha, fidelity=fidelity)
-        outs = [rescale(o, (h * upscale, w * upscale)) for o in outs]
-        if finish.blend < 1:
-            outs = [finish.mix(o, f if upscale == 1 else resize_lanczos(f, upscale)) for o, f in zip(outs, frames)]
-        return torch.stack(outs)
+        return torch.stack([finish.frame(rescale(o, (h * upscale, w * upscale)), f, upscale)
+                            for o, f in zip(outs, frames)])
 
     return run
 
@@ -236,12 +243,20 @@ def _tracker(src: Path, detector, detect_every: int, smooth: bool):
     return TrackingDetector(detector, stride=detect_every, smooth=smooth, rate=rate)
 
 
-def _clip(src: Path, target: Path, frames, scale: int, crf: int, max_frames: int | None, report: io.FileReport,
-          progress: bool, batch_size: int = 1) -> bool:
+def _check_video_options(paths: list[Path], crf: int | None, max_frames: int | None) -> None:
+    """--crf and --max-frames act on clips only: refused when no input is one."""
+    given = [flag for flag, value in (("--crf", crf), ("--max-frames", max_frames)) if value is not None]
+    if given and not any(video.is_video(p) for p in paths):
+        raise ValueError(f"{' and '.join(given)} apply only to videos (.mp4, .mov, .mkv, .avi, .webm), and no "
+                         "input is one")
+
+
+def _clip(src: Path, target: Path, frames, scale: int, crf: int | None, max_frames: int | None,
+          report: io.FileReport, progress: bool, batch_size: int = 1) -> bool:
     """One video through inference.video; a clip that cannot be restored is named in the report."""
     try:
-        video.restore_video(src, target, frames, scale=scale, crf=crf, max_frames=max_frames, progress=progress,
-                            batch_size=batch_size)
+        video.restore_video(src, target, frames, scale=scale, crf=18 if crf is None else crf, max_frames=max_frames,
+                            progress=progress, batch_size=batch_size)
     except (video.VideoError, ImportError) as exc:
         report.failed.append((str(src), str(exc).removeprefix(f"{src}: ")))
         return False
@@ -329,7 +344,7 @@ def background_fn(restorer: Restorer, upscale: int, quality: float | None = None
 
 
 def _tensor_upscale(alpha: torch.Tensor | None, upscale: int) -> torch.Tensor | None:
-    return alpha if alpha is None or upscale == 1 else resize_lanczos(alpha, upscale)
+    return None if alpha is None else resize_lanczos(alpha, upscale)
 
 
 def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str | Path, quality: float | None = None,
@@ -339,7 +354,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                        draw_box: bool = False, bg_checkpoint: str | Path | None = None,
                        fidelity: float | None = None, backend: str = "auto",
                        finish: Finish | None = None, bg_upsampler: str | Path | None = None,
-                       bg_tile: int = 400, face_upsample: bool = False, crf: int = 18,
+                       bg_tile: int = 400, face_upsample: bool = False, crf: int | None = None,
                        max_frames: int | None = None, detect_every: int = 1, smooth: bool = True) -> io.FileReport:
     """`iqpir restore --faces`: restore the faces of whole photos into `out`, plus OUT/restore.json.
 
@@ -360,6 +375,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
         raise ValueError(f"--min-face must be >= 0, got {min_face}")
     finish = finish or Finish()
     out, paths, missing, report, targets = _plan(inputs, out, FORMATS.get(finish.format))
+    _check_video_options(paths, crf, max_frames)
     restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)
     settings = restorer.settings(quality, alpha, fidelity)
     if progress:
@@ -370,6 +386,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
               "face model (an IQPIR/CodeFormer release) or the packaged default model (no --checkpoint)",
               file=sys.stderr)
     restore_faces = face_restorer_fn(restorer, quality, alpha, fidelity, blend=finish.blend)
+    colour = replace(finish, blend=1.0)  # video frames: the blend acted inside the faces already
     background = None
     if bg_checkpoint is not None and bg_upsampler is not None:
         raise ValueError("--bg-checkpoint and --bg-upsampler both restore the background: choose one")
@@ -405,9 +422,11 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
             tracker = _tracker(p, face_detector, detect_every, smooth)
 
             def frames(batch: torch.Tensor, tracker=tracker) -> torch.Tensor:  # one frame at a time: tracked in order
-                return torch.stack([restore_photo(image, restore_faces, detector=tracker, upscale=int(upscale),
-                                                  only_center_face=only_center_face, min_face=min_face,
-                                                  background=background, draw_box=draw_box, face_upsample=faces_up)[0]
+                return torch.stack([colour.frame(restore_photo(image, restore_faces, detector=tracker,
+                                                               upscale=int(upscale), only_center_face=only_center_face,
+                                                               min_face=min_face, background=background,
+                                                               draw_box=draw_box, face_upsample=faces_up)[0],
+                                                 image, int(upscale))
                                     for image in batch])
 
             ok = _clip(p, target, frames, int(upscale), crf, max_frames, report, progress)
