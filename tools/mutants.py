@@ -190,7 +190,7 @@ MUTANTS = [
            [T + "test_engines.py::test_an_owned_model_is_converted_in_place_without_float32_copies"],
            "an owned model's float32 encoder and decoder kept beside the bf16 ones"),
     Mutant("restorer-not-owned", "src/iqpir/inference/restorer.py",
-           [("backend=backend, own_model=True)", "backend=backend, own_model=False)")],
+           [("backend=backend, own_model=True,", "backend=backend, own_model=False,")],
            [T + "test_engines.py::test_load_restorer_hands_its_model_over_to_the_fast_path"],
            "load_restorer does not hand its network over (a float32 copy stays)"),
     Mutant("fast-path-autocast", "src/iqpir/inference/engines.py",
