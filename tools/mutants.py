@@ -321,7 +321,8 @@ MUTANTS = [
            [T + "test_knobs.py::test_quality_reaches_the_output_on_every_path"],
            "the page's quality slider replaced by 1 on its way to the model"),
     Mutant("app-faces-through-tiles", "src/iqpir/app.py",
-           [('            restore_faces = face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity"))\n',
+           [(('            restore_faces = face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity"),\n'
+              '                                             blend=p.blend)\n'),
              '            def restore_faces(crops):\n                return self.restorer.restore(crops, **kw)\n\n')],
            [T + "test_app.py::test_the_page_restores_faces_as_the_cli_does"],
            "the page restores face crops through a face model's tiles where the CLI resizes them"),
@@ -336,8 +337,8 @@ MUTANTS = [
            [T + "test_inference_defaults.py::test_a_checkpoint_restores_at_the_fidelity_it_was_trained_at"],
            "a run trained at w = 1 restores at w = 0 (the CFT blocks it trained skipped)"),
     Mutant("app-faces-w-zero", "src/iqpir/app.py",
-           [('face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity"))',
-             'face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity", 0.0))')],
+           [('face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity"),',
+             'face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity", 0.0),')],
            [T + "test_inference_defaults.py"],
            "the page's face path restores at w = 0 when the form leaves fidelity out"),
     Mutant("graph-w-forgotten", "src/iqpir/export.py",
@@ -374,7 +375,7 @@ MUTANTS = [
            [T + "test_flag_matrix.py::test_every_option_on_every_path[only-center-face-faces]"],
            "--only-center-face parsed, then dropped on its way to the face pipeline"),
     Mutant("app-upscale-dropped", "src/iqpir/app.py",
-           [("self.restorer.restore(_resize(img.rgb, p.upscale), **kw)", "self.restorer.restore(img.rgb, **kw)")],
+           [("            original = _resize(img.rgb, p.upscale)\n", "            original = img.rgb\n")],
            [T + "test_flag_matrix.py::test_every_option_on_every_path[upscale-app]"],
            "the app's upscale field ignored without faces"),
     # -- what reaches the file (issue 23, items 5-7) ------------------------------------------------
@@ -405,7 +406,7 @@ MUTANTS = [
            [T + "test_upscalers.py::test_bg_upsampler_with_faces_restores_the_background"],
            "an upscaler's native scale kept where --upscale asks for another"),
     Mutant("face-upsample-dropped", "src/iqpir/inference/photos.py",
-           [("draw_box=draw_box, face_upsample=faces_up)", "draw_box=draw_box)")],
+           [("save_faces=save_faces, draw_box=draw_box, face_upsample=faces_up)", "save_faces=save_faces, draw_box=draw_box)")],
            [T + "test_upscalers.py::test_face_upsample_pastes_faces_from_the_upscaled_crop"],
            "--face-upsample accepted and ignored"),
     # -- videos (issue 22) ---------------------------------------------------------------------------
