@@ -4,16 +4,19 @@ The lowest layer shared by training and inference (both import it; it imports no
 iqpir): `resolve_device` turns a --device name into a torch.device, `native_bf16` says where
 bf16 arithmetic is an instruction rather than emulation, `keep_freed_memory` and
 `weights_outside_the_heap` set glibc's malloc for processes that restore or train image after
-image.
+image. `process_shard`, `shard_owner` and `ShardMeeting` split a file job (`iqpir restore`,
+`iqpir score`) over the processes of a torchrun job and let them finish together.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -26,6 +29,71 @@ def process_shard() -> tuple[int, int]:
     except ValueError:
         return 0, 1
     return (rank, world) if 0 <= rank < world else (0, 1)
+
+
+def shard_owner(path: str | os.PathLike, world: int) -> int:
+    """The rank that takes `path` in a file job of `world` processes.
+
+    sha256 of the path as given, not Python's hash() (salted per process): every process of a
+    job, and every later run, must agree on the owner so that a re-run finds each file's
+    output or score where its owner left it.
+    """
+    return int(hashlib.sha256(str(path).encode()).hexdigest(), 16) % world
+
+
+# How long the processes of a file job wait for each other at the end. Long enough for ranks
+# whose shares took unequal time; a rank that crashes does not make the others wait this long
+# (torchrun stops the whole job when one process dies), only one that hangs does.
+SHARD_WAIT = timedelta(hours=2)
+
+
+class ShardMeeting:
+    """Where the processes of a torchrun file job meet once their shares are done.
+
+    torchrun stops every process of a job as soon as one exits with an error, so a process
+    whose share had a bad file must not exit before the others have finished theirs: all of
+    them meet here (`gather`, which also tells each one how the others did), the rank-0 work
+    that needs every share (merging score tables) happens, then all leave together (`close`).
+    The meeting is a gloo process group over torchrun's rendezvous (MASTER_ADDR/MASTER_PORT),
+    on CPU whatever device the job restores or scores on, joined only at the end so that a
+    long share holds no sockets. Without a rendezvous (RANK and WORLD_SIZE set by hand, e.g.
+    one cluster job per rank) there is nobody to meet: `join` returns None.
+    """
+
+    def __init__(self, group: object | None, own: bool) -> None:
+        self.group = group  # None: the default group, which `own` says this meeting created
+        self.own = own
+
+    @classmethod
+    def join(cls) -> "ShardMeeting | None":
+        """Wait for every process of the job (at most SHARD_WAIT); None for one process or no rendezvous."""
+        _, world = process_shard()
+        if world == 1 or not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+            return None
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            return None
+        if dist.is_initialized():  # a caller's own group (NCCL, say): meet in a gloo group beside it
+            return cls(dist.new_group(backend="gloo", timeout=SHARD_WAIT), own=False)
+        dist.init_process_group(backend="gloo", timeout=SHARD_WAIT)
+        return cls(None, own=True)
+
+    def gather(self, status: str) -> list[str]:
+        """Every rank's `status` line, in rank order ("" for a rank that did all its files)."""
+        import torch.distributed as dist
+
+        out: list[object] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(out, status, group=self.group)
+        return [str(s) for s in out]
+
+    def close(self) -> None:
+        """Leave together: a rank that exits now cannot cut short rank 0's merge."""
+        import torch.distributed as dist
+
+        dist.barrier(group=self.group)
+        if self.own:
+            dist.destroy_process_group()
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:

@@ -14,7 +14,6 @@ this one (inference/video.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from iqpir import io
-from iqpir.devices import process_shard
+from iqpir.devices import process_shard, shard_owner
 from iqpir.faces import FACE_SIZE, get_detector, resize_lanczos, restore_photo
 from iqpir.inference import video
 from iqpir.inference.restorer import Restorer, load_restorer
@@ -108,11 +107,6 @@ def _plan(inputs: Sequence[str], out: str | Path,
     report = io.FileReport.empty()
     report.failed.extend((m, "no such file, folder or matching image") for m in missing)
     return out, paths, missing, report, io.plan_outputs(inputs, out, suffix=suffix).targets
-
-
-def shard_owner(path: Path, world: int) -> int:
-    """The rank that restores `path` in a job of `world` processes: a stable hash of its path."""
-    return int(hashlib.sha256(str(path).encode()).hexdigest(), 16) % world
 
 
 def report_name() -> str:
