@@ -157,6 +157,7 @@ def _add_score(p: argparse.ArgumentParser) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
+    from iqpir.devices import process_shard
     from iqpir.iqa.table import score_files
 
     report = score_files(
@@ -168,6 +169,7 @@ def _run_score(args: argparse.Namespace) -> int:
         device=args.device,
         weights_dir=args.weights_dir,
         upsample_small=args.upsample_small,
+        shard=process_shard(),
     )
     return 1 if report.failed else 0
 
@@ -382,6 +384,46 @@ def _run_upsampler(args: argparse.Namespace) -> int:
 
 
 def _run_restore(args: argparse.Namespace) -> int:
+    """`iqpir restore`; in a torchrun job each process restores its share (inference.photos._plan),
+    then waits for the others (`_finish_together`)."""
+    return _finish_together("restore", lambda: _restore(args))
+
+
+def _finish_together(command: str, run: Callable[[], int]) -> int:
+    """Run this process's share of a torchrun file job, then meet the job's other processes
+    (`iqpir.devices.ShardMeeting`) before exiting, even after an error: torchrun stops the
+    whole job when one process exits with an error, which would cut short the shares of the
+    others. Rank 0 names the ranks that failed; each one has named its own files."""
+    from iqpir.devices import ShardMeeting, process_shard
+
+    rank, world = process_shard()
+    if world == 1:
+        return run()
+    code, error = 1, None
+    try:
+        code = run()
+    except Exception as exc:  # reported after the meeting, by main, as it would be without one
+        error = exc
+    meeting = ShardMeeting.join()
+    if meeting is None:
+        if error is not None:
+            raise error
+        return code
+    try:
+        status = f"stopped: {error}" if error is not None else "" if code == 0 else f"exit status {code}"
+        statuses = meeting.gather(status)
+        if rank == 0:
+            for r, line in enumerate(statuses):
+                if line and r != 0:
+                    sys.stderr.write(f"iqpir {command}: rank {r} of {world}: {line}\n")
+    finally:
+        meeting.close()
+    if error is not None:
+        raise error
+    return code
+
+
+def _restore(args: argparse.Namespace) -> int:
     if args.faces and args.aligned:
         print("iqpir restore: error: --faces (photos: detect and align) and --aligned (already aligned crops) "
               "exclude each other", file=sys.stderr)
