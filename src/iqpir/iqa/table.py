@@ -285,7 +285,8 @@ class _Job:
 
 
 def part_path(out: str | os.PathLike, rank: int, world: int) -> Path:
-    """Rank ``rank``'s part of the table ``out`` in a job of ``world`` processes: ``<out>.rank-R-of-W.csv``."""
+    """Rank ``rank``'s part of the table ``out`` in a job of ``world`` processes: ``<out>.rank-R-of-W.csv``
+    (its sidecar and done marker beside it)."""
     return Path(f"{out}.rank-{rank}-of-{world}.csv")
 
 
@@ -374,7 +375,8 @@ def _open(path: Path, job: _Job, warn: bool) -> ScoreTable:
     """The table at ``path`` to add to, checked against the job's settings, or a new one."""
     if path.exists():
         table = read_score_table(path)
-        if table.raw:  # a table with rows keeps its settings; an empty one (every image failed) may change them
+        # A table with rows keeps its settings; an empty one (every image failed) may change them.
+        if table.raw:
             _check_settings(table, path, job)
             if warn:
                 _warn_gone(table, path)
@@ -384,7 +386,9 @@ def _open(path: Path, job: _Job, warn: bool) -> ScoreTable:
 
 def _check_settings(table: ScoreTable, path: Path, job: _Job) -> None:
     if table.metrics != job.metrics:
-        raise ValueError(f"{path}: the table holds metrics {table.metrics}, not {job.metrics}; write to a new --out")
+        raise ValueError(
+            f"{path}: the table holds metrics {table.metrics}, not {job.metrics}; write to a new --out"
+        )
     if table.normalization is not None and table.normalization != job.normalization:
         raise ValueError(
             f"{path}: the table is normalised with {table.normalization}, not {job.normalization}; pass "
@@ -403,8 +407,8 @@ def _warn_gone(table: ScoreTable, path: Path) -> None:
     if gone:
         shown = ", ".join(_relative(k, path.resolve().parent) for k in gone[:3])
         print(
-            f"iqpir score: warning: {path} keeps {len(gone)} row{'s' if len(gone) > 1 else ''} of files that no "
-            f"longer exist "
+            f"iqpir score: warning: {path} keeps {len(gone)} row{'s' if len(gone) > 1 else ''} of files "
+            f"that no longer exist "
             f"({shown}{', ...' if len(gone) > 3 else ''}); write to a new --out to drop them",
             file=sys.stderr,
         )
@@ -455,7 +459,9 @@ def _ensemble(table: ScoreTable, job: _Job, todo: list) -> QualityEnsemble | Non
     needs_facts = any(m not in table.lower_better or m not in table.native_range for m in job.metrics)
     if not (todo or needs_facts):
         return None
-    ensemble = QualityEnsemble(job.metrics, normalization="fixed", device=job.device, weights_dir=job.weights_dir)
+    ensemble = QualityEnsemble(
+        job.metrics, normalization="fixed", device=job.device, weights_dir=job.weights_dir
+    )
     for s in ensemble.scorers:
         table.lower_better[s.name] = bool(s.lower_better)
         table.native_range[s.name] = (float(s.native_range[0]), float(s.native_range[1]))
