@@ -28,8 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_two_ranks_restore_each_file_once_and_as_one_process_does(tmp_path, monkeypatch, capsys):
     unet, _ = tiny_file(tmp_path)
     src = tmp_path / "in"
-    for i in range(8):
-        io.write_image(src / f"p{i}.png", torch.rand(3, 24, 32, generator=torch.Generator().manual_seed(i)))
+    files = _images(src, n=8, size=(24, 32))
     assert main(["restore", str(src), "--checkpoint", str(unet), "--out", str(tmp_path / "one"), "--device", "cpu"]) == 0
     shares = []
     for rank in (0, 1):
@@ -40,10 +39,10 @@ def test_two_ranks_restore_each_file_once_and_as_one_process_does(tmp_path, monk
                      "--device", "cpu"]) == 0
         err = capsys.readouterr().err
         shares.append(int(err.split(f"rank {rank} of 2: ")[1].split()[0]))
-    assert sum(shares) == 8 and min(shares) > 0, shares
+    assert sum(shares) == len(files) and min(shares) > 0, shares
     one = sorted(p.name for p in (tmp_path / "one").iterdir())
     two = sorted(p.name for p in (tmp_path / "two").iterdir())
-    assert one == two and len(one) == 8
+    assert one == two and len(one) == len(files)
     assert all((tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes() for n in one)
     for rank in (0, 1):  # a re-run skips what its rank wrote
         monkeypatch.setenv("RANK", str(rank))
