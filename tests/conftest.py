@@ -16,6 +16,16 @@ import pytest
 from train_helpers import small_cfg, write_train_images
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_int8_cache(tmp_path_factory):
+    """The int8 graphs the tests make go to a folder of their own, and `auto` never finds a graph
+    the developer's own restores cached (~/.cache/iqpir) for the packaged default model."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("IQPIR_CACHE", str(tmp_path_factory.mktemp("iqpir-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture()
 def one_thread():
     """One torch thread for tests of small tensors: with 2 OpenMP threads on busy shared cores

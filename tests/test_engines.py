@@ -59,6 +59,8 @@ def test_auto_means_bf16_only_where_the_cpu_has_it(monkeypatch):
     assert type(engines.make_engine(model, cpu, "auto")) is engines.TorchEngine
     assert engines.resolve_dtype("float32", cpu, model) == "float32"
     with pytest.raises(ValueError, match="dtype must be one of"):
+        engines.resolve_dtype("int4", cpu, model)
+    with pytest.raises(ValueError, match="int8 runs a calibrated OpenVINO graph, not a torch network"):
         engines.resolve_dtype("int8", cpu, model)
 
 

@@ -275,9 +275,11 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
                    help="inputs are aligned faces: restore each whole at the model's size (no tiling, no detection)")
     _add_device(p)
     p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles or faces per forward pass (default 4)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32; "
-                        "float32: the exact network; float16 on GPUs only (emulated on CPUs, very slow)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "int8"], default="auto",
+                   help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32, or the "
+                        "cached int8 graph (see int8) where it is within its fidelity bars and the CPU has VNNI/AMX; "
+                        "float32: the exact network; float16 on GPUs only (emulated on CPUs, very slow); int8: "
+                        "OpenVINO int8 convolutions, calibrated once per weights file and cached (extra int8)")
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
                    help="auto (default): torch for checkpoints, onnxruntime for .onnx, openvino for .xml "
                         "(graphs written by `iqpir export`)")
@@ -423,6 +425,18 @@ def _finish_together(command: str, run: Callable[[], int]) -> int:
     return code
 
 
+def _choose_int8(args: argparse.Namespace) -> None:
+    """--dtype int8 (and auto, where a sound int8 graph of these weights is cached) restores
+    through the checkpoint's int8 OpenVINO graph (iqpir.quantize.int8_for)."""
+    if args.dtype not in ("int8", "auto"):
+        return
+    from iqpir import quantize
+
+    graph = quantize.int8_for(args.checkpoint, args.dtype, args.backend, args.fidelity)
+    if graph is not None:
+        args.checkpoint, args.backend, args.dtype = str(graph.path), "openvino", "int8"
+
+
 def _restore(args: argparse.Namespace) -> int:
     if args.faces and args.aligned:
         print("iqpir restore: error: --faces (photos: detect and align) and --aligned (already aligned crops) "
@@ -432,6 +446,7 @@ def _restore(args: argparse.Namespace) -> int:
         print("iqpir restore: error: --bg-checkpoint and --bg-upsampler both restore the background: choose one",
               file=sys.stderr)
         return 2
+    _choose_int8(args)
     if args.faces:
         return _run_restore_faces(args)
     args.no_smooth = not args.smooth
@@ -469,19 +484,38 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fidelity", action="store_true",
                    help="include CodeFormer's CFT blocks and a fidelity input w (about 1/3 more compute; "
                         "without it the graph restores at w = 0)")
+    p.add_argument("--int8", action="store_true",
+                   help="openvino only: int8 convolutions calibrated on sample photos (or --calibration), their "
+                        "fidelity to float32 measured and written into the graph (extra int8; minutes)")
+    p.add_argument("--calibration", default=None, metavar="FOLDER",
+                   help="with --int8: calibrate on these images (your own kind of inputs) instead of the sample photos")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    import tempfile
     from pathlib import Path
 
     from iqpir.export import export
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it")
-    info = export(args.checkpoint, args.fmt, args.out, fidelity=args.fidelity)
-    print(f"iqpir export: {args.checkpoint or 'the default model'} -> {info.path} ({args.fmt}, inputs {', '.join(info.inputs)})",
-          file=sys.stderr)
+    if (args.int8 or args.calibration) and args.fmt != "openvino":
+        raise ValueError("--int8 writes an OpenVINO graph: use --format openvino")
+    if args.calibration and not args.int8:
+        raise ValueError("--calibration calibrates an int8 graph: add --int8")
+    if args.int8:
+        from iqpir import quantize
+
+        quantize.require_extra("nncf", "int8")
+        with tempfile.TemporaryDirectory() as tmp:
+            float_graph = export(args.checkpoint, args.fmt, Path(tmp) / "float32.xml", fidelity=args.fidelity)
+            info = quantize.quantize_graph(float_graph.path, args.out, args.calibration)
+        print(f"iqpir export: int8: {quantize.describe_fidelity(info.int8)}", file=sys.stderr)
+    else:
+        info = export(args.checkpoint, args.fmt, args.out, fidelity=args.fidelity)
+    print(f"iqpir export: {args.checkpoint or 'the default model'} -> {info.path} "
+          f"({args.fmt}{' int8' if args.int8 else ''}, inputs {', '.join(info.inputs)})", file=sys.stderr)
     return 0
 
 
@@ -551,9 +585,10 @@ def _add_app(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
     _add_device(p)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32; "
-                        "float32: the exact network")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "int8"], default="auto",
+                   help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32, or the "
+                        "cached int8 graph where it is within its bars (see `iqpir restore --help`); "
+                        "float32: the exact network; int8: OpenVINO int8 convolutions (extra int8)")
     p.add_argument("--queue", type=int, default=8,
                    help="requests that may wait behind the one being restored; more are answered 503 (default 8)")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest upload in MB (default 25)")
@@ -566,7 +601,13 @@ def _run_app(args: argparse.Namespace) -> int:
     keep_freed_memory()  # a server restores image after image: keep the heap instead of re-faulting it
     limits = AppLimits(max_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6),
                        queue=args.queue)
-    return serve(args.checkpoint, host=args.host, port=args.port, device=args.device, dtype=args.dtype, limits=limits)
+    checkpoint, dtype = args.checkpoint, args.dtype
+    if dtype in ("int8", "auto"):
+        from iqpir import quantize
+
+        graph = quantize.int8_for(checkpoint, dtype)
+        checkpoint, dtype = (str(graph.path), "int8") if graph is not None else (checkpoint, dtype)
+    return serve(checkpoint, host=args.host, port=args.port, device=args.device, dtype=dtype, limits=limits)
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {

@@ -141,6 +141,16 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
     return "BF16" in capability or "AMX" in capability
 
 
+def cpu_has_int8_dot(flags: frozenset[str] | None = None) -> bool:
+    """True where int8 dot products are instructions (AVX512-VNNI, AVX-VNNI, AMX-INT8): where
+    an int8 convolution can beat a bf16 or float32 one (oneDNN's u8s8 kernels)."""
+    flags = cpu_flags() if flags is None else flags
+    if flags:
+        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    return "VNNI" in capability or "AMX" in capability
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bf16 natively (fast), rather than by emulation."""
     if device.type == "cpu":

@@ -158,6 +158,9 @@ class ExportedGraph:
     source: dict | None = None
     size_multiple: int = 1
     refusals: dict[str, str] = field(default_factory=dict)
+    # Written by iqpir.quantize: how the int8 graph was calibrated and what it measured against
+    # the float32 graph (codes agreement, PSNR, the bars); None for a float32 graph.
+    int8: dict | None = None
 
     @property
     def supports_quality(self) -> bool:
@@ -171,7 +174,8 @@ class ExportedGraph:
     def metadata(self) -> dict:
         return {"image_size": self.image_size, "kind": self.kind, "task": self.task, "inputs": self.inputs,
                 "outputs": self.outputs, "default_alpha": self.default_alpha, "has_cft": self.has_cft,
-                "default_fidelity": self.default_fidelity, "adain": self.adain, "source": self.source, "size_multiple": self.size_multiple, "refusals": self.refusals}
+                "default_fidelity": self.default_fidelity, "adain": self.adain, "source": self.source,
+                "size_multiple": self.size_multiple, "refusals": self.refusals, "int8": self.int8}
 
 
 def is_graph_file(path: str | Path) -> bool:
@@ -201,7 +205,7 @@ def read_graph(path: str | Path) -> ExportedGraph:
                          default_alpha=meta.get("default_alpha"), has_cft=bool(meta.get("has_cft")),
                          default_fidelity=float(meta.get("default_fidelity") or 0.0), adain=meta.get("adain"),
                          source=meta.get("source"), size_multiple=int(meta.get("size_multiple", 1)),
-                         refusals=dict(meta.get("refusals") or {}))
+                         refusals=dict(meta.get("refusals") or {}), int8=meta.get("int8"))
 
 
 # --------------------------------------------------------------------------------------
