@@ -75,7 +75,8 @@ def machine() -> dict:
     flags = devices.cpu_flags()
     info["vector_bits"] = 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
     info["native_bf16"] = devices.cpu_has_native_bf16()
-    info["isa"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "?"
+    info["isa"] = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                           if f in flags) or "?"
     for module in ("onnxruntime", "openvino"):
         if importlib.util.find_spec(module):
             info[module] = __import__(module).__version__
@@ -197,6 +198,11 @@ def configurations(args, checkpoint: Path, graphs: dict[str, Path]) -> dict[str,
         configs["openvino float32"] = {"path": graphs["openvino"], "dtype": "float32", "backend": "openvino"}
         if devices.cpu_has_native_bf16():
             configs["openvino bf16"] = {"path": graphs["openvino"], "dtype": "bfloat16", "backend": "openvino"}
+    if "int8" in graphs:
+        configs["openvino int8 (float encoder: iqpir's int8)"] = {"path": graphs["int8"], "dtype": "int8",
+                                                                 "backend": "openvino"}
+        configs["openvino int8 (encoder too: below the bar)"] = {"path": graphs["int8-all"], "dtype": "int8",
+                                                                "backend": "openvino"}
     if args.official_repo:
         configs["official CodeFormer float32"] = {"official": str(args.official_repo), "path": checkpoint}
     return configs
@@ -337,6 +343,14 @@ def cpu_table(args, info: dict) -> str:
             t = time.perf_counter()
             graphs[fmt] = export.export(checkpoint, fmt, tmp / f"model{suffix}", fidelity=fidelity > 0).path
             print(f"exported {fmt} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    if "openvino" in graphs and "int8" in args.backends and importlib.util.find_spec("nncf"):
+        from iqpir import quantize
+
+        for name, float_encoder in (("int8", True), ("int8-all", False)):
+            t = time.perf_counter()
+            graphs[name] = quantize.quantize_graph(graphs["openvino"], tmp / f"model-{name}.xml",
+                                                   float_encoder=float_encoder).path
+            print(f"calibrated {name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     configs = configurations(args, checkpoint, graphs)
     engines = {name: build(spec) for name, spec in configs.items()}
     x = face_image()
@@ -364,6 +378,7 @@ def cpu_table(args, info: dict) -> str:
         kind = "bfloat16" if ("bf16" in name or ("auto" in name and info["native_bf16"])) else "float32"
         gflops = flops / best / 1e9
         share = f"{100 * gflops / peaks[kind]:.0f}% ({kind})" if peaks[kind] else "?"
+        share = "-" if "int8" in name else share  # mixed int8 / float: no single peak
         mem = f"{rss[name] / 1e9:.2f}" if rss.get(name, -1) > 0 else "-"
         rows.append(f"| {name} | {one:.3f} | {best:.3f} (batch {best_batch}) | {1 / best:.2f} | {gflops:.0f} | "
                     f"{share} | {one / base:.2f}x | {mem} | {100 * agree[name]:.1f}% |")
@@ -456,7 +471,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 2, 4])
-    ap.add_argument("--backends", default="onnx,openvino", help="exported backends to include")
+    ap.add_argument("--backends", default="onnx,openvino,int8",
+                    help="exported backends to include (int8: OpenVINO int8 graphs calibrated by iqpir.quantize)")
     ap.add_argument("--fma-units", type=int, default=2, help="vector FMA pipes per core, for the peak")
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the per-configuration RSS runs")
     ap.add_argument("--no-compile", action="store_true", help="GPU: skip torch.compile")

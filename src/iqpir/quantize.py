@@ -183,9 +183,14 @@ def passes_bars(fidelity: dict | None) -> bool:
 
 
 def quantize_graph(source: str | Path, out: str | Path, calibration: str | Path | None = None,
-                   count: int = CALIBRATION_COUNT, seed: int = 0, weights_sha256: str | None = None) -> ExportedGraph:
+                   count: int = CALIBRATION_COUNT, seed: int = 0, weights_sha256: str | None = None,
+                   float_encoder: bool = True) -> ExportedGraph:
     """Write the int8 graph of the float32 OpenVINO graph `source` (from `iqpir export`) at `out`
-    (.xml + .bin), with its calibration and measured fidelity in the metadata; returns it."""
+    (.xml + .bin), with its calibration and measured fidelity in the metadata; returns it.
+
+    float_encoder: False quantises the encoder of a network with codes too (faster, and measured
+    below the codes bar: `_encoder_convolutions`); kept for benchmarks/bench_restore.py.
+    """
     ov = require_extra("openvino", "int8")
     nncf = require_extra("nncf", "int8")
     graph = read_graph(source)
@@ -201,7 +206,7 @@ def quantize_graph(source: str | Path, out: str | Path, calibration: str | Path 
     held_out = feeds(graph, calibration_images(graph, HELD_OUT_COUNT, seed + 1, folder))
     model = ov.Core().read_model(str(graph.path))
     keep_float = sorted({op.get_type_name() for op in model.get_ops()} - QUANTISED)
-    float_convs = _encoder_convolutions(model, graph)
+    float_convs = _encoder_convolutions(model, graph) if float_encoder else []
     nncf.set_log_level(logging.ERROR)  # one INFO line per operation left in float otherwise
     print(f"iqpir: calibrating int8 convolutions on {len(calib)} images "
           f"({'the sample photos' if folder is None else folder})", file=sys.stderr, flush=True)
@@ -213,6 +218,7 @@ def quantize_graph(source: str | Path, out: str | Path, calibration: str | Path 
         ov.save_model(quantised, str(trial), compress_to_fp16=False)
         fidelity = measure(graph, graph.path, trial, held_out)
         info = {"recipe": RECIPE, "tool": f"nncf {nncf.__version__}", "quantised": sorted(QUANTISED),
+                "float_encoder": bool(float_convs),
                 "calibration": "sample photos" if folder is None else str(folder), "images": len(calib),
                 "seed": seed, "weights_sha256": weights_sha256 or (graph.source or {}).get("sha256"),
                 "fidelity": fidelity, "bars": BARS, "passes": passes_bars(fidelity)}
