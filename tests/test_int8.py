@@ -229,3 +229,16 @@ def test_export_int8_writes_a_graph_that_restores(made, tmp_path, capsys):
     graph = read_graph(out)
     assert graph.int8["fidelity"]["codes"] > 0.9 and out.with_suffix(".bin").is_file()
     assert iqpir.load_restorer(out).engine.describe().startswith("openvino int8")
+
+
+def test_the_app_serves_the_int8_graph(made, monkeypatch):
+    import iqpir.app
+
+    monkeypatch.setenv("IQPIR_CACHE", str(made["root"] / "cache"))
+    served = {}
+    monkeypatch.setattr(iqpir.app, "serve", lambda checkpoint, **kw: served.update(checkpoint=checkpoint, **kw) or 0)
+    assert main(["app", "--checkpoint", str(made["run"]), "--dtype", "int8", "--device", "cpu"]) == 0
+    assert served["checkpoint"] == str(made["graph"].path) and served["dtype"] == "int8"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: NO_VNNI)
+    assert main(["app", "--checkpoint", str(made["run"]), "--device", "cpu"]) == 0
+    assert served["checkpoint"] == str(made["run"]) and served["dtype"] == "auto"
