@@ -276,7 +276,8 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     _add_device(p)
     p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles or faces per forward pass (default 4)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32; "
+                   help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32 "
+                        "(restructured, channels-last, on CPUs with AVX2); "
                         "float32: the exact network; float16 on GPUs only (emulated on CPUs, very slow)")
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
                    help="auto (default): torch for checkpoints, onnxruntime for .onnx, openvino for .xml "
@@ -552,7 +553,8 @@ def _add_app(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
     _add_device(p)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32; "
+                   help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32 "
+                        "(restructured, channels-last, on CPUs with AVX2); "
                         "float32: the exact network")
     p.add_argument("--queue", type=int, default=8,
                    help="requests that may wait behind the one being restored; more are answered 503 (default 8)")

@@ -470,7 +470,7 @@ def make_engine(model: DescribedModel | nn.Module | ExportedGraph, device: torch
 
 def fast_float32(device: torch.device) -> bool:
     """Whether "auto" runs the float32 fast path rather than the exact network: on CPUs with AVX2
-    and FMA, where it measured faster (paper network, one face: 0.77x the exact network's time
+    and FMA, where it measured faster (paper network, one face: 0.83x the exact network's time
     with oneDNN and ATen limited to AVX2, 0.84x with AVX-512; docs/performance.md); not on older
     CPUs (not measured) nor on GPUs (bf16 there, or the exact network)."""
     return device.type == "cpu" and devices.cpu_has_avx2_fma()
