@@ -2,7 +2,8 @@
 
 In one process, alternating the configurations round by round (median of --repeats), it times
 torch float32 (the exact network), torch "auto" (iqpir.inference.engines' fast path: bf16 convolutions
-where the CPU has native bf16), torch bf16 autocast (the path before the fast path), ONNX
+where the CPU has native bf16, float32 ones where it has AVX2 only), the float32 fast path itself,
+torch bf16 autocast (the path before the fast path), ONNX
 Runtime and OpenVINO (graphs from iqpir.export; when installed) and, with --official-repo, the
 official CodeFormer network in float32 on the same weights. For each: seconds per face at
 batch 1 and at the best batch, faces per second, GFLOP/s and the share of this CPU's peak,
@@ -16,6 +17,12 @@ tokens equal to torch float32's on the same face.
     python benchmarks/bench_restore.py --device cuda        # GPU: fp32 vs bf16 + compile, batch 1..64
     python benchmarks/bench_restore.py --faces              # + whole photo with two faces (iqpir.faces)
     python benchmarks/bench_restore.py --memory             # peak RSS only: API and CLI, float32 and auto
+    python benchmarks/bench_restore.py --isa avx2 --repeats 3 --batches 1   # as on an AVX2-only CPU
+
+--isa avx2 re-runs the script with oneDNN (convolutions), ATen's vectorised kernels (GroupNorm,
+SiLU, copies) and MKL (matmuls) limited to AVX2 (EMULATED_ISA), and with iqpir's CPU flags
+lacking AVX-512 and bf16, so `auto` chooses as it would there. The exported graphs are left out
+then: ONNX Runtime and OpenVINO pick their kernels by their own rules.
 
 Weights: --checkpoint (anything `load_restorer` reads), else the official fixtures' rule weights
 (tests/assets/official, CodeFormer or IQPIR layout): speed does not depend on the values, and
@@ -47,6 +54,11 @@ from iqpir.inference import engines
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "tests" / "assets" / "official"
 MARK_BEGIN, MARK_END = "<!-- bench_restore: begin -->", "<!-- bench_restore: end -->"
+# --isa: the environment that limits the kernels torch runs to an older ISA. Each library reads
+# its variable once, when it loads, so the script re-executes itself with them (ISA_MARK says so).
+EMULATED_ISA = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                         "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+ISA_MARK = "IQPIR_BENCH_ISA"
 # The paper's GPU figure (IQPIR, one 512x512 face on an H200), for the GPU table's context.
 PAPER_H200_MS = 5.63
 
@@ -54,6 +66,19 @@ PAPER_H200_MS = 5.63
 # --------------------------------------------------------------------------------------
 # The machine
 # --------------------------------------------------------------------------------------
+
+
+def emulate_isa(isa: str) -> None:
+    """In a process run under EMULATED_ISA[isa]: iqpir's view of the CPU flags loses what that
+    ISA lacks (AVX-512, bf16, AMX), so `auto` and this script's peak see an AVX2-only CPU."""
+    real = devices.cpu_flags()
+    emulated = frozenset(f for f in real if not f.startswith(("avx512", "amx")))
+    devices.cpu_flags = lambda: emulated
+    devices.real_cpu_flags = real
+
+
+if os.environ.get(ISA_MARK) in EMULATED_ISA:  # also in the --rss-child processes, which inherit it
+    emulate_isa(os.environ[ISA_MARK])
 
 
 def machine() -> dict:
@@ -75,8 +100,14 @@ def machine() -> dict:
     flags = devices.cpu_flags()
     info["vector_bits"] = 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
     info["native_bf16"] = devices.cpu_has_native_bf16()
-    info["isa"] = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-                           if f in flags) or "?"
+    isa_flags = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    info["isa"] = " ".join(f for f in isa_flags if f in flags) or "?"
+    if os.environ.get(ISA_MARK) in EMULATED_ISA:
+        real = getattr(devices, "real_cpu_flags", flags)
+        env = " ".join(f"{k}={v}" for k, v in EMULATED_ISA[os.environ[ISA_MARK]].items())
+        info["isa"] += (f"; emulated {os.environ[ISA_MARK].upper()}-only by {env} on a CPU with "
+                        + " ".join(f for f in isa_flags if f in real))
+    info["load"] = os.getloadavg()
     for module in ("onnxruntime", "openvino"):
         if importlib.util.find_spec(module):
             info[module] = __import__(module).__version__
@@ -190,8 +221,11 @@ def configurations(args, checkpoint: Path, graphs: dict[str, Path]) -> dict[str,
     configs = {
         "torch float32 (exact)": {"path": checkpoint, "dtype": "float32", "backend": "torch"},
         "torch auto (fast path)": {"path": checkpoint, "dtype": "auto", "backend": "torch"},
-        "torch bf16 autocast (before)": {"path": checkpoint, "dtype": "autocast-bf16", "backend": "torch"},
+        "torch float32 fast path": {"path": checkpoint, "dtype": "float32-fast", "backend": "torch"},
     }
+    if devices.cpu_has_native_bf16():  # emulated, bf16 convolutions leave oneDNN for ATen's slow fallback
+        configs["torch bf16 autocast (before)"] = {"path": checkpoint, "dtype": "autocast-bf16",
+                                                   "backend": "torch"}
     if "onnx" in graphs:
         configs["onnxruntime float32"] = {"path": graphs["onnx"], "dtype": "float32", "backend": "onnxruntime"}
     if "openvino" in graphs:
@@ -215,6 +249,9 @@ def build(spec: dict, device: str = "cpu"):
     if spec["dtype"] == "autocast-bf16":  # the pre-runtime path: the float32 network under autocast
         restorer = iqpir.load_restorer(spec["path"], device=device, dtype="float32")
         return engines.TorchEngine(restorer.model, restorer.device, "bfloat16")
+    if spec["dtype"] == "float32-fast":  # what `auto` runs on CPUs with AVX2 but no native bf16
+        restorer = iqpir.load_restorer(spec["path"], device=device, dtype="float32")
+        return engines.MixedEngine(restorer.model, restorer.device, "float32", own=True)
     return iqpir.load_restorer(spec["path"], device=device, dtype=spec["dtype"], backend=spec["backend"]).engine
 
 
@@ -254,7 +291,7 @@ def rss_child(job: str) -> None:
             argv += ["--fidelity", str(fidelity)] if fidelity else []
             if cli(argv) != 0:
                 raise SystemExit(1)
-    elif entry == "api" and "official" not in spec and spec["dtype"] != "autocast-bf16":
+    elif entry == "api" and "official" not in spec and spec["dtype"] in engines.DTYPE_CHOICES:
         restorer = iqpir.load_restorer(spec["path"], device="cpu", dtype=spec["dtype"], backend=spec["backend"])
         restorer.restore(face_image()[0], quality=quality, fidelity=fidelity)
     elif entry != "import":
@@ -452,6 +489,47 @@ def faces_table(args) -> str:
     return "Whole photo (1024x768, two faces), one run after a warm-up:\n\n" + "\n".join(rows)
 
 
+# Op families for --profile: the first pattern in an op's name decides (self CPU time).
+OP_FAMILIES = (("convolution", ("conv",)), ("group_norm", ("group_norm",)), ("silu", ("silu",)),
+               ("copies and layout", ("copy_", "clone", "contiguous", "to_copy", "empty", "cat", "stack")),
+               ("add / mul", ("add", "mul")),
+               ("matmul, softmax (attention, Transformer)",
+                ("mm", "linear", "softmax", "layer_norm", "scaled_dot")))
+
+
+def profile_table(args) -> str:
+    """Where the time of one face goes in the exact network and in what `auto` runs (each after
+    a warm-up): torch.profiler's self CPU time summed by op family (OP_FAMILIES)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, args.tmp)
+    x, columns, names = face_image(), {}, []
+    for dtype in ("float32", "auto"):
+        restorer = iqpir.load_restorer(checkpoint, device="cpu", dtype=dtype)
+        quality = 0.9 if restorer.supports_quality else None
+        restorer.engine.outputs(x, quality, None, args.fidelity)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            restorer.engine.outputs(x, quality, None, args.fidelity)
+        totals: dict[str, float] = {}
+        for event in prof.key_averages():
+            family = next((f for f, keys in OP_FAMILIES if any(k in event.key for k in keys)), "other")
+            totals[family] = totals.get(family, 0.0) + event.self_cpu_time_total / 1e6
+        name = f"{dtype}: {restorer.engine.describe()}"
+        columns[name], names = totals, [*names, name]
+        del restorer
+    families = sorted(columns[names[0]], key=lambda f: -columns[names[0]][f])
+    families += [f for f in columns[names[1]] if f not in families]
+    rows = ["| op family | " + " | ".join(f"{n} (s, share)" for n in names) + " |", "| --- |" + " --- |" * len(names)]
+    for family in families + ["all"]:
+        cells = []
+        for n in names:
+            t = sum(columns[n].values()) if family == "all" else columns[n].get(family, 0.0)
+            cells.append(f"{t:.2f} ({100 * t / sum(columns[n].values()):.0f}%)")
+        rows.append(f"| {family} | " + " | ".join(cells) + " |")
+    return ("Where one face's time goes: torch.profiler self CPU time by op family, one profiled run "
+            "after a warm-up (the profiler's own overhead included):\n\n" + "\n".join(rows))
+
+
 def write_doc(path: Path, text: str) -> None:
     doc = path.read_text() if path.is_file() else f"# Performance\n\n{MARK_BEGIN}\n{MARK_END}\n"
     if MARK_BEGIN not in doc:
@@ -473,21 +551,30 @@ def main() -> None:
     ap.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 2, 4])
     ap.add_argument("--backends", default="onnx,openvino,int8",
                     help="exported backends to include (int8: OpenVINO int8 graphs calibrated by iqpir.quantize)")
+    ap.add_argument("--isa", choices=["native", *EMULATED_ISA], default="native",
+                    help="measure as on a CPU with only this ISA (emulated: see the module docstring)")
     ap.add_argument("--fma-units", type=int, default=2, help="vector FMA pipes per core, for the peak")
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the per-configuration RSS runs")
     ap.add_argument("--no-compile", action="store_true", help="GPU: skip torch.compile")
     ap.add_argument("--faces", action="store_true", help="also time a whole photo with two faces")
     ap.add_argument("--memory", action="store_true",
                     help="only the peak-RSS table (API and CLI, float32 and auto, fresh processes)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only where the time goes, float32 and auto (torch.profiler, by op family)")
     ap.add_argument("--write", type=Path, default=None, help="put the table into this Markdown file")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child is not None:
         return rss_child(args.rss_child)
-    if args.memory and args.write:
-        ap.error("--memory prints the memory table only; --write takes the whole table (it has the memory table)")
+    if (args.memory or args.profile) and args.write:
+        ap.error("--memory and --profile print their table only; --write takes the whole table")
     if 1 not in args.batches:
         args.batches = [1, *args.batches]
+    if args.isa != "native" and os.environ.get(ISA_MARK) != args.isa:
+        env = {**os.environ, **EMULATED_ISA[args.isa], ISA_MARK: args.isa}
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+    if args.isa != "native":
+        args.backends = ""  # their runtimes choose kernels by their own rules: not emulated
     devices.keep_freed_memory()  # as the CLI does
     with tempfile.TemporaryDirectory(prefix="iqpir-bench-") as tmp:
         args.tmp = Path(tmp)  # weights and exported graphs
@@ -497,7 +584,9 @@ def main() -> None:
 def run(args) -> None:
     info = machine()
     command = "python benchmarks/bench_restore.py " + " ".join(sys.argv[1:])
-    if args.memory:
+    if args.profile:
+        table, gpu_note = profile_table(args), ""
+    elif args.memory:
         table, gpu_note = memory_table(args), ""
     elif args.device.startswith("cuda"):
         table = gpu_table(args)
@@ -509,10 +598,13 @@ def run(args) -> None:
         gpu_note = "\n\nGPU: not measured (no GPU was available); run the same script with `--device cuda`."
     if args.faces:
         table += "\n\n" + faces_table(args)
-    libs = ", ".join(f"{m} {info[m]}" for m in ("onnxruntime", "openvino") if m in info)
+    libs = ", ".join(f"{m} {info[m]}" for m in ("onnxruntime", "openvino") if m in info and args.backends)
+    load = " / ".join(f"{a:.2f}" for a in info["load"]) + " before, "
+    load += " / ".join(f"{a:.2f}" for a in os.getloadavg())
     text = (f"Machine: {info['cpu']}, {info['cores']} cores ({info['isa']}), {info.get('mhz', 0):.0f} MHz, "
             f"{info['threads']} torch threads; torch {info['torch']}{', ' + libs if libs else ''}, "
-            f"Python {info['python']}.\nCommand: `{command}`\n\n{table}{gpu_note}")
+            f"Python {info['python']}.\nLoad average (1 / 5 / 15 min): {load} after.\n"
+            f"Command: `{command}`\n\n{table}{gpu_note}")
     print(text)
     if args.write:
         write_doc(args.write, text)

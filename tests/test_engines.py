@@ -16,6 +16,7 @@ from train_helpers import SMALL_MODEL
 from iqpir import devices
 from iqpir.config import from_preset
 from iqpir.inference import Restorer, engines
+from iqpir.inference.files import DescribedModel
 from iqpir.models import build_restorer
 from iqpir.models.vqgan import ResBlock, Upsample
 
@@ -56,12 +57,79 @@ def test_auto_means_bf16_only_where_the_cpu_has_it(monkeypatch):
     assert engines.resolve_dtype("auto", cpu, model) == "bfloat16"
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     assert engines.resolve_dtype("auto", cpu, model) == "float32"
-    assert type(engines.make_engine(model, cpu, "auto")) is engines.TorchEngine
     assert engines.resolve_dtype("float32", cpu, model) == "float32"
     with pytest.raises(ValueError, match="dtype must be one of"):
         engines.resolve_dtype("int4", cpu, model)
     with pytest.raises(ValueError, match="int8 runs a calibrated OpenVINO graph, not a torch network"):
         engines.resolve_dtype("int8", cpu, model)
+
+
+# CPUs as /proc/cpuinfo names them: (flags, the engine `auto` gives, its dtype, the reason it prints).
+CPUS = {
+    "avx512-bf16": ({"sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16"}, engines.MixedEngine,
+                    "bfloat16", "native bf16, avx512_bf16"),
+    "avx2-only": ({"sse4_2", "avx", "avx2", "fma", "f16c"}, engines.MixedEngine, "float32",
+                  "this CPU has no native bf16: avx2 fma f16c"),
+    "sse-only": ({"sse2", "ssse3", "sse4_1", "sse4_2"}, engines.TorchEngine, "float32",
+                 "this CPU has no native bf16: sse4_2; no AVX2 with FMA: the exact network"),
+}
+
+
+@pytest.mark.parametrize("cpu_name", sorted(CPUS))
+def test_auto_takes_the_fastest_path_each_cpu_has(cpu_name, monkeypatch):
+    """auto: bf16 convolutions with native bf16, float32 ones restructured with AVX2 + FMA (measured
+    faster there: docs/performance.md), the exact network on older CPUs; it says why. A named
+    dtype is never second-guessed: float32 stays the exact network on every CPU."""
+    flags, kind, dtype, reason = CPUS[cpu_name]
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(flags))
+    model = tiny_model(cft=False)
+    engine = engines.make_engine(model, cpu, "auto")
+    assert (type(engine), engine.dtype, engine.auto_reason) == (kind, dtype, reason)
+    exact = engines.make_engine(model, cpu, "float32")
+    assert type(exact) is engines.TorchEngine and exact.auto_reason is None
+    assert exact.describe() == "torch float32"
+    unet = DescribedModel(model=nn.Conv2d(3, 3, 3, padding=1), kind="unet", size_multiple=1, call="image")
+    plain = engines.make_engine(unet, cpu, "auto")
+    assert type(plain) is engines.TorchEngine and plain.dtype == "float32"
+    assert plain.auto_reason.endswith("; the fast path does not know this unet model's parts")
+
+
+def test_the_float32_fast_path_is_the_network_up_to_rounding():
+    """MixedEngine in float32 (auto on AVX2-only CPUs): the same codes as the exact network and
+    the same image up to float32 rounding (measured: 3.5e-6 at most here); it says what it is,
+    and the caller's model is left as it was."""
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    exact = engines.TorchEngine(model, torch.device("cpu"), "float32")
+    fast = engines.MixedEngine(model, torch.device("cpu"), "float32")
+    owned = engines.MixedEngine(copy.deepcopy(model), torch.device("cpu"), "float32", own=True)
+    assert fast.describe() == "torch float32 convolutions (channels-last, sub-pixel upsampling)"
+    assert fast.dtype == "float32" and all(p.dtype == torch.float32 for p in fast.fast.parameters())
+    assert any(isinstance(m, engines.InferenceUpsample) for m in fast.fast.modules())
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for q, w in ((1.0, 0.0), (0.4, 0.7)):
+        a = exact.outputs(x, q, None, w)
+        for b in (fast.outputs(x, q, None, w), owned.outputs(x, q, None, w)):
+            assert torch.equal(a["indices_common"], b["indices_common"])
+            assert torch.equal(a["indices_hq"], b["indices_hq"])
+            torch.testing.assert_close(b["restored"], a["restored"], atol=1e-4, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_restore_line_says_why_auto_chose_its_path(monkeypatch):
+    """`iqpir restore` prints the engine once; with --dtype auto, also the CPU fact behind it."""
+    from iqpir.inference.photos import settings_line
+
+    for name in ("avx2-only", "avx512-bf16"):
+        flags, _, _, reason = CPUS[name]
+        monkeypatch.setattr(devices, "cpu_flags", lambda flags=flags: frozenset(flags))
+        r = Restorer(tiny_model(cft=False), 64, device="cpu", dtype="auto")
+        line = settings_line(r, r.settings(0.8), None)
+        assert f"{r.engine.describe()} (auto: {reason})" in line, line
+    r = Restorer(tiny_model(cft=False), 64, device="cpu", dtype="float32")
+    line = settings_line(r, r.settings(0.8), None)
+    assert "torch float32, quality" in line and "auto" not in line, line
 
 
 def test_inference_blocks_compute_what_the_modules_compute():
@@ -153,6 +221,53 @@ def test_fast_path_keeps_the_codes_of_the_official_networks(kind, runs, tmp_path
         if "indices_hq" in a:
             same &= a["indices_hq"] == b["indices_hq"]
         assert same.float().mean() >= 0.97, (kind, quality, w, same.float().mean())
+
+
+@pytest.mark.slow
+# w > 0: the CFT blocks run too.
+@pytest.mark.parametrize("kind, runs", [("iqpir", [(0.9, 0.0)]), ("codeformer", [(None, 0.5)])])
+def test_the_float32_fast_path_keeps_the_official_networks_codes(kind, runs, tmp_path):
+    """Paper-size networks, the official fixtures' weights: every code is float32's except where
+    float32's own two best logits are tied within rounding (measured: one token of the CodeFormer
+    fixture, its logits 2.4e-6 apart, none for IQPIR), and from float32's latent the fast
+    decoder's image is float32's within 2e-3."""
+    import numpy as np
+    from PIL import Image
+    from test_official import rule_state_dict
+
+    import iqpir
+
+    torch.save({"params_ema": rule_state_dict(kind)}, tmp_path / "w.pth")
+    exact = iqpir.load_restorer(tmp_path / "w.pth", device="cpu", dtype="float32").engine
+    fast = engines.MixedEngine(exact.model, torch.device("cpu"), "float32")
+    face = Image.open(Path(__file__).parent / "assets" / "official" / "input.png").convert("RGB")
+    x = torch.from_numpy(np.array(face)).permute(2, 0, 1).float()[None] / 255
+    seen = {}
+    hook = exact.model.transformer.register_forward_hook(lambda m, a, out: seen.update(logits=out))
+    try:
+        for quality, w in runs:
+            a = exact.outputs(x, quality, None, w)
+            logits = seen["logits"]
+            b = fast.outputs(x, quality, None, w)
+            for key, scores in zip(("indices_common", "indices_hq"), logits):
+                if key not in a:
+                    continue
+                scores = scores.reshape(-1, scores.shape[-1])
+                gap = scores.max(-1).values - scores.gather(1, b[key].reshape(-1, 1))[:, 0]
+                moved = (a[key] != b[key]).flatten()
+                assert moved.sum() <= 2 and (gap[moved] < 1e-5).all(), (kind, quality, w, key, gap[moved])
+            with torch.inference_mode():
+                ref = exact.model(x, None if quality is None else torch.tensor([quality]), fidelity=w)
+                features = {} if w else None
+                fast.fast.encoder(x, features)
+                def fuse(r, h, features=features, w=w):
+                    return fast.fast.cft(r, features[r], h, w)
+
+                got = fast.fast.decoder(ref.z_f, fuse if w else None)
+            worst = (got - ref.restored).abs().max()
+            assert worst < 2e-3, (kind, quality, w, worst)
+    finally:
+        hook.remove()
 
 
 def _conv_parts(model: nn.Module) -> dict[str, nn.Module]:

@@ -151,6 +151,18 @@ def cpu_has_int8_dot(flags: frozenset[str] | None = None) -> bool:
     return "VNNI" in capability or "AMX" in capability
 
 
+def cpu_has_avx2_fma(flags: frozenset[str] | None = None) -> bool:
+    """True where the CPU has 256-bit FMA vectors (AVX2 and FMA: x86 since 2013-2015), the ISA
+    on which the float32 fast path measured faster than the exact network (docs/performance.md).
+
+    Reads /proc/cpuinfo; elsewhere falls back to PyTorch's own dispatch level ("AVX2", "AVX512").
+    """
+    flags = cpu_flags() if flags is None else flags
+    if flags:
+        return {"avx2", "fma"} <= flags
+    return str(torch.backends.cpu.get_cpu_capability()).upper() in ("AVX2", "AVX512")
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bf16 natively (fast), rather than by emulation."""
     if device.type == "cpu":

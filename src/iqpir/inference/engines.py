@@ -16,10 +16,16 @@ which one runs (ultralytics' AutoBackend is the pattern):
   where the encoder's bf16 rounding moves the Transformer's argmax. Residual adds and SiLUs are
   done in place (less memory traffic around the convolutions, which is what limits them at 512
   and 256 px).
+- MixedEngine "float32" ("auto" on CPUs without native bf16 but with AVX2 and FMA): the same
+  structure (channels-last, sub-pixel upsampling, in-place blocks) in float32: the same function
+  as the network up to rounding, faster where oneDNN's float32 kernels are what runs
+  (docs/performance.md, "AVX2-only CPUs").
 - OnnxRuntimeEngine / OpenVinoEngine: a graph written by `iqpir export` (backend "onnxruntime"
   or "openvino"; extras onnx, openvino).
 
-"auto" on a CPU without native bf16 is float32: emulated bf16 is slower than float32 there.
+"auto" on a CPU without native bf16 is float32 (emulated bf16 is slower than float32 there): the
+float32 fast path where the CPU has AVX2 and FMA, else the exact network. `make_engine` records
+why on the engine (`auto_reason`), for the line `iqpir restore` prints.
 An int8 engine is one more class here and one more branch of `make_engine`.
 """
 
@@ -35,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iqpir import devices
 from iqpir.devices import cpu_has_native_bf16, keep_freed_memory, native_bf16
 from iqpir.inference.files import GRAPH_FORMATS, DescribedModel, ExportedGraph, as_described, require_extra
 from iqpir.models.vqgan import ResBlock, Upsample
@@ -112,6 +119,7 @@ class TorchEngine:
     """
 
     name = "torch"
+    auto_reason: str | None = None  # why `make_engine` chose this engine for dtype "auto"
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: str = "float32", *,
                  own: bool = False, call: str = "iqpir") -> None:
@@ -279,7 +287,8 @@ def _with_children(model: nn.Module, **children: nn.Module) -> nn.Module:
 
 
 class MixedEngine(TorchEngine):
-    """The fast path (module docstring): bf16 convolutions, float32 codes.
+    """The fast path (module docstring): bf16 convolutions, float32 codes; with dtype "float32"
+    the same restructured network in float32 (equal to the exact one up to rounding).
 
     By default the float32 model stays what it is (`self.model`) and the engine runs a twin
     whose encoder, decoder and CFT blocks are low-precision copies. With `own=True` (the caller
@@ -303,6 +312,8 @@ class MixedEngine(TorchEngine):
         self.fast = self.model if own else _with_children(self.model, **children)
 
     def describe(self) -> str:
+        if self.dtype == "float32":
+            return "torch float32 convolutions (channels-last, sub-pixel upsampling)"
         return f"torch {self.dtype} convolutions (channels-last), float32 codes"
 
     def _context(self):
@@ -460,7 +471,7 @@ def make_engine(model: DescribedModel | nn.Module | ExportedGraph, device: torch
     if backend not in ("auto", "torch"):
         raise ValueError(f"--backend {backend} runs a graph written by `iqpir export`; "
                          f"export the checkpoint first (iqpir export CHECKPOINT --format ...)")
-    dtype = resolve_dtype(dtype, device, described)
+    requested, dtype = dtype, resolve_dtype(dtype, device, described)
     if dtype != "float32" and described.low_precision is False:
         warnings.warn(f"--dtype {dtype} breaks this {described.kind} model (its architecture does not support it): "
                       "it runs float32", UserWarning, stacklevel=2)
@@ -470,5 +481,39 @@ def make_engine(model: DescribedModel | nn.Module | ExportedGraph, device: torch
         # kernel on every forward pass. Process-wide (glibc only); IQPIR_DEFAULT_MALLOC=1 opts out.
         keep_freed_memory()
     if dtype == "bfloat16" and described.bf16:
-        return MixedEngine(described.model, device, dtype, own=own, call=described.call)
-    return TorchEngine(described.model, device, dtype, own=own, call=described.call)
+        engine = MixedEngine(described.model, device, dtype, own=own, call=described.call)
+    elif requested == "auto" and dtype == "float32" and described.bf16 and fast_float32(device):
+        engine = MixedEngine(described.model, device, "float32", own=own, call=described.call)
+    else:
+        engine = TorchEngine(described.model, device, dtype, own=own, call=described.call)
+    if requested == "auto":
+        engine.auto_reason = auto_reason(device, described, engine)
+    return engine
+
+
+def fast_float32(device: torch.device) -> bool:
+    """Whether "auto" runs the float32 fast path rather than the exact network: on CPUs with AVX2
+    and FMA, where it measured faster (paper network, one face: 0.83x the exact network's time
+    with oneDNN and ATen limited to AVX2, 0.84x with AVX-512; docs/performance.md); not on older
+    CPUs (not measured) nor on GPUs (bf16 there, or the exact network)."""
+    return device.type == "cpu" and devices.cpu_has_avx2_fma()
+
+
+def auto_reason(device: torch.device, described: DescribedModel, engine: Engine) -> str:
+    """Why "auto" chose `engine`, in a few words: the hardware fact the choice rests on."""
+    if device.type != "cpu":
+        return f"{'native' if native_bf16(device) else 'no native'} bf16 on {device}"
+    flags = devices.cpu_flags()
+    if cpu_has_native_bf16():
+        found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+        why = "native bf16, "
+    else:
+        found = ([f for f in ("avx512f", "avx2", "fma", "f16c") if f in flags]
+                 or [f for f in ("avx", "sse4_2") if f in flags])
+        why = "this CPU has no native bf16: "
+    why += " ".join(found) or str(torch.backends.cpu.get_cpu_capability()).lower()
+    if not described.bf16:
+        why += f"; the fast path does not know this {described.kind} model's parts"
+    elif type(engine) is TorchEngine and engine.dtype == "float32":
+        why += "; no AVX2 with FMA: the exact network"
+    return why

@@ -116,8 +116,10 @@ def report_name() -> str:
 
 
 def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) -> str:
-    """One line: the model and the values a restore runs with, where each came from."""
-    parts = [settings["engine"]]
+    """One line: the model and the values a restore runs with, where each came from (for the
+    engine, why `--dtype auto` chose it: the same flag gives different paths on different CPUs)."""
+    reason = getattr(restorer.engine, "auto_reason", None)
+    parts = [settings["engine"] + (f" (auto: {reason})" if reason else "")]
     if settings["quality"] is not None:
         parts.append(f"quality S = {settings['quality']:g}")
     if settings["fidelity"] is not None:

@@ -80,7 +80,8 @@ class Restorer:
             returning an object with `.restored` (N,3,s,s)).
         image_size: a bare network's input size s.
         device, dtype, backend: where and how to run (engines.make_engine: "auto" is the fast
-            bf16 path where the hardware has native bf16, "float32" the exact network).
+            bf16 path where the hardware has native bf16, its float32 twin on other CPUs with AVX2,
+            "float32" the exact network).
         overlap: tile overlap in pixels (default half a tile: Hann windows; see the module docstring).
         kind: "iqpir" (quality-conditioned) or "codeformer"; task: "faces" | "general".
         source: provenance of official weights (file, sha256, licence), else None.
