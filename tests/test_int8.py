@@ -197,6 +197,7 @@ def _recorded(cached, passes: bool):
     return lookup
 
 
+@pytest.mark.slow  # makes a second graph (about 10 s); the int8-cache-ignores-cft mutant runs it
 def test_a_fidelity_above_zero_gets_a_graph_with_the_cft_blocks(made, tmp_path, monkeypatch):
     """--fidelity 0.7 with --dtype int8 makes (and caches apart) the graph with the fidelity input;
     auto with --fidelity 0.7 does not take the graph without it."""
