@@ -26,7 +26,8 @@ which one runs (ultralytics' AutoBackend is the pattern):
 "auto" on a CPU without native bf16 is float32 (emulated bf16 is slower than float32 there): the
 float32 fast path where the CPU has AVX2 and FMA, else the exact network. `make_engine` records
 why on the engine (`auto_reason`), for the line `iqpir restore` prints.
-An int8 engine is one more class here and one more branch of `make_engine`.
+int8: OpenVinoEngine on a graph that iqpir.quantize calibrated (`graph_engine` runs it; the
+cache and `auto`'s use of it are iqpir.quantize's, above this layer).
 """
 
 from __future__ import annotations
@@ -407,8 +408,8 @@ def openvino_config(dtype: str, threads: int | None = None) -> dict:
 
     OpenVINO runs in bf16 by default on CPUs with native bf16: the hint asks for what was chosen.
     An int8 graph (iqpir.quantize) runs its convolutions in int8 and the operations left in
-    floating point in bf16 where the CPU has it natively (measured faster than f32 around the
-    int8 convolutions: 0.22 against 0.27 s/MP on the default model), f32 elsewhere.
+    floating point in bf16 where the CPU has it natively (as the torch fast path runs its
+    convolutions), f32 elsewhere.
     """
     low = dtype == "bfloat16" or (dtype == "int8" and cpu_has_native_bf16())
     return {"INFERENCE_PRECISION_HINT": "bf16" if low else "f32",
