@@ -210,6 +210,18 @@ def test_a_fidelity_above_zero_gets_a_graph_with_the_cft_blocks(made, tmp_path, 
     assert quantize.int8_for(made["run"], "auto", fidelity=0.0, log=lambda line: None).path == made["graph"].path
 
 
+def test_calibration_images_come_from_a_folder_at_the_graphs_size(made, tmp_path):
+    """--calibration FOLDER: crops of the user's own images, at the graph's face size, in [0, 1]."""
+    for i in range(2):
+        io.write_image(tmp_path / "own" / f"f{i}.png", torch.full((3, 40, 48), 0.25 + 0.5 * i))
+    graph = read_graph(made["graph"].path)
+    images = quantize.calibration_images(graph, 4, seed=0, folder=tmp_path / "own")
+    assert [x.shape for x in images] == [(1, 3, graph.image_size, graph.image_size)] * 4
+    assert {round(float(x.mean()), 2) for x in images[:2]} == {0.25, 0.75}  # each of the two images
+    with pytest.raises(ValueError, match="no images there"):
+        quantize.calibration_images(graph, 4, seed=0, folder=tmp_path / "own" / "none")
+
+
 def test_int8_refusals(made, tmp_path, capsys):
     with pytest.raises(ValueError, match="is an int8 graph: restore it with --dtype int8"):
         iqpir.load_restorer(made["graph"].path, dtype="float32")

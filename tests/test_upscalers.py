@@ -9,6 +9,7 @@ are refused in one line; a pickle that would run code is refused before anything
 from __future__ import annotations
 
 import importlib.util
+import types
 import warnings
 
 import numpy as np
@@ -236,3 +237,17 @@ def test_a_gfpgan_file_is_a_face_model_without_our_knobs(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "leave --quality out" in err, err
     assert main([*common, "--out", str(tmp_path / "out")]) == 0
     assert Image.open(tmp_path / "out" / "face.png").size == (240, 280)
+
+
+def test_a_cached_int8_graph_leaves_a_bg_upsampler_restore_alone(models, tmp_path, monkeypatch):
+    """Without --faces, --bg-upsampler restores with that model alone: `auto` must not swap in the
+    default model's cached int8 graph (it would then refuse its own --checkpoint)."""
+    from iqpir import quantize
+
+    asked = []
+    monkeypatch.setattr(quantize, "int8_for", lambda *a, **k: asked.append(a) or types.SimpleNamespace(path="g.xml"))
+    src = tmp_path / "in" / "p.png"
+    io.write_image(src, torch.rand(3, 30, 44, generator=torch.Generator().manual_seed(5)))
+    assert main(["restore", str(src), "--bg-upsampler", str(models["x2"]), "--upscale", "2",
+                 "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert (tmp_path / "o" / "p.png").is_file() and not asked

@@ -447,7 +447,8 @@ def _restore(args: argparse.Namespace) -> int:
         print("iqpir restore: error: --bg-checkpoint and --bg-upsampler both restore the background: choose one",
               file=sys.stderr)
         return 2
-    _choose_int8(args)
+    if args.faces or not args.bg_upsampler:  # without --faces, --bg-upsampler restores with that model alone
+        _choose_int8(args)
     if args.faces:
         return _run_restore_faces(args)
     args.no_smooth = not args.smooth

@@ -11,10 +11,11 @@ SiLU are mostly positive), then NNCF's fast bias correction.
 Why OpenVINO + NNCF rather than PyTorch's own x86 int8 path: the graph we already export is the
 input, the int8 convolutions run through OpenVINO's oneDNN kernels (VNNI/AMX where the CPU has
 them, AVX2 otherwise) with everything around them fused by OpenVINO, and measured on a 2-core AMD
-EPYC (AVX-512 VNNI and BF16) it ran the default model at 0.22 s/MP against 0.52 in OpenVINO
-float32 and 0.62 for our torch path; PyTorch's eager int8 modules (torch.ao) are deprecated in
-favour of a compile-based flow that took 8 minutes to compile this network in float32 and ran
-it slower than eager (docs/performance.md). The choice and its numbers: docs/performance.md.
+EPYC (AVX-512 VNNI and BF16) it ran the default model at 0.251 s/MP against 0.543 in OpenVINO
+float32 and 0.572 for torch float32 (benchmarks/bench_paths.py); PyTorch's eager int8 modules
+(torch.ao) are deprecated in favour of a compile-based flow, and torch.compile took 486 s to
+compile the paper network in float32 and ran it slower than eager. The choice and its numbers:
+docs/performance.md.
 
 Every int8 graph carries what it measured against the float32 graph on held-out images (other
 crops than the calibration's): the share of code tokens equal to float32's (networks with codes)
@@ -91,7 +92,7 @@ def _folder_photos(folder: Path) -> list[np.ndarray]:
     paths, _ = io.collect_inputs([str(folder)])
     if not paths:
         raise ValueError(f"--calibration {folder}: no images there")
-    return [(io.read_image(p).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for p in paths]
+    return [(io.read_image(p).rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for p in paths]
 
 
 def calibration_images(graph: ExportedGraph, count: int, seed: int, folder: Path | None = None) -> list[np.ndarray]:
@@ -213,7 +214,8 @@ def quantize_graph(source: str | Path, out: str | Path, calibration: str | Path 
     quantised = nncf.quantize(model, nncf.Dataset(calib), subset_size=len(calib),
                               preset=nncf.QuantizationPreset.MIXED,
                               ignored_scope=nncf.IgnoredScope(types=keep_float, names=float_convs, validate=False))
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # beside `out`: the final moves are renames
         trial = Path(tmp) / "int8.xml"
         ov.save_model(quantised, str(trial), compress_to_fp16=False)
         fidelity = measure(graph, graph.path, trial, held_out)
@@ -225,10 +227,10 @@ def quantize_graph(source: str | Path, out: str | Path, calibration: str | Path 
         graph.int8 = info
         graph.path = out
         quantised.set_rt_info(json.dumps(graph.metadata()), [METADATA_KEY])
-        ov.save_model(quantised, str(trial), compress_to_fp16=False)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(trial.with_suffix(".bin"), out.with_suffix(".bin"))
-        os.replace(trial, out)
+        final = Path(tmp) / "final.xml"  # not over the trial's .bin, which OpenVINO may still map
+        ov.save_model(quantised, str(final), compress_to_fp16=False)
+        os.replace(final.with_suffix(".bin"), out.with_suffix(".bin"))
+        os.replace(final, out)
     return graph
 
 
@@ -236,10 +238,9 @@ def _encoder_convolutions(model, graph: ExportedGraph) -> list[str]:
     """In a network with codes, the encoder's convolutions: they stay in floating point (bf16 where
     the CPU has it, as on the fast path), because the codes are read from their output.
 
-    Measured (docs/performance.md): with the encoder in int8 too, 91.8% of the fixture network's
-    code tokens matched float32's (94.6% on the tests' tiny network; keeping its lowest two
-    resolutions in float still gave 95.4%), below the 97% bar, where the float encoder keeps the
-    bf16 path's 98%; the decoder and CFT blocks hold more than half of the FLOPs."""
+    Measured (benchmarks/bench_restore.py, docs/performance.md): with the encoder in int8 too,
+    93.4% of the fixture network's code tokens matched float32's, below the 97% bar; with it in
+    floating point, 98.0% (the bf16 path's 98.4%)."""
     if not any(name.startswith("indices") for name in graph.outputs):
         return []
     return [op.get_friendly_name() for op in model.get_ops()
@@ -390,6 +391,8 @@ def int8_for(checkpoint: str | Path | None, dtype: str, backend: str = "auto", f
         return None
     elif not all(p.is_file() for p in weights_file(checkpoint)):
         return None  # a mistyped path: the torch path's loader names what it looked for
+    elif not any(cache_dir().glob(f"*-r{RECIPE}*.xml")):
+        return None  # nothing cached at all: no need to hash the weights (a large file: most of a second)
     elif not any(cached_graph_path(checkpoint, cft)[0].is_file() for cft in (False, True)):
         return None
     described = describe(checkpoint)
