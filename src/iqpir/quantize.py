@@ -48,7 +48,7 @@ from iqpir.inference.files import METADATA_KEY, ExportedGraph, read_graph, requi
 
 # Bump when the calibration images, the quantised operations or NNCF's settings change: every
 # cached graph made by another recipe is then stale.
-RECIPE = 1
+RECIPE = 2
 # The fidelity an int8 graph must keep against the float32 graph (issue 24): for a network with
 # codes, the share of code tokens equal to float32's (a flipped code redraws its region of the
 # image, so the PSNR of such networks is reported, not barred: the bf16 path's is 20-30 dB on the
@@ -193,7 +193,7 @@ def quantize_graph(source: str | Path, out: str | Path, calibration: str | Path 
     below the codes bar: `_encoder_convolutions`); kept for benchmarks/bench_restore.py.
     """
     ov = require_extra("openvino", "int8")
-    nncf = require_extra("nncf", "int8")
+    nncf = _import_nncf()
     graph = read_graph(source)
     if graph.format != "openvino":
         raise ValueError(f"{source}: int8 graphs are made from OpenVINO graphs (iqpir export --format openvino)")
@@ -212,7 +212,7 @@ def quantize_graph(source: str | Path, out: str | Path, calibration: str | Path 
     print(f"iqpir: calibrating int8 convolutions on {len(calib)} images "
           f"({'the sample photos' if folder is None else folder})", file=sys.stderr, flush=True)
     quantised = nncf.quantize(model, nncf.Dataset(calib), subset_size=len(calib),
-                              preset=nncf.QuantizationPreset.MIXED,
+                              preset=nncf.QuantizationPreset.MIXED, advanced_parameters=_no_overflow(nncf),
                               ignored_scope=nncf.IgnoredScope(types=keep_float, names=float_convs, validate=False))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # beside `out`: the final moves are renames
@@ -232,6 +232,24 @@ def quantize_graph(source: str | Path, out: str | Path, calibration: str | Path 
         os.replace(final.with_suffix(".bin"), out.with_suffix(".bin"))
         os.replace(final, out)
     return graph
+
+
+def _import_nncf():
+    """NNCF, without the CUDA_HOME warning torch's C++-extension module logs on import on a CPU machine."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    return require_extra("nncf", "int8")
+
+
+def _no_overflow(nncf):
+    """Weights quantised to 7 bits in every layer (NNCF's overflow fix), not only the first.
+
+    CPUs without VNNI (AVX2-only, AVX-512 before Cascade Lake) multiply u8 x s8 pairs with
+    vpmaddubsw, whose 16-bit sums saturate with 8-bit weights; one graph must run correctly on
+    every CPU class, so every layer gets the headroom (docs/performance.md, "int8 without VNNI").
+    """
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    return AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
 
 
 def _encoder_convolutions(model, graph: ExportedGraph) -> list[str]:
@@ -385,7 +403,7 @@ def int8_for(checkpoint: str | Path | None, dtype: str, backend: str = "auto", f
     if dtype == "int8":
         if backend not in ("auto", "openvino"):
             raise ValueError(f"--dtype int8 runs an OpenVINO graph: leave --backend {backend} out")
-        require_extra("nncf", "int8")
+        _import_nncf()
     elif (dtype != "auto" or backend != "auto" or not cpu_has_int8_dot()
           or importlib.util.find_spec("openvino") is None):
         return None
