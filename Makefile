@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all mutants bench clean default-model
+.PHONY: install demo test test-all mutants bench clean default-model chromium
 
 install: $(STAMP)
 
@@ -29,12 +29,16 @@ default-model: $(STAMP)
 	$(PY) -m iqpir.training.default_model train --work $(DEFAULT_WORK) --steps $(DEFAULT_STEPS) --threads 2
 	$(PY) -m iqpir.training.default_model write --work $(DEFAULT_WORK) --out src/iqpir/weights
 
-# The default suite: offline, CPU, well under 3 minutes on 2 cores.
-test: $(STAMP)
+# The browser test's headless Chromium: found, or installed where this runs as root with apt-get.
+chromium:
+	@bash tools/ensure_chromium.sh
+
+# The default suite: offline, CPU, under 3 minutes on 2 cores.
+test: $(STAMP) chromium
 	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # Everything, the slow tests included.
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ''
 
 # Plants the bugs the tests exist for (tools/mutants.py lists them) in a temporary copy, one at

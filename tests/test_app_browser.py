@@ -2,6 +2,8 @@
 
 One page load: drop a photo, choose a photo, move the Quality slider, press Restore, wait for the
 result, check the shown image's pixels against the model's output, drag the divider, download.
+Every wait is a locator's `expect` (retried until its timeout): `wait_for_function` evaluates its
+text with `eval`, which the page's CSP refuses, so it worked only when its first check passed.
 The browser must start: where it cannot, the test fails with the reason (CI installs Chromium
 in .ci/run). IQPIR_APP_SCREENSHOT=FILE keeps its screenshot (with IQPIR_APP_CHECKPOINT=RUN: of a
 trained model instead of the tiny random one; the README's picture is tools/app_screenshot.py's);
@@ -99,6 +101,7 @@ def shown_pixels(page, selector: str) -> np.ndarray:
 
 def test_the_page_restores_a_photo_in_chromium(server, browser, tmp_path):
     import skimage.data
+    from playwright.sync_api import expect
 
     base, restorer = server
     photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((96, 96), Image.LANCZOS))
@@ -109,12 +112,14 @@ def test_the_page_restores_a_photo_in_chromium(server, browser, tmp_path):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.set_default_timeout(60_000)
+    expect.set_options(timeout=60_000)
 
     page.goto(base + "/")
-    page.wait_for_function("document.getElementById('model').textContent.includes('iqpir')")
-    assert page.is_hidden("#fidelity-row")  # this model has no CFT blocks
-    assert page.is_disabled("#faces") and "not installed" in page.inner_text("#faces-note")
-    assert page.is_disabled("#restore")
+    expect(page.locator("#model")).to_contain_text("iqpir")
+    expect(page.locator("#fidelity-row")).to_be_hidden()  # this model has no CFT blocks
+    expect(page.locator("#faces")).to_be_disabled()
+    expect(page.locator("#faces-note")).to_contain_text("not installed")
+    expect(page.locator("#restore")).to_be_disabled()
 
     # Drag and drop onto the picture area (a drop event carrying the file, as a browser makes it).
     page.evaluate("""([name, b64]) => {
@@ -123,24 +128,24 @@ def test_the_page_restores_a_photo_in_chromium(server, browser, tmp_path):
         dt.items.add(new File([bytes], name, {type: "image/png"}));
         document.getElementById("stage").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
     }""", ["dropped.png", base64.b64encode(upload).decode()])
-    assert "dropped.png" in page.inner_text("#file-name")
+    expect(page.locator("#file-name")).to_contain_text("dropped.png")
     # The file picker.
     page.set_input_files("#file", files=[{"name": "astronaut.png", "mimeType": "image/png", "buffer": upload}])
-    assert "astronaut.png" in page.inner_text("#file-name")
-    page.wait_for_selector("#before", state="visible")
+    expect(page.locator("#file-name")).to_contain_text("astronaut.png")
+    expect(page.locator("#before")).to_be_visible()
 
     # Move the Quality slider from 1.00 down to 0.60 with the keyboard, as a user can.
     page.focus("#quality")
     for _ in range(8):
         page.keyboard.press("ArrowLeft")
-    assert page.inner_text("#quality-value") == "0.60"
+    expect(page.locator("#quality-value")).to_have_text("0.60")
     # Before the first result a slider does nothing by itself: the page says what applies it.
-    assert "Quality 0.60: press Restore" in page.inner_text("#status"), page.inner_text("#status")
+    expect(page.locator("#status")).to_contain_text("Quality 0.60: press Restore")
 
     page.click("#restore")
-    page.wait_for_selector("#stage[data-restored='1']")
-    page.wait_for_selector("#after", state="visible")
-    assert "Restored in" in page.inner_text("#status"), page.inner_text("#status")
+    expect(page.locator("#stage")).to_have_attribute("data-restored", "1")
+    expect(page.locator("#after")).to_be_visible()
+    expect(page.locator("#status")).to_contain_text("Restored in")
 
     shown = shown_pixels(page, "#after").astype(int)
     alpha = float(page.input_value("#alpha"))  # the model's default, which the page starts from
@@ -170,8 +175,8 @@ def test_the_page_restores_a_photo_in_chromium(server, browser, tmp_path):
     }""")
     page.focus("#quality")
     page.keyboard.press("ArrowRight")
-    page.wait_for_selector("#stage[data-restored='2']")
-    page.wait_for_function("document.getElementById('busy').hidden")
+    expect(page.locator("#stage")).to_have_attribute("data-restored", "2")
+    expect(page.locator("#busy")).to_be_hidden()
     assert page.evaluate("window.downloadStates") == ["true", "false"], page.evaluate("window.downloadStates")
     shown = shown_pixels(page, "#after").astype(int)
 
