@@ -30,8 +30,9 @@ from iqpir import devices, io
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_restore import machine  # noqa: E402
 
-# scikit-image photos that iqpir.quantize's calibration does not use.
-HELD_OUT = ("hubble_deep_field", "skin", "lily", "logo")
+# Photos in scikit-image's wheel that iqpir.quantize's calibration does not use ("skin" and "lily"
+# are not in the wheel: scikit-image downloads them with pooch, which a fresh install lacks).
+HELD_OUT = ("hubble_deep_field", "logo", "stereo_motorcycle")
 
 
 def photos(folder: Path | None, multiple: int) -> list[torch.Tensor]:
@@ -44,6 +45,7 @@ def photos(folder: Path | None, multiple: int) -> list[torch.Tensor]:
         images = []
         for name in HELD_OUT:
             a = getattr(skimage.data, name)()
+            a = a[0] if isinstance(a, tuple) else a  # stereo_motorcycle: (left, right, disparity)
             a = a[..., :3] if a.ndim == 3 else np.repeat(a[..., None], 3, -1)
             images.append(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255)
     crop = [img[:, : img.shape[1] // multiple * multiple, : img.shape[2] // multiple * multiple] for img in images]
