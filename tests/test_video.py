@@ -56,7 +56,8 @@ def make_clip(path, pts: list[int], rate: int = 25, audio: bool = True, size=(64
                 out.mux(p)
 
 
-def write_clip(path, frames, codec: str = "libx264", rate: int = 25, rotation: int = 0, crf: int | None = None) -> None:
+def write_clip(path, frames, codec: str = "libx264", rate: int = 25, rotation: int = 0, crf: int | None = None,
+               pix_fmt: str = "yuv420p") -> None:
     """(H, W, 3) uint8 frames -> a clip at `rate` frames per second, frame i at pts i."""
     import av
 
@@ -67,7 +68,7 @@ def write_clip(path, frames, codec: str = "libx264", rate: int = 25, rotation: i
             if v is None:
                 v = out.add_stream(codec, rate=rate)
                 v.height, v.width = array.shape[:2]
-                v.pix_fmt = "yuv420p"
+                v.pix_fmt = pix_fmt
                 if crf is not None:
                     v.options = {"crf": str(crf)}
                 if rotation:
@@ -245,6 +246,24 @@ def test_a_portrait_clip_keeps_its_rotation(clips, tmp_path):
     assert main(["restore", str(src), "--checkpoint", str(unet), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     with av.open(str(tmp_path / "out" / "phone.mp4")) as c:
         assert next(c.decode(video=0)).rotation == 90
+
+
+@pytest.mark.parametrize("w, h", [(127, 95), (64, 47), (66, 48)])
+def test_a_clip_keeps_its_width_and_height(clips, tmp_path, capsys, w, h):
+    """4:2:0 needs even sides: an odd-sized clip is written 4:4:4 at its own size, and says so."""
+    import av
+
+    _, unet = clips
+    src = tmp_path / "in" / "odd.mp4"
+    write_clip(src, [np.full((h, w, 3), 40 * i, np.uint8) for i in range(3)], pix_fmt="yuv444p")
+    assert main(["restore", str(src), "--checkpoint", str(unet), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    with av.open(str(tmp_path / "out" / "odd.mp4")) as c:
+        stream = c.streams.video[0].codec_context
+        assert (stream.width, stream.height) == (w, h)
+        assert all(f.to_ndarray(format="rgb24").shape == (h, w, 3) for f in c.decode(video=0))
+        odd = w % 2 or h % 2
+        assert stream.pix_fmt == ("yuv444p" if odd else "yuv420p")
+    assert ("has an odd side" in capsys.readouterr().err) == bool(odd)
 
 
 def test_several_frames_per_forward_pass(clips, tmp_path, monkeypatch):

@@ -4,9 +4,11 @@
 
 One pass over the input's packets (PyAV, extra `video`: FFmpeg's libraries in wheels): video
 packets are decoded, each frame restored by `restore_frame` ((3, H, W) -> (3, kH, kW) in [0, 1])
-and encoded as H.264 (yuv420p, `crf`) with the frame's own timestamp, so the frame count, the
+and encoded as H.264 (`crf`) with the frame's own timestamp, so the frame count, the
 timing (variable frame rate included) and the duration stay the input's; every other stream
-(audio, subtitles, data) is copied packet for packet, without re-encoding. Memory holds a few
+(audio, subtitles, data) is copied packet for packet, without re-encoding. The frame size is
+kept: yuv420p where both sides are even (what every player takes), else yuv444p (4:2:0 chroma
+needs even sides; the summary says so). Memory holds a few
 frames, whatever the clip's length. The output is written to a hidden partial file beside the
 target and renamed into place only when complete: an interrupted or failed run leaves no
 truncated clip (and a re-run starts over). Inputs are only read.
@@ -49,10 +51,6 @@ def _av():
     except ImportError:
         raise ImportError("restoring videos needs PyAV: pip install 'iqpir[video]'") from None
     return av
-
-
-def _even(n: int) -> int:
-    return n + (n % 2)
 
 
 def probe(src: str | Path) -> dict:
@@ -103,6 +101,10 @@ def restore_video(src: str | Path, dst: str | Path, restore_frames: Callable[[to
         with av.open(str(src)) as inp, av.open(str(partial), "w", format=_format(dst)) as out:
             vin = next(s for s in inp.streams if s.type == "video")
             vout = _video_stream(out, vin, (3, info["height"] * scale, info["width"] * scale), crf)
+            if vout.pix_fmt != "yuv420p":
+                print(f"iqpir restore: {src.name}: {vout.width}x{vout.height} has an odd side, so it is written as "
+                      "H.264 4:4:4 (yuv444p) to keep its size; some players (Firefox, older phones) play "
+                      "only 4:2:0, which needs even sides", file=sys.stderr)
             if info["rotation"]:
                 vout.set_display_rotation(info["rotation"])
             copies = {}
@@ -167,7 +169,8 @@ def restore_video(src: str | Path, dst: str | Path, restore_frames: Callable[[to
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, dst)
-    return {"input": str(src), "output": str(dst), "frames": frames, "seconds": round(time.perf_counter() - start, 2)}
+    return {"input": str(src), "output": str(dst), "frames": frames, "width": vout.width, "height": vout.height,
+            "pix_fmt": vout.pix_fmt, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _format(dst: Path) -> str | None:
@@ -175,10 +178,11 @@ def _format(dst: Path) -> str | None:
 
 
 def _video_stream(out, vin, shape: tuple[int, ...], crf: int):
-    """H.264 yuv420p in the input's time base, sized like the restored frames (even sides)."""
+    """H.264 in the input's time base, sized like the restored frames: yuv420p, or yuv444p where a
+    side is odd (4:2:0 halves the chroma in both directions, so it needs even sides)."""
     vout = out.add_stream("libx264", rate=vin.average_rate or vin.guessed_rate or 25)
-    vout.width, vout.height = _even(shape[2]), _even(shape[1])
-    vout.pix_fmt = "yuv420p"
+    vout.width, vout.height = shape[2], shape[1]
+    vout.pix_fmt = "yuv420p" if shape[1] % 2 == 0 and shape[2] % 2 == 0 else "yuv444p"
     vout.time_base = vin.time_base
     vout.codec_context.time_base = vin.time_base
     vout.options = {"crf": str(crf)}
@@ -189,10 +193,8 @@ def _encode(out, vout, restored: torch.Tensor, frame) -> None:
     av = _av()
     arr = (restored.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
     h, w = arr.shape[:2]
-    if h > vout.height or w > vout.width:
-        raise ValueError(f"a restored frame of {w}x{h} does not fit the clip's {vout.width}x{vout.height}")
-    if (h, w) != (vout.height, vout.width):  # yuv420p needs even sides: repeat the last row/column
-        arr = np.pad(arr, ((0, vout.height - h), (0, vout.width - w), (0, 0)), mode="edge")
+    if (h, w) != (vout.height, vout.width):
+        raise ValueError(f"a restored frame of {w}x{h} is not the clip's {vout.width}x{vout.height}")
     new = av.VideoFrame.from_ndarray(arr, format="rgb24")
     new.pts, new.time_base = frame.pts, frame.time_base
     for p in vout.encode(new):
