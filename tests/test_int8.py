@@ -69,7 +69,11 @@ def made(tmp_path_factory):
             del os.environ["IQPIR_CACHE"]
         else:
             os.environ["IQPIR_CACHE"] = old
-    return {"root": root, "run": run, "model": model, "graph": graph, "lines": lines}
+    from iqpir.export import export
+
+    float_graph = root / "f32.xml"  # the float32 graph the int8 one is compared with
+    export(run, "openvino", float_graph)
+    return {"root": root, "run": run, "model": model, "graph": graph, "lines": lines, "float": float_graph}
 
 
 def test_the_int8_graph_quantises_the_decoder_convolutions_only_and_records_its_fidelity(made):
@@ -103,16 +107,13 @@ def test_the_int8_graph_predicts_the_float_graphs_codes_exactly(made, tmp_path, 
     rounding is left in the images."""
     import openvino as ov
 
-    from iqpir.export import export
-
     if hint == "bf16" and not devices.cpu_has_native_bf16():
         pytest.skip("no native bf16 on this CPU")
-    export(made["run"], "openvino", tmp_path / "f32.xml")
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": 1}
-    ref = core.compile_model(str(tmp_path / "f32.xml"), "CPU", config)
+    ref = core.compile_model(str(made["float"]), "CPU", config)
     int8 = core.compile_model(str(made["graph"].path), "CPU", config)
-    graph = read_graph(tmp_path / "f32.xml")
+    graph = read_graph(made["float"])
     for feed in quantize.feeds(graph, quantize.calibration_images(graph, 4, seed=11)):
         a, b = ref(feed), int8(feed)
         for i, name in enumerate(graph.outputs):
