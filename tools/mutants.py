@@ -507,6 +507,16 @@ MUTANTS = [
            [("    if given and not any(video.is_video(p) for p in paths):", "    if False:")],
            [T + "test_video.py::test_clip_frames_follow_blend_and_colour_and_video_flags_need_a_clip"],
            "--crf accepted for photos and ignored"),
+    # -- nothing lost on real collections (issue 31) ------------------------------------------------
+    Mutant("layout-names-only", "src/iqpir/io.py",
+           [("        rel = Path(os.path.abspath(src)).relative_to(shared if root is None else os.path.abspath(root))\n",
+             "        rel = Path(src.name)\n")],
+           [T + "test_outputs.py::test_same_names_under_a_glob_are_mirrored_and_resumed_by_path"],
+           "a glob's matches keep their names only: same-named photos from two folders share one output"),
+    Mutant("layout-clash-ignored", "src/iqpir/io.py",
+           [("    clashes = {dst: srcs for dst, srcs in taken.items() if len(srcs) > 1}\n", "    clashes = {}\n")],
+           [T + "test_outputs.py::test_inputs_that_would_share_an_output_are_refused_before_any_work"],
+           "two inputs that map to one output are not refused: one is lost (skipped or replaced)"),
 ]
 
 

@@ -330,13 +330,32 @@ def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def glob_root(pattern: str) -> Path:
+    """The fixed prefix of a glob pattern: its folders before the first one with a wildcard
+    (`in/**/*.jpg` -> `in`, `*.png` -> `.`), the root its matches are mirrored from."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts[:-1]:
+        if any(ch in part for ch in "*?["):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+class OutputClash(ValueError):
+    """Two or more inputs would be written to one output; the message lists every clash."""
+
+
 @dataclass
 class OutputPlan:
-    """Where a command that writes one image per input puts each output.
+    """Where a command that writes one file per input puts each output.
 
     pairs: (input, output) in input order; failed: (input, why) for inputs that matched
-    nothing and for inputs whose output another input already takes; targets: the output of
-    every input found, those last ones included.
+    nothing; targets: the output of every input found.
     """
 
     pairs: list[tuple[Path, Path]]
@@ -345,18 +364,27 @@ class OutputPlan:
 
 
 def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 extensions: Sequence[str] | None = None, flag: str = "--out", suffix: str | None = None) -> OutputPlan:
-    """The one output rule of `iqpir restore` and `iqpir degrade`.
+                 extensions: Sequence[str] | None = None, flag: str = "--out", suffix: str | None = None,
+                 rename: Callable[[Path, Path], Path] | None = None) -> OutputPlan:
+    """The one output rule of `iqpir restore` (photos, faces, videos) and `iqpir degrade`.
 
-    - an image found in a folder keeps its path relative to that folder; a file or glob
-      match keeps its name; with `extensions`, a name whose suffix is not among them gets
-      ".png" appended (a.pgm -> a.pgm.png); with `suffix` every output gets it (a.jpg -> a.png);
+    - each output mirrors its input's path relative to the input's root: the folder given
+      (recursive), a glob's fixed prefix (`glob_root`), and for files given by name the folder
+      they all share (`in/2019/a.jpg in/2020/a.jpg` -> `2019/a.jpg`, `2020/a.jpg`; one file: its name);
+    - with `extensions`, a name whose suffix is not among them gets ".png" appended
+      (a.pgm -> a.pgm.png); with `suffix` every output gets it (a.jpg -> a.png); `rename(input,
+      relative output)` -> the relative output, last (a video's container);
+    - two inputs never share an output: where they would (two folders given that both hold
+      x.png, y.jpg and y.png under one `suffix`), the plan is refused before any work, naming
+      every clash;
     - the output folder may not be an input folder nor lie inside one (a second run would
       take the first run's outputs for inputs), and no output may be an input file;
     - hidden files and folders are not inputs (`collect_inputs`).
-    What to do with outputs that exist already (keep or replace) is the command's flag.
+    What to do with outputs that exist already (keep or replace) is the command's flag; resume
+    keys on the relative path (`OutputLog`).
 
     Raises:
+        OutputClash (a ValueError): two inputs would share an output.
         ValueError: the output folder is, or is inside, an input folder.
         FileExistsError: an output would overwrite an input, or `out` is not a folder.
     """
@@ -365,45 +393,54 @@ def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
     if out_r.exists() and not out_r.is_dir():
         raise FileExistsError(f"{flag} {out} exists and is not a folder")
     for item in inputs:
-        folder = Path(item)
+        s = str(item)
+        folder = glob_root(s) if _is_glob(s) and "**" in s else Path(item)
         if folder.is_dir() and _is_within(out_r, folder.resolve()):
             what = "is" if out_r == folder.resolve() else "is inside"
             raise ValueError(
-                f"{flag} {out} {what} the input folder {item}: inputs could be overwritten, and a later run "
+                f"{flag} {out} {what} the input folder {folder}: inputs could be overwritten, and a later run "
                 "would take the outputs for inputs; "
                 "choose an output folder outside the inputs"
             )
     exts = None if extensions is None else {e.lower() for e in extensions}
-    pairs: list[tuple[Path, Path]] = []
+    rooted: list[tuple[Path, Path | None]] = []  # (input, its root; None: a file given by name)
     failed: list[tuple[str, str]] = []
     seen: set[Path] = set()
     for item in inputs:
-        item_p = Path(item)
+        s = str(item)
         found, missing = collect_inputs([item])
         failed.extend((m, "no such file, folder or matching image") for m in missing)
+        root = Path(item) if Path(item).is_dir() else glob_root(s) if _is_glob(s) and not Path(item).is_file() else None
         for src in found:
             key = src.resolve()
-            if key in seen:
-                continue
-            seen.add(key)
-            rel = src.relative_to(item_p) if item_p.is_dir() else Path(src.name)  # lexical: links stay named
-            if suffix is not None:
-                rel = rel.with_suffix(suffix)
-            elif exts is not None and rel.suffix.lower() not in exts:
-                rel = rel.with_name(rel.name + ".png")
-            pairs.append((src, out / rel))
-    taken: dict[Path, Path] = {}
-    kept = []
+            if key not in seen:
+                seen.add(key)
+                rooted.append((src, root))
+    loose = [Path(os.path.abspath(src)).parent for src, root in rooted if root is None]
+    shared = Path(os.path.commonpath(loose)) if loose else None
+    pairs: list[tuple[Path, Path]] = []
+    for src, root in rooted:
+        # lexical, not resolved: a link in the inputs keeps its own name
+        rel = Path(os.path.abspath(src)).relative_to(shared if root is None else os.path.abspath(root))
+        if suffix is not None:
+            rel = rel.with_suffix(suffix)
+        elif exts is not None and rel.suffix.lower() not in exts:
+            rel = rel.with_name(rel.name + ".png")
+        if rename is not None:
+            rel = rename(src, rel)
+        pairs.append((src, out / rel))
+    taken: dict[Path, list[Path]] = {}
     for src, dst in pairs:
-        key = dst.resolve()
-        if key in seen:
+        if dst.resolve() in seen:
             raise FileExistsError(f"the output of {src} would overwrite the input {dst}; choose another {flag} folder")
-        if key in taken:
-            failed.append((str(src), f"its output {dst} is already the output of {taken[key]}"))
-            continue
-        taken[key] = src
-        kept.append((src, dst))
-    return OutputPlan(pairs=kept, failed=failed, targets=dict(pairs))
+        taken.setdefault(dst, []).append(src)
+    clashes = {dst: srcs for dst, srcs in taken.items() if len(srcs) > 1}
+    if clashes:
+        lines = [f"  {dst} <- {', '.join(map(str, srcs))}" for dst, srcs in clashes.items()]
+        raise OutputClash(f"{len(clashes)} output{'s' if len(clashes) > 1 else ''} would be written by more than one "
+                          "input; nothing was done. Give the folder that holds them all (its structure is kept), "
+                          "or restore them into separate output folders:\n" + "\n".join(lines))
+    return OutputPlan(pairs=pairs, failed=failed, targets=dict(pairs))
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -446,8 +446,10 @@ def degrade_files(
     Args:
         inputs: image files, folders (recursive; hidden folders are not inputs) and glob patterns.
         out_dir: the output folder (`io.plan_outputs`, the rule `iqpir restore` follows too):
-            it must not be (or lie inside) an input folder, and no output may overwrite an
-            input. A name whose format cannot be written (a.pgm) gets ".png" appended.
+            outputs mirror the inputs' paths, two inputs that would share an output are refused
+            before any work, the folder must not be (or lie inside) an input folder, and no
+            output may overwrite an input. A name whose format cannot be written (a.pgm) gets
+            ".png" appended.
         cfg, preset: the degradation (preset default: cfg.preset).
         seed: each file's generator is seeded from (seed, sha256 of the file's bytes), so the
             same image and seed give the same output whatever the other inputs, their order
@@ -455,9 +457,8 @@ def degrade_files(
         overwrite: replace existing outputs; by default they are kept and counted as skipped.
 
     Alpha channels are carried over (except into JPEG); grey inputs give grey outputs and
-    16-bit grey inputs 16-bit outputs. Unreadable files, inputs that match nothing and
-    output-name collisions are listed in `report.failed`; the rest are written. The summary
-    is printed to stderr.
+    16-bit grey inputs 16-bit outputs. Unreadable files and inputs that match nothing are
+    listed in `report.failed`; the rest are written. The summary is printed to stderr.
     """
     from tqdm import tqdm
 

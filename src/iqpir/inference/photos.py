@@ -95,10 +95,13 @@ def _plan(inputs: Sequence[str], out: str | Path,
           suffix: str | None = None) -> tuple[Path, list[Path], list[str], io.FileReport, dict[Path, Path]]:
     """The start of every restore command: the output folder, the inputs found, the inputs that
     matched nothing (already in the report as failures) and each input's output path, by the
-    rule of `io.plan_outputs` (shared with `iqpir degrade`: the output folder may not be or lie
-    inside an input folder, and no output may replace an input)."""
+    rule of `io.plan_outputs` (shared with `iqpir degrade`: outputs mirror the inputs' paths, two
+    inputs never share an output, the output folder may not be or lie inside an input folder, and
+    no output may replace an input). A clip keeps its container (`video.output_name`), not --format."""
     out = Path(out)
-    paths, missing = io.collect_inputs(inputs)
+    plan = io.plan_outputs(inputs, out, suffix=suffix, rename=_clip_name)
+    paths = [src for src, _ in plan.pairs]
+    missing = [m for m, _ in plan.failed]
     rank, world = process_shard()
     if world > 1:  # a torchrun job: this process takes its share, each input goes to one rank
         paths = [p for p in paths if shard_owner(p, world) == rank]
@@ -106,7 +109,12 @@ def _plan(inputs: Sequence[str], out: str | Path,
         print(f"iqpir restore: rank {rank} of {world}: {len(paths)} inputs", file=sys.stderr)
     report = io.FileReport.empty()
     report.failed.extend((m, "no such file, folder or matching image") for m in missing)
-    return out, paths, missing, report, io.plan_outputs(inputs, out, suffix=suffix).targets
+    return out, paths, missing, report, plan.targets
+
+
+def _clip_name(src: Path, rel: Path) -> Path:
+    """A video's output name (its container, or .mp4); other files' as planned."""
+    return rel.with_name(video.output_name(src)) if video.is_video(src) else rel
 
 
 def report_name() -> str:
@@ -182,8 +190,6 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
 
     for p in it:
         target = targets[p]
-        if video.is_video(p):
-            target = target.with_name(video.output_name(p))  # a clip keeps its container (not --format)
         if target.exists() and not overwrite:
             report.skipped.append(p)
             continue
@@ -408,8 +414,6 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
         it = bar = tqdm(paths, desc="restore", unit="photo", file=sys.stderr, dynamic_ncols=True)
     for p in it:
         target = targets[p]
-        if video.is_video(p):
-            target = target.with_name(video.output_name(p))  # a clip keeps its container (not --format)
         if target.exists() and not overwrite:
             report.skipped.append(p)
             entries.append({"input": str(p), "output": str(target), "skipped": "output exists (--overwrite replaces it)"})

@@ -1,0 +1,128 @@
+"""Nothing lost on real collections: one output per input, verified writes, every file accounted for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iqpir import checkpoint as ckpt
+from iqpir import config as C
+from iqpir import io
+from iqpir.cli import main
+from iqpir.models import build_restorer
+from train_helpers import SMALL_MODEL
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A stage-2 run folder holding a random tiny (32x32) restorer."""
+    cfg = C.load(preset="tiny", overrides=[*SMALL_MODEL, "train.stage=2"])
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("run")
+    ckpt.save_checkpoint(ckpt.checkpoint_stem(run, 1), {"model": build_restorer(cfg.model).state_dict()},
+                         {"config": C.to_dict(cfg), "step": 1, "arch": "restorer"})
+    return run
+
+
+def _photo(path: Path, seed: int, size: int = 36) -> Path:
+    """A small distinct picture at `path` (its format from the suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _restore(run_dir, *args: str) -> int:
+    return main(["restore", *args, "--checkpoint", str(run_dir), "--device", "cpu"])
+
+
+def _files(folder: Path) -> list[str]:
+    """The files under `folder` a user sees (not the hidden ones)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------------------
+# One output per input
+# --------------------------------------------------------------------------------------
+
+
+def test_glob_roots_are_the_fixed_prefix():
+    assert io.glob_root("in/**/*.jpg") == Path("in")
+    assert io.glob_root("in/20*/IMG_*.jpg") == Path("in")
+    assert io.glob_root("*.png") == Path(".")
+    assert io.glob_root("a/b/c?.png") == Path("a/b")
+
+
+def test_same_names_under_a_glob_are_mirrored_and_resumed_by_path(run_dir, tmp_path, capsys):
+    for year, seed in (("2019", 1), ("2020", 2)):
+        _photo(tmp_path / "in" / year / "IMG_0001.png", seed)
+    out = tmp_path / "out"
+    assert _restore(run_dir, str(tmp_path / "in" / "**" / "*.png"), "--out", str(out)) == 0
+    assert _files(out) == ["2019/IMG_0001.png", "2020/IMG_0001.png"]
+    assert "2 restored, 0 skipped" in capsys.readouterr().err
+    a, b = (io.load_rgb(out / y / "IMG_0001.png") for y in ("2019", "2020"))
+    assert not torch.equal(a, b)  # each photo's own restoration, not one written twice
+    # a rerun finds both done, each by its own path
+    assert _restore(run_dir, str(tmp_path / "in" / "**" / "*.png"), "--out", str(out)) == 0
+    assert "0 restored, 2 skipped" in capsys.readouterr().err
+
+
+def test_files_given_by_name_keep_the_structure_they_share(run_dir, tmp_path):
+    """What a shell makes of an unquoted glob: many files, mirrored below the folder they share."""
+    srcs = [_photo(tmp_path / "in" / year / "IMG_0001.png", i) for i, year in enumerate(("2019", "2020"))]
+    plan = io.plan_outputs([str(s) for s in srcs], tmp_path / "out")
+    assert [dst.relative_to(tmp_path / "out").as_posix() for _, dst in plan.pairs] == [
+        "2019/IMG_0001.png", "2020/IMG_0001.png"]
+    one = io.plan_outputs([str(srcs[0])], tmp_path / "out")
+    assert one.pairs == [(srcs[0], tmp_path / "out" / "IMG_0001.png")]
+
+
+@pytest.mark.parametrize("case", ["two-folders", "format"])
+def test_inputs_that_would_share_an_output_are_refused_before_any_work(case, run_dir, tmp_path, capsys):
+    if case == "two-folders":
+        files = [_photo(tmp_path / "a" / "x.png", 1), _photo(tmp_path / "b" / "x.png", 2)]
+        inputs, extra, clash = [f.parent for f in files], [], "x.png"
+    else:
+        files = inputs = [_photo(tmp_path / "in" / "y.jpg", 1), _photo(tmp_path / "in" / "y.png", 2)]
+        extra, clash = ["--format", "png"], "y.png"
+    out = tmp_path / "out"
+    assert _restore(run_dir, *map(str, inputs), "--out", str(out), *extra) == 2
+    err = capsys.readouterr().err
+    assert f"{out / clash} <- {files[0]}, {files[1]}" in err, err
+    assert not out.exists()  # refused before any work
+    assert main(["degrade", *map(str, inputs), "--out", str(out)]) == (2 if case == "two-folders" else 0)
+    if case == "format":  # without --format each keeps its own name
+        assert _restore(run_dir, *map(str, inputs), "--out", str(tmp_path / "own")) == 0
+        assert _files(tmp_path / "own") == ["y.jpg", "y.png"]
+
+
+def test_clips_whose_outputs_share_a_container_clash(tmp_path):
+    from iqpir.inference import photos
+
+    for name in ("a.avi", "a.mp4"):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"not read by the plan")
+    with pytest.raises(io.OutputClash, match="a.mp4 <- "):
+        photos._plan([str(tmp_path / "in" / "a.avi"), str(tmp_path / "in" / "a.mp4")], tmp_path / "out")
+
+
+def test_faces_report_names_each_same_named_photos_own_output(run_dir, tmp_path):
+    pytest.importorskip("dlib")
+    from iqpir.inference.photos import restore_face_files
+
+    for year, seed in (("2019", 1), ("2020", 2)):
+        _photo(tmp_path / "in" / year / "IMG_0001.png", seed, size=48)
+    out = tmp_path / "out"
+    report = restore_face_files([str(tmp_path / "in" / "*" / "*.png")], run_dir, out, device="cpu",
+                                progress=False, detector="hog")
+    assert len(report.done) == 2 and not report.failed
+    entries = json.loads((out / "restore.json").read_text())
+    assert sorted((Path(e["input"]).parent.name, Path(e["output"]).relative_to(out).as_posix()) for e in entries) == [
+        ("2019", "2019/IMG_0001.png"), ("2020", "2020/IMG_0001.png")]
