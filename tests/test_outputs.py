@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +128,96 @@ def test_faces_report_names_each_same_named_photos_own_output(run_dir, tmp_path)
     entries = json.loads((out / "restore.json").read_text())
     assert sorted((Path(e["input"]).parent.name, Path(e["output"]).relative_to(out).as_posix()) for e in entries) == [
         ("2019", "2019/IMG_0001.png"), ("2020", "2020/IMG_0001.png")]
+
+
+# --------------------------------------------------------------------------------------
+# Verified atomic writes; a rerun finishes the rest
+# --------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_stops_with_one_line_leaves_no_partial_file_and_a_rerun_finishes(run_dir, tmp_path, monkeypatch,
+                                                                                      capsys):
+    for i in range(4):
+        _photo(tmp_path / "in" / f"{i}.png", i)
+    out = tmp_path / "out"
+    full = {"on": False}
+    real_write, real_add = io._write_all, io.OutputLog.add
+
+    def write_all(fd, data):  # a disk that fills up: part of the file goes down, then ENOSPC
+        if full["on"]:
+            os.write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, data)
+
+    def add(self, written):  # the disk is full once two outputs are finished
+        real_add(self, written)
+        full["on"] = len(self.entries) >= 2
+
+    monkeypatch.setattr(io, "_write_all", write_all)
+    monkeypatch.setattr(io.OutputLog, "add", add)
+    assert _restore(run_dir, str(tmp_path / "in"), "--out", str(out)) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "no space left" in line]
+    assert len(lines) == 1 and f"cannot write {out / '2.png'}" in lines[0] and "free in" in lines[0], err
+    assert "1 input not started" in err and "Traceback" not in err
+    assert _files(out) == ["0.png", "1.png"]  # the finished ones, whole; nothing of the third
+    assert not [p for p in out.rglob("*.tmp")]
+    before = {f: (out / f).read_bytes() for f in _files(out)}
+    for f in before:
+        io.read_image(out / f)
+    monkeypatch.undo()
+    assert _restore(run_dir, str(tmp_path / "in"), "--out", str(out)) == 0
+    assert "2 restored, 2 skipped, 0 failed" in capsys.readouterr().err
+    assert _files(out) == ["0.png", "1.png", "2.png", "3.png"]
+    assert all((out / f).read_bytes() == data for f, data in before.items())
+
+
+@pytest.mark.parametrize("damage", ["short", "flipped"])
+def test_a_file_that_does_not_read_back_as_written_is_refused_and_removed(damage, tmp_path, monkeypatch):
+    def lying_disk(fd, data):  # reports success, keeps something else
+        data = bytes(data)
+        os.write(fd, data[: len(data) // 2] if damage == "short" else data[:-1] + bytes([data[-1] ^ 1]))
+
+    monkeypatch.setattr(io, "_write_all", lying_disk)
+    with pytest.raises(io.WriteError, match="read back"):
+        io.write_image(tmp_path / "a.png", torch.rand(3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_write_leaves_nothing_and_stale_temps_are_cleaned(tmp_path, monkeypatch):
+    real = io._write_all
+
+    def interrupted(fd, data):
+        os.write(fd, bytes(data[:10]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "_write_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_image(tmp_path / "a.png", torch.rand(3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(io, "_write_all", real)
+    (tmp_path / ".a.png.0123abcd.tmp").write_bytes(b"left by a killed run")
+    (tmp_path / ".b.png.0123abcd.tmp").write_bytes(b"another file's, not this write's to clean")
+    io.write_image(tmp_path / "a.png", torch.rand(3, 8, 8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.png.0123abcd.tmp", "a.png"]
+
+
+def test_a_rerun_redoes_outputs_that_are_not_complete(run_dir, tmp_path, capsys):
+    for i in range(3):
+        _photo(tmp_path / "in" / f"{i}.jpg", i)
+    out = tmp_path / "out"
+    args = (str(tmp_path / "in"), "--out", str(out))
+    assert _restore(run_dir, *args) == 0
+    whole = (out / "0.jpg").read_bytes()
+    (out / "0.jpg").write_bytes(whole[: len(whole) // 2])  # a logged output damaged since
+    capsys.readouterr()
+    assert _restore(run_dir, *args) == 0
+    assert "1 restored, 2 skipped" in capsys.readouterr().err
+    assert (out / "0.jpg").read_bytes() == whole
+    # outputs the log does not know (an earlier version's): kept when whole, redone when cut short
+    (out / io.OutputLog.NAME).unlink()
+    one = (out / "1.jpg").read_bytes()
+    (out / "1.jpg").write_bytes(one[: len(one) // 2])
+    assert _restore(run_dir, *args) == 0
+    assert "1 restored, 2 skipped" in capsys.readouterr().err
+    assert (out / "1.jpg").read_bytes() == one

@@ -690,5 +690,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:
         print(f"iqpir {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from iqpir.io import WriteError
+
+        if not isinstance(exc, WriteError):
+            raise
+        print(f"iqpir {args.command}: error: {exc}", file=sys.stderr)  # one line: the file, the free space
+        return 1
     finally:
         warnings.showwarning = previous

@@ -6,20 +6,28 @@ CMYK, RGBA and 16-bit files handled) and remembers what the file was (grey or co
 bits), so that `write_image` can give back a file of the same kind: grey in, grey out; 16-bit
 grey in, 16-bit grey out (Pillow reads 16-bit colour files as 8-bit, so those come back 8-bit).
 
-Every file iqpir writes goes through `atomic_write`: a temporary file in the target's folder,
-then a rename, so a reader never sees half a file. The temporary file is created with mode
+Every file iqpir writes goes through `atomic_write_bytes` (or `atomic_write` for writers that
+need a path): a temporary file in the target's folder, checked against what was meant to be
+written, flushed, then renamed, so a reader never sees half a file and a full disk never leaves
+a truncated one; `OutputLog` records the outputs finished, so a rerun skips only complete ones. The temporary file is created with mode
 0666 minus the umask, like any file a program opens for writing (0644 under umask 022);
 `tempfile.mkstemp` would make every output 0600, unreadable to colleagues and web servers.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
+import hashlib
+import json
 import os
+import re
 import secrets
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -221,14 +229,144 @@ def _temp_file(path: Path) -> str:
     raise FileExistsError(f"cannot create a temporary file next to {path}")
 
 
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files a killed run left for `path` (`_temp_file`'s names): the
+    file about to be written is this process's to write, so nobody else is writing them."""
+    stale = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{8}}\.tmp")
+    try:
+        names = [q for q in path.parent.iterdir() if stale.fullmatch(q.name)]
+    except OSError:
+        return
+    for q in names:
+        q.unlink(missing_ok=True)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to the disk, where the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # Windows opens no folders; its renames are flushed with the file
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (network, FUSE) refuse fsync on a folder
+    finally:
+        os.close(fd)
+
+
+class WriteError(OSError):
+    """An output could not be written completely (disk full, I/O error, no permission, or the
+    file did not read back as written). ``str(exc)`` is one line naming the file (and the free
+    space when the disk is full); nothing of the file is left behind."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"cannot write {path}: {reason}")
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.reason}"
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.path, self.reason))
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def write_error(path: Path, exc: OSError) -> WriteError:
+    """The one-line error (`WriteError`) for an OSError met while writing `path`."""
+    if isinstance(exc, WriteError):
+        return exc
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        try:
+            free = _megabytes(shutil.disk_usage(path.parent).free)
+        except OSError:
+            free = "unknown"
+        why = f"{why.lower()} ({free} free in {path.parent})"
+    return WriteError(path, why)
+
+
+@dataclass(frozen=True)
+class Written:
+    """A file `atomic_write_bytes` put in place: its path, size in bytes and SHA-256 (hex)."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until every byte is written (a write may take fewer than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _sha256_of_file(path: str | os.PathLike) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Written:
+    """Put `data` at `path` complete or not at all: written to a temporary file in the target's
+    folder, read back and checked (size and SHA-256 equal the buffer's), flushed to the disk
+    (file and folder), then renamed into place.
+
+    The file gets the umask's mode (0644 under umask 022). Temporary files a killed run left
+    for `path` are removed first; this one is removed on every way out.
+
+    Raises:
+        WriteError (an OSError): one line naming the file (and the free space on a full disk).
+    """
+    p = Path(path)
+    want = hashlib.sha256(data).hexdigest()
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(p)
+        tmp = _temp_file(p)
+    except OSError as exc:
+        raise write_error(p, exc) from None
+    try:
+        fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        size, digest = _sha256_of_file(tmp)
+        if size != len(data) or digest != want:
+            raise WriteError(p, f"the file read back as {size} bytes that differ from the {len(data)} written")
+        os.replace(tmp, p)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(p, exc) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_folder(p.parent)
+    return Written(path=p, size=len(data), sha256=want)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object], fsync: bool = False) -> Path:
-    """Call write(tmp_path) on a temporary file next to `path`, then rename it onto `path`.
+    """Call write(tmp_path) on a temporary file next to `path`, then rename it onto `path`;
+    for writers that need a path (safetensors). Data held in memory goes through
+    `atomic_write_bytes`, which also verifies it.
 
     The file gets the umask's mode (0644 under umask 022). `fsync` flushes the data to the
-    disk before the rename (checkpoints). On any error the temporary file is removed.
+    disk before the rename, and the folder after it (checkpoints). On any error the temporary
+    file is removed.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(p)
     tmp = _temp_file(p)
     mode = os.stat(tmp).st_mode & 0o7777
     try:
@@ -242,6 +380,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], fsync:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if fsync:
+        fsync_folder(p.parent)
     return p
 
 
@@ -249,8 +389,9 @@ HIGH_BIT_FORMATS = ("PNG", "TIFF")  # formats Pillow writes 16-bit grey and grey
 
 
 def write_image(path: str | os.PathLike, image: torch.Tensor, alpha: torch.Tensor | None = None, quality: int = 95,
-                grey: bool = False, bits: int = 8, jpeg: dict | None = None) -> Path:
-    """Write (3, H, W) float in [0, 1] atomically (`atomic_write`).
+                grey: bool = False, bits: int = 8, jpeg: dict | None = None, log: "OutputLog | None" = None) -> Path:
+    """Write (3, H, W) float in [0, 1]: encoded in memory, then put in place complete and
+    verified (`atomic_write_bytes`); with `log`, recorded there as finished (`OutputLog`).
 
     jpeg: a JPEG input's tables (`LoadedImage.jpeg`): a JPEG output is written with its
         quantisation tables and chroma subsampling instead of `quality` (Pillow's "keep").
@@ -273,12 +414,89 @@ def write_image(path: str | os.PathLike, image: torch.Tensor, alpha: torch.Tenso
     if fmt == "JPEG" and jpeg is not None and len(jpeg["qtables"]) >= (1 if pil.mode == "L" else 2):
         options = {"qtables": jpeg["qtables"][:1] if pil.mode == "L" else jpeg["qtables"],
                    "subsampling": jpeg["subsampling"]}
-    return atomic_write(p, lambda tmp: pil.save(tmp, format=fmt, **options))
+    buf = BytesIO()
+    pil.save(buf, format=fmt, **options)  # encoded in memory: what reaches the disk is checked against it
+    written = atomic_write_bytes(p, buf.getbuffer())
+    if log is not None:
+        log.add(written)
+    return p
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically (`atomic_write`)."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    """Write a text file (UTF-8) atomically and verified (`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8")).path
+
+
+class OutputLog:
+    """The outputs a command has finished in its output folder, each with its size and SHA-256:
+    OUT/.iqpir-done.jsonl, one JSON line {"path": relative path, "size", "sha256"} appended
+    (and flushed to the disk) once the output is in place.
+
+    A rerun skips an output only when it is complete (`complete`): logged, and its size and
+    SHA-256 still the logged ones; or, for an output the log does not know (an earlier version
+    wrote it, or the user put it there), an image that decodes to the end. Everything else is
+    restored again. A line cut short by a kill is ignored. Hidden, so never taken for an input.
+    """
+
+    NAME = ".iqpir-done.jsonl"
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.path = self.out / self.NAME
+        self.entries: dict[str, tuple[int, str]] = {}
+        try:
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                self.entries[entry["path"]] = (int(entry["size"]), str(entry["sha256"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+
+    def _key(self, target: Path) -> str:
+        return Path(os.path.relpath(os.path.abspath(target), os.path.abspath(self.out))).as_posix()
+
+    def complete(self, target: str | os.PathLike) -> bool:
+        """Whether `target` is a complete output (see the class); False when it is missing."""
+        target = Path(target)
+        if not target.is_file():
+            return False
+        logged = self.entries.get(self._key(target))
+        if logged is not None:
+            if target.stat().st_size != logged[0]:
+                return False
+            return _sha256_of_file(target) == logged
+        if target.suffix.lower() not in IMAGE_EXTENSIONS:
+            return True  # a clip: put in place only when whole (inference.video)
+        try:
+            with Image.open(target) as img:
+                img.load()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return False
+        return True
+
+    def add(self, written: Written) -> None:
+        """Log a finished output (one appended line, flushed to the disk)."""
+        key = self._key(written.path)
+        line = json.dumps({"path": key, "size": written.size, "sha256": written.sha256}) + "\n"
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o666)
+            try:
+                _write_all(fd, line.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        self.entries[key] = (written.size, written.sha256)
+
+    def add_file(self, path: str | os.PathLike) -> None:
+        """Log a finished output written by another writer (a clip), reading its size and hash."""
+        size, digest = _sha256_of_file(path)
+        self.add(Written(path=Path(path), size=size, sha256=digest))
 
 
 def is_image_path(path: Path) -> bool:
@@ -445,8 +663,6 @@ def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes (hex, first 16 characters)."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -474,20 +690,31 @@ def check_batch(images: torch.Tensor, name: str = "images", check_range: bool = 
 
 @dataclass
 class FileReport:
-    """What a command over many files did: the files done, skipped and failed (with why)."""
+    """What a command over many files did: the files done, skipped and failed (with why), and
+    `left`: the inputs not started because the run stopped (an output could not be written)."""
 
     done: list[Path]
     skipped: list[Path]
     failed: list[tuple[str, str]]
+    left: int = 0
 
     @classmethod
     def empty(cls) -> "FileReport":
         return cls(done=[], skipped=[], failed=[])
 
+    def stop(self, source: str | os.PathLike, exc: WriteError, left: int) -> None:
+        """The run stops at `source`, whose output could not be written; `left` inputs after it
+        are not started (a rerun of the same command does them)."""
+        self.failed.append((str(source), str(exc)))
+        self.left = left
+
     def summary(self, verb: str = "processed") -> str:
         text = f"{len(self.done)} {verb}, {len(self.skipped)} skipped, {len(self.failed)} failed"
         if self.failed:
             text += "\n" + "\n".join(f"  failed: {p}: {why}" for p, why in self.failed)
+        if self.left:
+            text += (f"\n  stopped: {self.left} input{'s' if self.left > 1 else ''} not started; the outputs "
+                     "written are complete, and running the same command again finishes the rest")
         return text
 
     def announce(self, command: str, verb: str, out: str | Path) -> None:

@@ -45,7 +45,8 @@ from iqpir.config import (
     LowLightDegradation,
     UnderwaterDegradation,
 )
-from iqpir.io import FileReport, ImageReadError, check_batch, file_digest, plan_outputs, read_image, write_image
+from iqpir.io import (FileReport, ImageReadError, OutputLog, WriteError, check_batch, file_digest, plan_outputs, read_image,
+                      write_image)
 
 # --------------------------------------------------------------------------------------
 # Random draws
@@ -469,8 +470,10 @@ def degrade_files(
     plan = plan_outputs(inputs, out, extensions=WRITE_EXTENSIONS)
     report = FileReport.empty()
     report.failed.extend(plan.failed)
-    for src, dst in tqdm(plan.pairs, desc=f"degrade ({name})", unit="img", disable=not progress, file=sys.stderr):
-        if dst.exists() and not overwrite:
+    log = OutputLog(out)
+    for i, (src, dst) in enumerate(tqdm(plan.pairs, desc=f"degrade ({name})", unit="img", disable=not progress,
+                                        file=sys.stderr)):
+        if not overwrite and log.complete(dst):
             report.skipped.append(src)
             continue
         try:
@@ -484,8 +487,11 @@ def degrade_files(
             continue
         lq = degrade(loaded.rgb[None], cfg, name, make_generator(file_seed(seed, digest)))[0]
         try:
-            write_image(dst, lq, alpha=loaded.alpha, grey=loaded.grey, bits=loaded.bits)
-        except (OSError, ValueError) as exc:
+            write_image(dst, lq, alpha=loaded.alpha, grey=loaded.grey, bits=loaded.bits, log=log)
+        except WriteError as exc:  # a full disk: stop; a rerun finishes the rest
+            report.stop(src, exc, len(plan.pairs) - i - 1)
+            break
+        except ValueError as exc:
             report.failed.append((str(src), f"cannot write {dst}: {exc}"))
             continue
         report.done.append(dst)

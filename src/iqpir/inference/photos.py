@@ -82,13 +82,15 @@ class Finish:
         grey = self.colour == "grey" or (self.colour == "auto" and img.grey_content)
         return grey, grey and img.grey
 
-    def write(self, target: Path, img: io.LoadedImage, restored: torch.Tensor, upscale: int = 1) -> Path:
-        """The output file of one input: grey where it should be, alpha and JPEG tables kept."""
+    def write(self, target: Path, img: io.LoadedImage, restored: torch.Tensor, upscale: int = 1,
+              log: io.OutputLog | None = None) -> Path:
+        """The output file of one input: grey where it should be, alpha and JPEG tables kept;
+        put in place verified (`io.write_image`), and logged as finished in `log`."""
         grey, one_channel = self.colour_of(img)
         if grey:
             restored = io.to_grey(restored).expand(3, -1, -1)
         alpha = _tensor_upscale(img.alpha, upscale)
-        return io.write_image(target, restored, alpha=alpha, grey=one_channel, bits=img.bits, jpeg=img.jpeg)
+        return io.write_image(target, restored, alpha=alpha, grey=one_channel, bits=img.bits, jpeg=img.jpeg, log=log)
 
 
 def _plan(inputs: Sequence[str], out: str | Path,
@@ -115,6 +117,16 @@ def _plan(inputs: Sequence[str], out: str | Path,
 def _clip_name(src: Path, rel: Path) -> Path:
     """A video's output name (its container, or .mp4); other files' as planned."""
     return rel.with_name(video.output_name(src)) if video.is_video(src) else rel
+
+
+def _stop(report: io.FileReport, paths: Sequence[Path], targets: dict[Path, Path], exc: io.WriteError) -> None:
+    """An output could not be written (a full disk): the run stops, its input is named as failed
+    with the one-line reason, and the inputs not started are counted (a rerun does them)."""
+    source_of = {t: p for p, t in targets.items()}
+    report.stop(source_of.get(exc.path, exc.path), exc, 0)
+    handled = ({Path(p) for p, _ in report.failed} | set(report.skipped)
+               | {source_of.get(t, t) for t in report.done})
+    report.left = sum(p not in handled for p in paths)
 
 
 def report_name() -> str:
@@ -176,10 +188,12 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
     s = restorer.image_size
     warned = False
     pending: list[tuple[Path, io.LoadedImage]] = []  # aligned faces waiting for a full batch
+    log = io.OutputLog(out)
 
     def write(target: Path, img: io.LoadedImage, restored: torch.Tensor) -> None:
         h, w = img.rgb.shape[1:]
-        finish.write(target, img, finish.blended(rescale(restored, (h * upscale, w * upscale)), img.rgb, upscale), upscale)
+        finish.write(target, img, finish.blended(rescale(restored, (h * upscale, w * upscale)), img.rgb, upscale),
+                     upscale, log=log)
         report.done.append(target)
 
     def flush() -> None:
@@ -188,35 +202,40 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
             write(target, img, restored)
         pending.clear()
 
-    for p in it:
-        target = targets[p]
-        if target.exists() and not overwrite:
-            report.skipped.append(p)
-            continue
-        if video.is_video(p):  # every frame through the same path, the other streams copied
-            frames = tile_frames(restorer, finish, upscale, quality, alpha, fidelity)
-            _clip(p, target, frames, upscale, crf, max_frames, report, progress, restorer.batch_size)
-            continue
-        try:
-            img = io.read_image(p)
-        except io.ImageReadError as exc:
-            report.failed.append((str(p), exc.reason))
-            continue
-        rgb = img.rgb
-        if aligned:  # --batch-size faces per forward pass
-            pending.append((target, img))
-            if len(pending) == restorer.batch_size:
-                flush()
-        else:
-            if restorer.task == "faces" and s is not None and tuple(rgb.shape[1:]) != (s, s) and not warned:
-                print(f"iqpir restore: warning: {p} is not a {s}x{s} aligned face and this is a face model; "
-                      "it is restored through tiles. Use --faces for photos with faces, --aligned for aligned "
-                      "crops", file=sys.stderr)
-                warned = True
-            tiles = None if not progress else (lambda done, total: it.set_postfix_str(f"tiles {done}/{total}"))
-            write(target, img, restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity, progress=tiles))
-    if pending:
-        flush()
+    try:
+        for p in it:
+            target = targets[p]
+            if not overwrite and log.complete(target):
+                report.skipped.append(p)
+                continue
+            if video.is_video(p):  # every frame through the same path, the other streams copied
+                frames = tile_frames(restorer, finish, upscale, quality, alpha, fidelity)
+                _clip(p, target, frames, upscale, crf, max_frames, report, progress, restorer.batch_size, log)
+                continue
+            try:
+                img = io.read_image(p)
+            except io.ImageReadError as exc:
+                report.failed.append((str(p), exc.reason))
+                continue
+            rgb = img.rgb
+            if aligned:  # --batch-size faces per forward pass
+                pending.append((target, img))
+                if len(pending) == restorer.batch_size:
+                    flush()
+            else:
+                if restorer.task == "faces" and s is not None and tuple(rgb.shape[1:]) != (s, s) and not warned:
+                    print(f"iqpir restore: warning: {p} is not a {s}x{s} aligned face and this is a face model; "
+                          "it is restored through tiles. Use --faces for photos with faces, --aligned for aligned "
+                          "crops", file=sys.stderr)
+                    warned = True
+                tiles = None if not progress else (lambda done, total: it.set_postfix_str(f"tiles {done}/{total}"))
+                write(target, img, restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity, progress=tiles))
+        if pending:
+            flush()
+    except io.WriteError as exc:
+        if progress:
+            it.close()
+        _stop(report, paths, targets, exc)
     report.announce("restore", "restored", out)
     return report
 
@@ -254,14 +273,17 @@ def _check_video_options(paths: list[Path], crf: int | None, max_frames: int | N
 
 
 def _clip(src: Path, target: Path, frames, scale: int, crf: int | None, max_frames: int | None,
-          report: io.FileReport, progress: bool, batch_size: int = 1) -> bool:
-    """One video through inference.video; a clip that cannot be restored is named in the report."""
+          report: io.FileReport, progress: bool, batch_size: int = 1, log: io.OutputLog | None = None) -> bool:
+    """One video through inference.video; a clip that cannot be restored is named in the report,
+    a clip written is logged as finished in `log`."""
     try:
         video.restore_video(src, target, frames, scale=scale, crf=18 if crf is None else crf, max_frames=max_frames,
                             progress=progress, batch_size=batch_size)
     except (video.VideoError, ImportError) as exc:
         report.failed.append((str(src), str(exc).removeprefix(f"{src}: ")))
         return False
+    if log is not None:
+        log.add_file(target)
     report.done.append(target)
     return True
 
@@ -412,62 +434,72 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
     bar = None
     if progress:
         it = bar = tqdm(paths, desc="restore", unit="photo", file=sys.stderr, dynamic_ncols=True)
-    for p in it:
-        target = targets[p]
-        if target.exists() and not overwrite:
-            report.skipped.append(p)
-            entries.append({"input": str(p), "output": str(target), "skipped": "output exists (--overwrite replaces it)"})
-            continue
-        if video.is_video(p):  # each frame through the photo path, the faces tracked across frames
-            tracker = _tracker(p, face_detector, detect_every, smooth)
+    log = io.OutputLog(out)
+    try:
+        for p in it:
+            target = targets[p]
+            if not overwrite and log.complete(target):
+                report.skipped.append(p)
+                entries.append({"input": str(p), "output": str(target), "skipped": "output exists (--overwrite replaces it)"})
+                continue
+            if video.is_video(p):  # each frame through the photo path, the faces tracked across frames
+                tracker = _tracker(p, face_detector, detect_every, smooth)
 
-            def frames(batch: torch.Tensor, tracker=tracker) -> torch.Tensor:  # one frame at a time: tracked in order
-                return torch.stack([colour.frame(restore_photo(image, restore_faces, detector=tracker,
-                                                               upscale=int(upscale), only_center_face=only_center_face,
-                                                               min_face=min_face, background=background,
-                                                               draw_box=draw_box, face_upsample=faces_up)[0],
-                                                 image, int(upscale))
-                                    for image in batch])
+                def frames(batch: torch.Tensor, tracker=tracker) -> torch.Tensor:  # one frame at a time: tracked in order
+                    return torch.stack([colour.frame(restore_photo(image, restore_faces, detector=tracker,
+                                                                   upscale=int(upscale), only_center_face=only_center_face,
+                                                                   min_face=min_face, background=background,
+                                                                   draw_box=draw_box, face_upsample=faces_up)[0],
+                                                     image, int(upscale))
+                                        for image in batch])
 
-            ok = _clip(p, target, frames, int(upscale), crf, max_frames, report, progress)
-            entries.append({"input": str(p), "output": str(target)} if ok else {"input": str(p), "error": report.failed[-1][1]})
-            continue
-        try:
-            img = io.read_image(p)
-        except io.ImageReadError as exc:
-            why = exc.reason
-            report.failed.append((str(p), why))
-            entries.append({"input": str(p), "error": why})
-            continue
-        restored, rep = restore_photo(img.rgb, restore_faces, detector=face_detector, upscale=int(upscale),
-                                      only_center_face=only_center_face, min_face=min_face, background=background,
-                                      save_faces=save_faces, draw_box=draw_box, face_upsample=faces_up)
-        finish.write(target, img, restored, int(upscale))
-        report.done.append(target)
-        entry = {"input": str(p), "output": str(target), "size": list(img.rgb.shape[1:]), "faces": rep["faces"],
-                 "skipped_faces": rep["skipped_faces"], "detector": rep["detector"], "seconds": rep["seconds"],
-                 "settings": settings}
-        if save_faces and rep["faces"]:
-            crops = []
-            stem = target.relative_to(out).with_suffix("")
-            for i, (a, r) in enumerate(zip(rep["aligned_faces"], rep["restored_faces"])):
-                pa = io.write_image(out / "faces" / f"{stem}_{i:02d}_aligned.png", a)
-                pr = io.write_image(out / "faces" / f"{stem}_{i:02d}_restored.png", r)
-                crops.append({"aligned": str(pa), "restored": str(pr)})
-            entry["crops"] = crops
-        entries.append(entry)
-        n_faces += len(rep["faces"])
-        n_without += not rep["faces"]
+                ok = _clip(p, target, frames, int(upscale), crf, max_frames, report, progress, log=log)
+                entries.append({"input": str(p), "output": str(target)} if ok else {"input": str(p), "error": report.failed[-1][1]})
+                continue
+            try:
+                img = io.read_image(p)
+            except io.ImageReadError as exc:
+                why = exc.reason
+                report.failed.append((str(p), why))
+                entries.append({"input": str(p), "error": why})
+                continue
+            restored, rep = restore_photo(img.rgb, restore_faces, detector=face_detector, upscale=int(upscale),
+                                          only_center_face=only_center_face, min_face=min_face, background=background,
+                                          save_faces=save_faces, draw_box=draw_box, face_upsample=faces_up)
+            finish.write(target, img, restored, int(upscale), log=log)
+            report.done.append(target)
+            entry = {"input": str(p), "output": str(target), "size": list(img.rgb.shape[1:]), "faces": rep["faces"],
+                     "skipped_faces": rep["skipped_faces"], "detector": rep["detector"], "seconds": rep["seconds"],
+                     "settings": settings}
+            if save_faces and rep["faces"]:
+                crops = []
+                stem = target.relative_to(out).with_suffix("")
+                for i, (a, r) in enumerate(zip(rep["aligned_faces"], rep["restored_faces"])):
+                    pa = io.write_image(out / "faces" / f"{stem}_{i:02d}_aligned.png", a)
+                    pr = io.write_image(out / "faces" / f"{stem}_{i:02d}_restored.png", r)
+                    crops.append({"aligned": str(pa), "restored": str(pr)})
+                entry["crops"] = crops
+            entries.append(entry)
+            n_faces += len(rep["faces"])
+            n_without += not rep["faces"]
+            if bar is not None:
+                bar.set_postfix(faces=n_faces)
+            io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
+    except io.WriteError as exc:
         if bar is not None:
-            bar.set_postfix(faces=n_faces)
+            bar.close()
+        _stop(report, paths, targets, exc)
+        entries.append({"input": report.failed[-1][0], "error": report.failed[-1][1]})
+    try:
         io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
-    io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
+    except io.WriteError as exc:
+        if not report.left:  # else the disk that stopped the run is named already
+            report.failed.append((str(out / report_name()), str(exc)))
     seconds = time.perf_counter() - start
     msg = (f"{len(report.done)} photos, {n_faces} faces restored, {n_without} without faces, "
            f"{len(report.skipped)} skipped, {len(report.failed)} failed, {seconds:.1f} s")
     if report.skipped:
         msg += " (skipped outputs already exist; pass --overwrite to replace them)"
-    if report.failed:
-        msg += "\n" + "\n".join(f"  failed: {p}: {why}" for p, why in report.failed)
-    print(f"iqpir restore: {msg} -> {out}", file=sys.stderr)
+    _, _, failures = report.summary().partition("\n")
+    print(f"iqpir restore: {msg} -> {out}" + (f"\n{failures}" if failures else ""), file=sys.stderr)
     return report
