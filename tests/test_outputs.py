@@ -221,3 +221,41 @@ def test_a_rerun_redoes_outputs_that_are_not_complete(run_dir, tmp_path, capsys)
     assert _restore(run_dir, *args) == 0
     assert "1 restored, 2 skipped" in capsys.readouterr().err
     assert (out / "1.jpg").read_bytes() == one
+
+
+# --------------------------------------------------------------------------------------
+# A non-finite output is an error for its file, never a black image
+# --------------------------------------------------------------------------------------
+
+
+def test_a_non_finite_output_fails_its_file_and_writes_nothing(run_dir, tmp_path, monkeypatch, capsys):
+    from iqpir.inference.restorer import Restorer
+
+    real_init = Restorer.__init__
+
+    class NaNForBrightTiles:  # the engine, giving NaN for the tiles of a bright picture only
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def __call__(self, tiles, *knobs):
+            out = self.engine(tiles, *knobs)
+            bright = tiles.flatten(1).mean(1) > 0.9
+            return torch.where(bright[:, None, None, None], torch.full_like(out, float("nan")), out)
+
+    def poisoned(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.engine = NaNForBrightTiles(self.engine)
+
+    monkeypatch.setattr(Restorer, "__init__", poisoned)
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (40, 40), "white").save(tmp_path / "in" / "white.png")
+    _photo(tmp_path / "in" / "dark.png", 1)
+    out = tmp_path / "out"
+    for aligned in ([], ["--aligned"]):
+        assert _restore(run_dir, str(tmp_path / "in"), "--out", str(out), *aligned) == 1
+        err = capsys.readouterr().err
+        assert f"failed: {tmp_path / 'in' / 'white.png'}: the model gave" in err and "non-finite" in err, err
+        assert _files(out) == ["dark.png"]  # the other file restored, nothing for the broken one

@@ -534,6 +534,10 @@ MUTANTS = [
            [("        logged = self.entries.get(self._key(target))\n", "        return True\n")],
            [T + "test_outputs.py::test_a_rerun_redoes_outputs_that_are_not_complete"],
            "a rerun skips any file at the output's path, a truncated one included"),
+    Mutant("non-finite-written", "src/iqpir/inference/restorer.py",
+           [("        if not bool(torch.isfinite(out).all()):", "        if False:")],
+           [T + "test_outputs.py::test_a_non_finite_output_fails_its_file_and_writes_nothing"],
+           "a model output of NaN is clamped and written as a black image, and counted as restored"),
 ]
 
 

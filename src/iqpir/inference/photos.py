@@ -28,7 +28,7 @@ from iqpir import io
 from iqpir.devices import process_shard, shard_owner
 from iqpir.faces import FACE_SIZE, get_detector, resize_lanczos, restore_photo
 from iqpir.inference import video
-from iqpir.inference.restorer import Restorer, load_restorer
+from iqpir.inference.restorer import NonFiniteOutput, Restorer, load_restorer
 
 COLOURS = ("auto", "grey", "colour")
 FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif"}
@@ -196,8 +196,15 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
                      upscale, log=log)
         report.done.append(target)
 
+    source_of = {t: p for p, t in targets.items()}
+
     def flush() -> None:
-        outs = restore_aligned_batch(restorer, [img.rgb for _, img in pending], quality, alpha, fidelity)
+        try:
+            outs = restore_aligned_batch(restorer, [img.rgb for _, img in pending], quality, alpha, fidelity)
+        except NonFiniteOutput as exc:  # the batch's files fail, the run goes on
+            report.failed.extend((str(source_of[target]), str(exc)) for target, _ in pending)
+            pending.clear()
+            return
         for (target, img), restored in zip(pending, outs):
             write(target, img, restored)
         pending.clear()
@@ -229,7 +236,12 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
                           "crops", file=sys.stderr)
                     warned = True
                 tiles = None if not progress else (lambda done, total: it.set_postfix_str(f"tiles {done}/{total}"))
-                write(target, img, restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity, progress=tiles))
+                try:
+                    restored = restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity, progress=tiles)
+                except NonFiniteOutput as exc:
+                    report.failed.append((str(p), str(exc)))
+                    continue
+                write(target, img, restored)
         if pending:
             flush()
     except io.WriteError as exc:
@@ -279,7 +291,7 @@ def _clip(src: Path, target: Path, frames, scale: int, crf: int | None, max_fram
     try:
         video.restore_video(src, target, frames, scale=scale, crf=18 if crf is None else crf, max_frames=max_frames,
                             progress=progress, batch_size=batch_size)
-    except (video.VideoError, ImportError) as exc:
+    except (video.VideoError, ImportError, NonFiniteOutput) as exc:
         report.failed.append((str(src), str(exc).removeprefix(f"{src}: ")))
         return False
     if log is not None:
@@ -463,9 +475,15 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                 report.failed.append((str(p), why))
                 entries.append({"input": str(p), "error": why})
                 continue
-            restored, rep = restore_photo(img.rgb, restore_faces, detector=face_detector, upscale=int(upscale),
-                                          only_center_face=only_center_face, min_face=min_face, background=background,
-                                          save_faces=save_faces, draw_box=draw_box, face_upsample=faces_up)
+            try:
+                restored, rep = restore_photo(img.rgb, restore_faces, detector=face_detector, upscale=int(upscale),
+                                              only_center_face=only_center_face, min_face=min_face,
+                                              background=background,
+                                              save_faces=save_faces, draw_box=draw_box, face_upsample=faces_up)
+            except NonFiniteOutput as exc:
+                report.failed.append((str(p), str(exc)))
+                entries.append({"input": str(p), "error": str(exc)})
+                continue
             finish.write(target, img, restored, int(upscale), log=log)
             report.done.append(target)
             entry = {"input": str(p), "output": str(target), "size": list(img.rgb.shape[1:]), "faces": rep["faces"],
