@@ -259,3 +259,62 @@ def test_a_non_finite_output_fails_its_file_and_writes_nothing(run_dir, tmp_path
         err = capsys.readouterr().err
         assert f"failed: {tmp_path / 'in' / 'white.png'}: the model gave" in err and "non-finite" in err, err
         assert _files(out) == ["dark.png"]  # the other file restored, nothing for the broken one
+
+
+# --------------------------------------------------------------------------------------
+# Every file accounted for
+# --------------------------------------------------------------------------------------
+
+
+def test_files_that_are_not_images_are_counted_by_extension_and_named_with_verbose(run_dir, tmp_path, capsys):
+    src = tmp_path / "camera"
+    _photo(src / "IMG_0001.jpg", 1)
+    (src / "IMG_0002.HEIC").write_bytes(b"ftypheic not decoded here")
+    (src / "sub").mkdir()
+    Image.new("P", (8, 8)).save(src / "sub" / "anim.gif")
+    (src / ".DS_Store").write_bytes(b"hidden: not counted")
+    out = tmp_path / "out"
+    assert _restore(run_dir, str(src), "--out", str(out), "--verbose") == 0
+    err = capsys.readouterr().err
+    summary = next(line for line in err.splitlines() if line.startswith("iqpir restore: 1 restored"))
+    assert "2 ignored (.gif 1, .heic 1" in summary, summary
+    if not io._heif_available():
+        assert "pillow-heif" in summary
+    assert f"ignored: {src / 'IMG_0002.HEIC'}" in err and f"ignored: {src / 'sub' / 'anim.gif'}" in err
+    assert ".DS_Store" not in err
+
+
+def test_an_unreadable_folder_is_named_and_fails_the_run(run_dir, tmp_path, monkeypatch, capsys):
+    src = tmp_path / "in"
+    _photo(src / "a.png", 1)
+    _photo(src / "locked" / "b.png", 2)
+    locked = str(src / "locked")
+    real = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission gives (chmod does not stop root)
+        if os.fspath(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", locked)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out"
+    assert _restore(run_dir, str(src), "--out", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "1 restored, 0 skipped, 1 failed" in err
+    assert f"failed: {locked}: cannot read the folder (Permission denied)" in err
+    assert _files(out) == ["a.png"]
+
+
+@pytest.mark.parametrize("kind", ["gif", "webp", "png", "tiff"])
+def test_a_file_of_several_frames_is_refused_not_cut_to_its_first(kind, run_dir, tmp_path, capsys):
+    frames = [Image.new("RGB", (36, 36), (60 * i, 0, 0)) for i in range(3)]
+    src = tmp_path / f"anim.{kind}"
+    frames[0].save(src, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert getattr(Image.open(src), "n_frames", 1) == 3
+    out = tmp_path / "out"
+    assert _restore(run_dir, str(src), "--out", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "holds 3 " in err and "extract" in err, err
+    assert not out.exists() or _files(out) == []
+    frames[0].save(tmp_path / "still.gif")  # one frame: read as any image
+    assert _restore(run_dir, str(tmp_path / "still.gif"), "--out", str(out)) == 0

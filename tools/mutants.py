@@ -538,6 +538,19 @@ MUTANTS = [
            [("        if not bool(torch.isfinite(out).all()):", "        if False:")],
            [T + "test_outputs.py::test_a_non_finite_output_fails_its_file_and_writes_nothing"],
            "a model output of NaN is clamped and written as a black image, and counted as restored"),
+    Mutant("frames-first-only", "src/iqpir/io.py",
+           [("            if frames > 1:", "            if False:")],
+           [T + "test_outputs.py::test_a_file_of_several_frames_is_refused_not_cut_to_its_first"],
+           "an animated GIF or a multi-page TIFF comes back as its first frame"),
+    Mutant("unreadable-folder-silent", "src/iqpir/io.py",
+           [("os.walk(folder, onerror=failed, followlinks=True)", "os.walk(folder, followlinks=True)")],
+           [T + "test_outputs.py::test_an_unreadable_folder_is_named_and_fails_the_run"],
+           "a subfolder that cannot be read is skipped without a word, and the run exits 0"),
+    Mutant("ignored-uncounted", "src/iqpir/io.py",
+           [("            (found if is_image_path(q) else ignored).append(q)\n",
+             "            if is_image_path(q):\n                found.append(q)\n")],
+           [T + "test_outputs.py::test_files_that_are_not_images_are_counted_by_extension_and_named_with_verbose"],
+           "files of other types in an input folder are dropped without being counted"),
 ]
 
 

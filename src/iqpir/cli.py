@@ -189,6 +189,22 @@ def _add_degrade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config whose data.degradation section is used")
     _add_set(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
+    _add_verbose(p)
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="name each file of the input folders that is not an image iqpir reads (the summary counts "
+                        "them by extension)")
+
+
+def _done(command: str, args: argparse.Namespace, report) -> int:
+    """The exit status of a file command (1 when a file failed); with --verbose the ignored
+    files are named first."""
+    if getattr(args, "verbose", False):
+        for p in report.ignored:
+            print(f"iqpir {command}: ignored: {p} (not an image iqpir reads)", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _run_degrade(args: argparse.Namespace) -> int:
@@ -198,7 +214,7 @@ def _run_degrade(args: argparse.Namespace) -> int:
     cfg = C.load(args.config, args.overrides)
     report = degrade_files(args.inputs, args.out, cfg.data.degradation, preset=args.preset, seed=args.seed,
                            overwrite=args.overwrite)
-    return 1 if report.failed else 0
+    return _done("degrade", args, report)
 
 
 # --------------------------------------------------------------------------------------
@@ -285,6 +301,7 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
                    help="auto (default): torch for checkpoints, onnxruntime for .onnx, openvino for .xml "
                         "(graphs written by `iqpir export`)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_verbose(p)
     g = p.add_argument_group("the output")
     g.add_argument("--blend", type=_float_in(0, 1), default=1.0, metavar="W",
                    help="W * restored + (1 - W) * input, inside the faces with --faces, else everywhere "
@@ -370,7 +387,7 @@ def _run_restore_faces(args: argparse.Namespace) -> int:
         detect_every=args.detect_every or 1,
         smooth=args.smooth,
     )
-    return 1 if report.failed else 0
+    return _done("restore", args, report)
 
 
 def _run_upsampler(args: argparse.Namespace) -> int:
@@ -383,7 +400,7 @@ def _run_upsampler(args: argparse.Namespace) -> int:
         return 2
     settings = _restore_settings(args) | {"checkpoint": args.bg_upsampler}
     report = restore_files(args.inputs, **settings, aligned=args.aligned, tile=args.bg_tile, upscale=args.upscale)
-    return 1 if report.failed else 0
+    return _done("restore", args, report)
 
 
 def _run_restore(args: argparse.Namespace) -> int:
@@ -468,7 +485,7 @@ def _restore(args: argparse.Namespace) -> int:
         **_restore_settings(args),
         aligned=args.aligned,
     )
-    return 1 if report.failed else 0
+    return _done("restore", args, report)
 
 
 # --------------------------------------------------------------------------------------

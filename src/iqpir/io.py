@@ -26,7 +26,7 @@ import secrets
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
@@ -141,18 +141,31 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         LoadedImage with rgb (3, H, W) float32 in [0, 1] and alpha (1, H, W) or None.
 
     Raises:
-        ImageReadError: the file is missing, empty, truncated or not an image.
+        ImageReadError: the file is missing, empty, truncated or not an image, holds several
+            frames or pages (animated GIF/WebP/PNG, multi-page TIFF: refused, never cut to
+            the first), or is HEIC/HEIF without pillow-heif.
     """
     p = Path(path)
     if not p.is_file():
         raise ImageReadError(p, "no such file")
     if p.stat().st_size == 0:
         raise ImageReadError(p, "empty file")
+    if p.suffix.lower() in HEIF_EXTENSIONS:
+        if not _heif_available():
+            raise ImageReadError(p, "a HEIC/HEIF photo: reading it needs pillow-heif: pip install 'iqpir[heif]'")
+        _open_heif()
     try:
         with Image.open(p) as img:
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:  # restoring the first frame alone would drop the rest without a word
+                kind = "pages" if img.format == "TIFF" else "frames"
+                raise ImageReadError(p, f"holds {frames} {kind} (an animation or a multi-page file); iqpir restores "
+                                        f"single images: extract the {kind} first (e.g. ffmpeg -i IN %04d.png)")
             img.load()
             jpeg = _jpeg_settings(img)
             rgb_t, alpha_t, grey, bits = pil_to_tensors(ImageOps.exif_transpose(img))
+    except ImageReadError:
+        raise
     except UnidentifiedImageError as exc:
         raise ImageReadError(p, "not an image file (or a format Pillow cannot read)") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -499,8 +512,29 @@ class OutputLog:
         self.add(Written(path=Path(path), size=size, sha256=digest))
 
 
+HEIF_EXTENSIONS = (".heic", ".heif")  # phone photos: read with pillow-heif (extra heif) where installed
+
+
+def _heif_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pillow_heif") is not None
+
+
+def _open_heif() -> None:
+    """Let Pillow open HEIC/HEIF files (pillow-heif registers its opener; idempotent)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+
+
+def image_extensions() -> tuple[str, ...]:
+    """The extensions folders and globs yield: IMAGE_EXTENSIONS, and HEIC/HEIF with pillow-heif."""
+    return IMAGE_EXTENSIONS + (HEIF_EXTENSIONS if _heif_available() else ())
+
+
 def is_image_path(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.suffix.lower() in image_extensions() and not path.name.startswith(".")
 
 
 def _hidden_below(path: Path, root: Path) -> bool:
@@ -508,30 +542,70 @@ def _hidden_below(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def collect_inputs(inputs: Iterable[str | os.PathLike], strict_files: bool = False) -> tuple[list[Path], list[str]]:
-    """Expand files, folders (recursive) and glob patterns into a sorted list of image paths.
+@dataclass
+class InputScan:
+    """What a list of inputs holds: the image paths (unique, in order), the inputs that matched
+    nothing, the files found in folders and globs that are not images iqpir reads (`ignored`:
+    .gif, .heic without pillow-heif, .txt ...; hidden files are not counted), and the folders
+    that could not be read, with why (`unreadable`)."""
+
+    paths: list[Path]
+    missing: list[str]
+    ignored: list[Path]
+    unreadable: list[tuple[str, str]]
+
+
+def _walk(folder: Path, ignored: list[Path], unreadable: list[tuple[str, str]]) -> list[Path]:
+    """The image files below `folder` (sorted), hidden files and folders left out; the other
+    files go to `ignored`, folders that cannot be listed to `unreadable`. Linked folders are
+    followed, each real folder once."""
+    found: list[Path] = []
+    visited: set[str] = set()
+
+    def failed(exc: OSError) -> None:
+        unreadable.append((str(exc.filename or folder), f"cannot read the folder ({exc.strerror or exc})"))
+
+    for top, dirs, names in os.walk(folder, onerror=failed, followlinks=True):
+        real = os.path.realpath(top)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            q = Path(top) / name
+            if name.startswith(".") or not q.is_file():
+                continue
+            (found if is_image_path(q) else ignored).append(q)
+    return sorted(found)
+
+
+def scan_inputs(inputs: Iterable[str | os.PathLike]) -> InputScan:
+    """Expand files, folders (recursive) and glob patterns into a sorted list of image paths,
+    accounting for every other file met (`InputScan`).
 
     A file given by name is kept whatever its extension (so that a broken or mislabelled
     file is reported, not silently skipped); folders and globs yield image extensions only,
     and skip hidden files and everything under hidden folders (`.ipynb_checkpoints/`, `.git/`).
-
-    Returns:
-        (paths, missing): the unique paths in order, and the inputs that matched nothing.
     """
     out: list[Path] = []
     missing: list[str] = []
+    ignored: list[Path] = []
+    unreadable: list[tuple[str, str]] = []
     for item in inputs:
         s = str(item)
         p = Path(s)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if is_image_path(q) and not _hidden_below(q, p) and q.is_file())
+            found = _walk(p, ignored, unreadable)
         elif p.is_file():
             found = [p]
         elif any(ch in s for ch in "*?["):
-            found = sorted(Path(q) for q in glob.glob(s, recursive=True) if Path(q).is_file() and is_image_path(Path(q)))
+            matches = [Path(q) for q in glob.glob(s, recursive=True) if Path(q).is_file()]
+            found = sorted(q for q in matches if is_image_path(q))
+            ignored.extend(sorted(q for q in matches if not is_image_path(q) and not q.name.startswith(".")))
         else:
             found = []
-        if not found:
+        if not found and not (p.is_dir() and any(u[0].startswith(s) for u in unreadable)):
             missing.append(s)
         out.extend(found)
     seen: set[Path] = set()
@@ -541,7 +615,14 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], strict_files: bool = Fal
         if key not in seen:
             seen.add(key)
             unique.append(p)
-    return unique, missing
+    return InputScan(paths=unique, missing=missing, ignored=list(dict.fromkeys(ignored)), unreadable=unreadable)
+
+
+def collect_inputs(inputs: Iterable[str | os.PathLike], strict_files: bool = False) -> tuple[list[Path], list[str]]:
+    """(paths, missing) of `scan_inputs`: the unique image paths in order, and the inputs that
+    matched nothing."""
+    scan = scan_inputs(inputs)
+    return scan.paths, scan.missing
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -573,12 +654,15 @@ class OutputPlan:
     """Where a command that writes one file per input puts each output.
 
     pairs: (input, output) in input order; failed: (input, why) for inputs that matched
-    nothing; targets: the output of every input found.
+    nothing; targets: the output of every input found; ignored, unreadable: the files met that
+    are not images iqpir reads, and the folders that could not be read (`InputScan`).
     """
 
     pairs: list[tuple[Path, Path]]
     failed: list[tuple[str, str]]
     targets: dict[Path, Path]
+    ignored: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
 def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -623,11 +707,16 @@ def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
     exts = None if extensions is None else {e.lower() for e in extensions}
     rooted: list[tuple[Path, Path | None]] = []  # (input, its root; None: a file given by name)
     failed: list[tuple[str, str]] = []
+    ignored: list[Path] = []
+    unreadable: list[tuple[str, str]] = []
     seen: set[Path] = set()
     for item in inputs:
         s = str(item)
-        found, missing = collect_inputs([item])
-        failed.extend((m, "no such file, folder or matching image") for m in missing)
+        scan = scan_inputs([item])
+        found = scan.paths
+        failed.extend((m, "no such file, folder or matching image") for m in scan.missing)
+        unreadable.extend(scan.unreadable)
+        ignored.extend(scan.ignored)
         root = Path(item) if Path(item).is_dir() else glob_root(s) if _is_glob(s) and not Path(item).is_file() else None
         for src in found:
             key = src.resolve()
@@ -658,7 +747,8 @@ def plan_outputs(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
         raise OutputClash(f"{len(clashes)} output{'s' if len(clashes) > 1 else ''} would be written by more than one "
                           "input; nothing was done. Give the folder that holds them all (its structure is kept), "
                           "or restore them into separate output folders:\n" + "\n".join(lines))
-    return OutputPlan(pairs=pairs, failed=failed, targets=dict(pairs))
+    return OutputPlan(pairs=pairs, failed=failed, targets=dict(pairs), ignored=list(dict.fromkeys(ignored)),
+                      unreadable=unreadable)
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -691,12 +781,14 @@ def check_batch(images: torch.Tensor, name: str = "images", check_range: bool = 
 @dataclass
 class FileReport:
     """What a command over many files did: the files done, skipped and failed (with why), and
-    `left`: the inputs not started because the run stopped (an output could not be written)."""
+    `left`: the inputs not started because the run stopped (an output could not be written);
+    `ignored`: the files found in the input folders and globs that are not images iqpir reads."""
 
     done: list[Path]
     skipped: list[Path]
     failed: list[tuple[str, str]]
     left: int = 0
+    ignored: list[Path] = field(default_factory=list)
 
     @classmethod
     def empty(cls) -> "FileReport":
@@ -708,8 +800,23 @@ class FileReport:
         self.failed.append((str(source), str(exc)))
         self.left = left
 
+    def ignored_note(self) -> str:
+        """", 2 ignored (.gif 1, .heic 1: ...)" for the summary line; "" when none were."""
+        if not self.ignored:
+            return ""
+        counts: dict[str, int] = {}
+        for p in self.ignored:
+            counts[p.suffix.lower() or "(no extension)"] = counts.get(p.suffix.lower() or "(no extension)", 0) + 1
+        kinds = ", ".join(f"{ext} {n}" for ext, n in sorted(counts.items()))
+        note = f", {len(self.ignored)} ignored ({kinds}: not images iqpir reads; --verbose names them"
+        if any(ext in HEIF_EXTENSIONS for ext in counts):
+            note += "; HEIC/HEIF needs pillow-heif: pip install 'iqpir[heif]'"
+        if any(ext in (".gif", ".apng") for ext in counts):
+            note += "; a GIF given by name is read when it holds one frame"
+        return note + ")"
+
     def summary(self, verb: str = "processed") -> str:
-        text = f"{len(self.done)} {verb}, {len(self.skipped)} skipped, {len(self.failed)} failed"
+        text = f"{len(self.done)} {verb}, {len(self.skipped)} skipped, {len(self.failed)} failed" + self.ignored_note()
         if self.failed:
             text += "\n" + "\n".join(f"  failed: {p}: {why}" for p, why in self.failed)
         if self.left:

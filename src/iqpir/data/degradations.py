@@ -469,7 +469,8 @@ def degrade_files(
     out = Path(out_dir)
     plan = plan_outputs(inputs, out, extensions=WRITE_EXTENSIONS)
     report = FileReport.empty()
-    report.failed.extend(plan.failed)
+    report.failed.extend(plan.failed + plan.unreadable)
+    report.ignored = plan.ignored
     log = OutputLog(out)
     for i, (src, dst) in enumerate(tqdm(plan.pairs, desc=f"degrade ({name})", unit="img", disable=not progress,
                                         file=sys.stderr)):

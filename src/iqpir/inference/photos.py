@@ -111,6 +111,9 @@ def _plan(inputs: Sequence[str], out: str | Path,
         print(f"iqpir restore: rank {rank} of {world}: {len(paths)} inputs", file=sys.stderr)
     report = io.FileReport.empty()
     report.failed.extend((m, "no such file, folder or matching image") for m in missing)
+    if rank == 0:  # unreadable folders are failures; files that are not images are counted
+        report.failed.extend(plan.unreadable)
+        report.ignored = plan.ignored
     return out, paths, missing, report, plan.targets
 
 
@@ -515,7 +518,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
             report.failed.append((str(out / report_name()), str(exc)))
     seconds = time.perf_counter() - start
     msg = (f"{len(report.done)} photos, {n_faces} faces restored, {n_without} without faces, "
-           f"{len(report.skipped)} skipped, {len(report.failed)} failed, {seconds:.1f} s")
+           f"{len(report.skipped)} skipped, {len(report.failed)} failed{report.ignored_note()}, {seconds:.1f} s")
     if report.skipped:
         msg += " (skipped outputs already exist; pass --overwrite to replace them)"
     _, _, failures = report.summary().partition("\n")
