@@ -318,3 +318,61 @@ def test_a_file_of_several_frames_is_refused_not_cut_to_its_first(kind, run_dir,
     assert not out.exists() or _files(out) == []
     frames[0].save(tmp_path / "still.gif")  # one frame: read as any image
     assert _restore(run_dir, str(tmp_path / "still.gif"), "--out", str(out)) == 0
+
+
+# --------------------------------------------------------------------------------------
+# SIGTERM is Ctrl-C: finished work kept, the exit status names the signal
+# --------------------------------------------------------------------------------------
+
+# Runs `iqpir ARGS...` in a fresh process that sends itself SIGNAL when it starts reading its
+# third image (by then two are finished), so the test does not depend on timing.
+_SELF_SIGNAL = """
+import os, signal, sys
+from iqpir import io
+from iqpir.iqa import table
+real, calls = io.read_image, []
+def read(path):
+    calls.append(path)
+    if len(calls) == 3:
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real(path)
+io.read_image = table.read_image = read
+from iqpir.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _run_signalled(signame: str, *args: str):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", _SELF_SIGNAL, signame, *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_keeps_the_scored_rows_and_says_so_in_the_exit_status(signame, code, tmp_path):
+    for i in range(4):
+        _photo(tmp_path / "in" / f"{i}.png", i, size=64)
+    csv = tmp_path / "scores.csv"
+    args = ("score", str(tmp_path / "in"), "--metrics", "piqe", "--batch-size", "1", "--out", str(csv), "--device", "cpu")
+    proc = _run_signalled(signame, *args)
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    rows = csv.read_text().splitlines()
+    assert len(rows) == 1 + 2, rows  # the header and the two images scored before the signal
+    assert main(list(args)) == 0  # the rerun scores the rest
+    assert len(csv.read_text().splitlines()) == 1 + 4
+
+
+def test_sigterm_during_restore_keeps_the_finished_outputs(run_dir, tmp_path):
+    for i in range(4):
+        _photo(tmp_path / "in" / f"{i}.png", i)
+    out = tmp_path / "out"
+    proc = _run_signalled("SIGTERM", "restore", str(tmp_path / "in"), "--out", str(out), "--checkpoint", str(run_dir),
+                          "--device", "cpu")
+    assert proc.returncode == 143, proc.stderr
+    assert "terminated" in proc.stderr and "Traceback" not in proc.stderr
+    assert _files(out) == ["0.png", "1.png"] and not [p for p in out.rglob("*.tmp")]
+    assert len(io.OutputLog(out).entries) == 2

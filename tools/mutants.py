@@ -551,6 +551,10 @@ MUTANTS = [
              "            if is_image_path(q):\n                found.append(q)\n")],
            [T + "test_outputs.py::test_files_that_are_not_images_are_counted_by_extension_and_named_with_verbose"],
            "files of other types in an input folder are dropped without being counted"),
+    Mutant("sigterm-kills", "src/iqpir/cli.py",
+           [("        self.previous = signal.signal(signal.SIGTERM, handler)\n", "        self.previous = None\n")],
+           [T + "test_outputs.py::test_a_signal_keeps_the_scored_rows_and_says_so_in_the_exit_status"],
+           "SIGTERM ends `iqpir score` at once, losing every row it had scored"),
 ]
 
 

@@ -682,6 +682,39 @@ def _warnings_as_lines(command: str):
     return original
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C's KeyboardInterrupt is: every path that
+    keeps finished work on Ctrl-C (the score table saved, outputs already in place, temporary
+    files removed) does so on SIGTERM too; the exit status says which signal it was."""
+
+
+class _TerminateAsInterrupt:
+    """SIGTERM raises `Terminated` for the length of one command (main thread only), then the
+    previous handler is put back."""
+
+    def __init__(self):
+        self.previous = None
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            raise Terminated()
+
+        self.previous = signal.signal(signal.SIGTERM, handler)
+
+    def uninstall(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
     import warnings
@@ -694,16 +727,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "restore", "demo", "score", "evaluate", "export"):
         keep_freed_memory()
     previous = _warnings_as_lines(args.command)
+    # train stops at a step's end on its own handler; uvicorn shuts the app down on its own
+    terminate = _TerminateAsInterrupt() if args.command not in ("train", "app") else None
     try:
+        if terminate is not None:
+            terminate.install()
         if getattr(args, "device", None) is not None:
             _check_device(args.device)
         return args.handler(args)
     except ConfigError as exc:
         print(f"iqpir {args.command}: config error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"iqpir {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"iqpir {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; finished work is "
+              "kept, and running the same command again resumes", file=sys.stderr)
+        return 143 if terminated else 130  # 128 + the signal's number, as a shell reports it
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:
         print(f"iqpir {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -716,3 +755,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = previous
+        if terminate is not None:
+            terminate.uninstall()
