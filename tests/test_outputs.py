@@ -376,3 +376,35 @@ def test_sigterm_during_restore_keeps_the_finished_outputs(run_dir, tmp_path):
     assert "terminated" in proc.stderr and "Traceback" not in proc.stderr
     assert _files(out) == ["0.png", "1.png"] and not [p for p in out.rglob("*.tmp")]
     assert len(io.OutputLog(out).entries) == 2
+
+
+# --------------------------------------------------------------------------------------
+# Metadata kept
+# --------------------------------------------------------------------------------------
+
+
+def test_exif_icc_and_xmp_travel_to_the_output_with_the_orientation_reset(run_dir, tmp_path):
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x0112] = "Camera maker", "Model 1", 6  # make, model, orientation
+    exif.get_ifd(0x8769)[0x9003] = "2019:07:01 12:00:00"  # DateTimeOriginal
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
+    src = tmp_path / "in" / "shot.jpg"
+    src.parent.mkdir()
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 48, 3), dtype=np.uint8))
+    stored.save(src, exif=exif, icc_profile=icc, xmp=xmp, quality=90)
+    for strip, out in (([], tmp_path / "out"), (["--strip-metadata"], tmp_path / "stripped")):
+        assert _restore(run_dir, str(src), "--out", str(out), *strip) == 0
+        with Image.open(out / "shot.jpg") as img:
+            assert img.size == (36, 48)  # the pixels upright (orientation 6 turned them) ...
+            got = img.getexif()
+            assert got.get(0x0112, 1) == 1  # ... so no viewer turns them again
+            assert img.info.get("icc_profile") == icc  # the colours' meaning is always kept
+            if strip:
+                assert 0x010F not in got and "xmp" not in img.info
+            else:
+                assert (got[0x010F], got[0x0110]) == ("Camera maker", "Model 1")
+                assert got.get_ifd(0x8769)[0x9003] == "2019:07:01 12:00:00"
+                assert img.info.get("xmp") == xmp

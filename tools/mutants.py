@@ -398,7 +398,7 @@ MUTANTS = [
            [T + "test_finish.py::test_grey_in_grey_out_and_the_two_overrides"],
            "a grey picture in a colour file comes back tinted"),
     Mutant("jpeg-tables-dropped", "src/iqpir/inference/photos.py",
-           [("bits=img.bits, jpeg=img.jpeg, log=log)", "bits=img.bits, log=log)")],
+           [("bits=img.bits, jpeg=img.jpeg, log=log,", "bits=img.bits, log=log,")],
            [T + "test_finish.py::test_a_jpeg_keeps_its_tables_and_what_is_not_restored_stays"],
            "a JPEG re-saved at quality 95, moving the pixels the model left alone"),
     Mutant("faces-alpha-dropped", "src/iqpir/inference/photos.py",
@@ -555,6 +555,10 @@ MUTANTS = [
            [("        self.previous = signal.signal(signal.SIGTERM, handler)\n", "        self.previous = None\n")],
            [T + "test_outputs.py::test_a_signal_keeps_the_scored_rows_and_says_so_in_the_exit_status"],
            "SIGTERM ends `iqpir score` at once, losing every row it had scored"),
+    Mutant("metadata-dropped", "src/iqpir/inference/photos.py",
+           [("                              metadata=kept)", "                              metadata=None)")],
+           [T + "test_outputs.py::test_exif_icc_and_xmp_travel_to_the_output_with_the_orientation_reset"],
+           "outputs lose the capture date, camera, colour profile and XMP of their inputs"),
 ]
 
 

@@ -319,6 +319,9 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     g.add_argument("--format", choices=["png", "jpg", "webp", "tiff"], default=None,
                    help="write every output in this format (png: lossless); default: each input's own, "
                         "a JPEG with the input's quantisation tables and chroma subsampling")
+    g.add_argument("--strip-metadata", action="store_true",
+                   help="leave the inputs' EXIF (capture date, camera, GPS) and XMP out of the outputs (default: "
+                        "kept, the orientation reset; the ICC colour profile is always kept)")
     _add_restore_faces(p)
 
 
@@ -364,7 +367,8 @@ def _restore_settings(args: argparse.Namespace) -> dict:
 
     return dict(checkpoint=args.checkpoint, out=args.out, quality=args.quality, alpha=args.alpha, device=args.device,
                 batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, fidelity=args.fidelity,
-                backend=args.backend, finish=Finish(blend=args.blend, colour=args.colour, format=args.format),
+                backend=args.backend, finish=Finish(blend=args.blend, colour=args.colour, format=args.format,
+                                                    metadata=not args.strip_metadata),
                 crf=args.crf, max_frames=args.max_frames)
 
 

@@ -64,6 +64,9 @@ class LoadedImage:
     bits: 16 for a 16-bit (or 32-bit integer/float) grey file, else 8;
     jpeg: a JPEG file's quantisation tables and chroma subsampling (`write_image(jpeg=...)`
         writes a JPEG with them, so that what is not restored loses nothing more), else None.
+    metadata: what the file says about the picture, for its output (`write_image(metadata=...)`):
+        "exif" (capture date, camera, GPS; the orientation tag reset to 1, since the pixels
+        were turned upright on reading), "icc_profile" and "xmp", where the file has them.
     """
 
     rgb: torch.Tensor
@@ -72,6 +75,7 @@ class LoadedImage:
     grey: bool = False
     bits: int = 8
     jpeg: dict | None = None
+    metadata: dict = field(default_factory=dict)
 
     @property
     def grey_content(self) -> bool:
@@ -134,6 +138,23 @@ def pil_to_tensors(img: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None,
     return rgb_t, alpha_t, grey, bits
 
 
+def _metadata(img: Image.Image) -> dict:
+    """EXIF, ICC profile and XMP of an image already turned upright (`ImageOps.exif_transpose`),
+    with the EXIF orientation set to 1: the pixels written are upright, so a viewer must not
+    turn them again."""
+    found = {}
+    exif = img.getexif()
+    if len(exif):
+        if exif.get(0x0112, 1) != 1:
+            exif[0x0112] = 1
+        found["exif"] = exif.tobytes()
+    for key, name in (("icc_profile", "icc_profile"), ("xmp", "xmp"), ("XML:com.adobe.xmp", "xmp")):
+        value = img.info.get(key)
+        if value and name not in found:
+            found[name] = value.encode("utf-8") if isinstance(value, str) else value
+    return found
+
+
 def read_image(path: str | os.PathLike) -> LoadedImage:
     """Read an image file into the package convention.
 
@@ -163,7 +184,9 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
                                         f"single images: extract the {kind} first (e.g. ffmpeg -i IN %04d.png)")
             img.load()
             jpeg = _jpeg_settings(img)
-            rgb_t, alpha_t, grey, bits = pil_to_tensors(ImageOps.exif_transpose(img))
+            upright = ImageOps.exif_transpose(img)
+            metadata = _metadata(upright)
+            rgb_t, alpha_t, grey, bits = pil_to_tensors(upright)
     except ImageReadError:
         raise
     except UnidentifiedImageError as exc:
@@ -173,7 +196,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         raise ImageReadError(p, f"cannot read image ({why})") from exc
     if rgb_t.shape[1] == 0 or rgb_t.shape[2] == 0:
         raise ImageReadError(p, "image has zero size")
-    return LoadedImage(rgb=rgb_t, alpha=alpha_t, path=p, grey=grey, bits=bits, jpeg=jpeg)
+    return LoadedImage(rgb=rgb_t, alpha=alpha_t, path=p, grey=grey, bits=bits, jpeg=jpeg, metadata=metadata)
 
 
 def load_rgb(path: str | os.PathLike) -> torch.Tensor:
@@ -402,7 +425,8 @@ HIGH_BIT_FORMATS = ("PNG", "TIFF")  # formats Pillow writes 16-bit grey and grey
 
 
 def write_image(path: str | os.PathLike, image: torch.Tensor, alpha: torch.Tensor | None = None, quality: int = 95,
-                grey: bool = False, bits: int = 8, jpeg: dict | None = None, log: "OutputLog | None" = None) -> Path:
+                grey: bool = False, bits: int = 8, jpeg: dict | None = None, log: "OutputLog | None" = None,
+                metadata: dict | None = None) -> Path:
     """Write (3, H, W) float in [0, 1]: encoded in memory, then put in place complete and
     verified (`atomic_write_bytes`); with `log`, recorded there as finished (`OutputLog`).
 
@@ -412,6 +436,8 @@ def write_image(path: str | os.PathLike, image: torch.Tensor, alpha: torch.Tenso
         that hold alpha), for an input that was grey.
     bits: 16 writes 16-bit grey where the format holds it (PNG, TIFF; not with alpha),
         else 8 bits. JPEG files cannot hold alpha; it is dropped for them.
+    metadata: an input's EXIF, ICC profile and XMP (`LoadedImage.metadata`), written where the
+        format holds them.
     """
     p = Path(path)
     fmt = Image.registered_extensions().get(p.suffix.lower())
@@ -427,6 +453,10 @@ def write_image(path: str | os.PathLike, image: torch.Tensor, alpha: torch.Tenso
     if fmt == "JPEG" and jpeg is not None and len(jpeg["qtables"]) >= (1 if pil.mode == "L" else 2):
         options = {"qtables": jpeg["qtables"][:1] if pil.mode == "L" else jpeg["qtables"],
                    "subsampling": jpeg["subsampling"]}
+    for key, value in (metadata or {}).items():
+        if key == "icc_profile" and pil.mode not in ("RGB", "RGBA"):
+            continue  # a colour profile does not describe the grey channel written for a grey input
+        options[key] = value
     buf = BytesIO()
     pil.save(buf, format=fmt, **options)  # encoded in memory: what reaches the disk is checked against it
     written = atomic_write_bytes(p, buf.getbuffer())

@@ -45,11 +45,15 @@ class Finish:
         (`--grayscale`), "colour" keeps the model's colour output even for grey inputs (`--color`).
     format: write every output as png/jpg/webp/tiff (`--format`); None keeps each input's format.
         A JPEG written from a JPEG input keeps the input's quantisation tables and subsampling.
+    metadata: the input's EXIF (capture date, camera, GPS), ICC profile and XMP go to its output
+        (the orientation reset, since the pixels are upright); False (`--strip-metadata`) keeps
+        the ICC profile only, which says what the colours mean.
     """
 
     blend: float = 1.0
     colour: str = "auto"
     format: str | None = None
+    metadata: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.blend) <= 1.0:
@@ -90,7 +94,9 @@ class Finish:
         if grey:
             restored = io.to_grey(restored).expand(3, -1, -1)
         alpha = _tensor_upscale(img.alpha, upscale)
-        return io.write_image(target, restored, alpha=alpha, grey=one_channel, bits=img.bits, jpeg=img.jpeg, log=log)
+        kept = img.metadata if self.metadata else {k: v for k, v in img.metadata.items() if k == "icc_profile"}
+        return io.write_image(target, restored, alpha=alpha, grey=one_channel, bits=img.bits, jpeg=img.jpeg, log=log,
+                              metadata=kept)
 
 
 def _plan(inputs: Sequence[str], out: str | Path,
