@@ -191,8 +191,10 @@ def restore(path: str, opts: dict, models, photos, tmp_path, capsys, monkeypatch
     faces = None
     if report.exists():
         faces = sum(len(e.get("faces", [])) for e in json.loads(report.read_text()))
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "restore.json")
-    pixels = np.asarray(Image.open(next(out.glob(photo.stem + ".*"))).convert("RGB"))
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                   if p.is_file() and p.name != "restore.json" and not p.name.startswith("."))  # not the log
+    # files from several folders are mirrored below the one they share (grey/p.png beside q.png)
+    pixels = np.asarray(Image.open(next(out.rglob(photo.stem + ".*"))).convert("RGB"))
     return Result(pixels=pixels, faces=faces, files=files, line=line, batches=batches)
 
 

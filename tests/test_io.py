@@ -185,10 +185,11 @@ def test_existing_outputs_are_kept_unless_overwrite(command, run_dir, tmp_path, 
     Image.fromarray(_grey_ramp(36, 36)).save(src / "a.png")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "a.png").write_bytes(b"keep me")
+    Image.fromarray(_grey_ramp(8, 8)).save(out / "a.png")  # a whole image: kept (a broken one is redone)
+    kept = (out / "a.png").read_bytes()
     extra = ["--checkpoint", str(run_dir), "--device", "cpu"] if command == "restore" else []
     assert main([command, str(src), "--out", str(out), *extra]) == 0
-    assert (out / "a.png").read_bytes() == b"keep me"
+    assert (out / "a.png").read_bytes() == kept
     assert "--overwrite" in capsys.readouterr().err
     assert main([command, str(src), "--out", str(out), "--overwrite", *extra]) == 0
     assert Image.open(out / "a.png").size == (36, 36)

@@ -189,6 +189,22 @@ def _add_degrade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config whose data.degradation section is used")
     _add_set(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
+    _add_verbose(p)
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="name each file of the input folders that is not an image iqpir reads (the summary counts "
+                        "them by extension)")
+
+
+def _done(command: str, args: argparse.Namespace, report) -> int:
+    """The exit status of a file command (1 when a file failed); with --verbose the ignored
+    files are named first."""
+    if getattr(args, "verbose", False):
+        for p in report.ignored:
+            print(f"iqpir {command}: ignored: {p} (not an image iqpir reads)", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _run_degrade(args: argparse.Namespace) -> int:
@@ -198,7 +214,7 @@ def _run_degrade(args: argparse.Namespace) -> int:
     cfg = C.load(args.config, args.overrides)
     report = degrade_files(args.inputs, args.out, cfg.data.degradation, preset=args.preset, seed=args.seed,
                            overwrite=args.overwrite)
-    return 1 if report.failed else 0
+    return _done("degrade", args, report)
 
 
 # --------------------------------------------------------------------------------------
@@ -285,6 +301,7 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
                    help="auto (default): torch for checkpoints, onnxruntime for .onnx, openvino for .xml "
                         "(graphs written by `iqpir export`)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_verbose(p)
     g = p.add_argument_group("the output")
     g.add_argument("--blend", type=_float_in(0, 1), default=1.0, metavar="W",
                    help="W * restored + (1 - W) * input, inside the faces with --faces, else everywhere "
@@ -302,6 +319,9 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     g.add_argument("--format", choices=["png", "jpg", "webp", "tiff"], default=None,
                    help="write every output in this format (png: lossless); default: each input's own, "
                         "a JPEG with the input's quantisation tables and chroma subsampling")
+    g.add_argument("--strip-metadata", action="store_true",
+                   help="leave the inputs' EXIF (capture date, camera, GPS) and XMP out of the outputs (default: "
+                        "kept, the orientation reset; the ICC colour profile is always kept)")
     _add_restore_faces(p)
 
 
@@ -347,7 +367,8 @@ def _restore_settings(args: argparse.Namespace) -> dict:
 
     return dict(checkpoint=args.checkpoint, out=args.out, quality=args.quality, alpha=args.alpha, device=args.device,
                 batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, fidelity=args.fidelity,
-                backend=args.backend, finish=Finish(blend=args.blend, colour=args.colour, format=args.format),
+                backend=args.backend, finish=Finish(blend=args.blend, colour=args.colour, format=args.format,
+                                                    metadata=not args.strip_metadata),
                 crf=args.crf, max_frames=args.max_frames)
 
 
@@ -370,7 +391,7 @@ def _run_restore_faces(args: argparse.Namespace) -> int:
         detect_every=args.detect_every or 1,
         smooth=args.smooth,
     )
-    return 1 if report.failed else 0
+    return _done("restore", args, report)
 
 
 def _run_upsampler(args: argparse.Namespace) -> int:
@@ -383,7 +404,7 @@ def _run_upsampler(args: argparse.Namespace) -> int:
         return 2
     settings = _restore_settings(args) | {"checkpoint": args.bg_upsampler}
     report = restore_files(args.inputs, **settings, aligned=args.aligned, tile=args.bg_tile, upscale=args.upscale)
-    return 1 if report.failed else 0
+    return _done("restore", args, report)
 
 
 def _run_restore(args: argparse.Namespace) -> int:
@@ -468,7 +489,7 @@ def _restore(args: argparse.Namespace) -> int:
         **_restore_settings(args),
         aligned=args.aligned,
     )
-    return 1 if report.failed else 0
+    return _done("restore", args, report)
 
 
 # --------------------------------------------------------------------------------------
@@ -665,6 +686,39 @@ def _warnings_as_lines(command: str):
     return original
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C's KeyboardInterrupt is: every path that
+    keeps finished work on Ctrl-C (the score table saved, outputs already in place, temporary
+    files removed) does so on SIGTERM too; the exit status says which signal it was."""
+
+
+class _TerminateAsInterrupt:
+    """SIGTERM raises `Terminated` for the length of one command (main thread only), then the
+    previous handler is put back."""
+
+    def __init__(self):
+        self.previous = None
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            raise Terminated()
+
+        self.previous = signal.signal(signal.SIGTERM, handler)
+
+    def uninstall(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
     import warnings
@@ -677,18 +731,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "restore", "demo", "score", "evaluate", "export"):
         keep_freed_memory()
     previous = _warnings_as_lines(args.command)
+    # train stops at a step's end on its own handler; uvicorn shuts the app down on its own
+    terminate = _TerminateAsInterrupt() if args.command not in ("train", "app") else None
     try:
+        if terminate is not None:
+            terminate.install()
         if getattr(args, "device", None) is not None:
             _check_device(args.device)
         return args.handler(args)
     except ConfigError as exc:
         print(f"iqpir {args.command}: config error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"iqpir {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"iqpir {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; finished work is "
+              "kept, and running the same command again resumes", file=sys.stderr)
+        return 143 if terminated else 130  # 128 + the signal's number, as a shell reports it
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:
         print(f"iqpir {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from iqpir.io import WriteError
+
+        if not isinstance(exc, WriteError):
+            raise
+        print(f"iqpir {args.command}: error: {exc}", file=sys.stderr)  # one line: the file, the free space
+        return 1
     finally:
         warnings.showwarning = previous
+        if terminate is not None:
+            terminate.uninstall()

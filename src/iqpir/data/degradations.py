@@ -45,7 +45,8 @@ from iqpir.config import (
     LowLightDegradation,
     UnderwaterDegradation,
 )
-from iqpir.io import FileReport, ImageReadError, check_batch, file_digest, plan_outputs, read_image, write_image
+from iqpir.io import (FileReport, ImageReadError, OutputLog, WriteError, check_batch, file_digest, plan_outputs, read_image,
+                      write_image)
 
 # --------------------------------------------------------------------------------------
 # Random draws
@@ -446,8 +447,10 @@ def degrade_files(
     Args:
         inputs: image files, folders (recursive; hidden folders are not inputs) and glob patterns.
         out_dir: the output folder (`io.plan_outputs`, the rule `iqpir restore` follows too):
-            it must not be (or lie inside) an input folder, and no output may overwrite an
-            input. A name whose format cannot be written (a.pgm) gets ".png" appended.
+            outputs mirror the inputs' paths, two inputs that would share an output are refused
+            before any work, the folder must not be (or lie inside) an input folder, and no
+            output may overwrite an input. A name whose format cannot be written (a.pgm) gets
+            ".png" appended.
         cfg, preset: the degradation (preset default: cfg.preset).
         seed: each file's generator is seeded from (seed, sha256 of the file's bytes), so the
             same image and seed give the same output whatever the other inputs, their order
@@ -455,9 +458,8 @@ def degrade_files(
         overwrite: replace existing outputs; by default they are kept and counted as skipped.
 
     Alpha channels are carried over (except into JPEG); grey inputs give grey outputs and
-    16-bit grey inputs 16-bit outputs. Unreadable files, inputs that match nothing and
-    output-name collisions are listed in `report.failed`; the rest are written. The summary
-    is printed to stderr.
+    16-bit grey inputs 16-bit outputs. Unreadable files and inputs that match nothing are
+    listed in `report.failed`; the rest are written. The summary is printed to stderr.
     """
     from tqdm import tqdm
 
@@ -467,9 +469,12 @@ def degrade_files(
     out = Path(out_dir)
     plan = plan_outputs(inputs, out, extensions=WRITE_EXTENSIONS)
     report = FileReport.empty()
-    report.failed.extend(plan.failed)
-    for src, dst in tqdm(plan.pairs, desc=f"degrade ({name})", unit="img", disable=not progress, file=sys.stderr):
-        if dst.exists() and not overwrite:
+    report.failed.extend(plan.failed + plan.unreadable)
+    report.ignored = plan.ignored
+    log = OutputLog(out)
+    for i, (src, dst) in enumerate(tqdm(plan.pairs, desc=f"degrade ({name})", unit="img", disable=not progress,
+                                        file=sys.stderr)):
+        if not overwrite and log.complete(dst):
             report.skipped.append(src)
             continue
         try:
@@ -483,8 +488,11 @@ def degrade_files(
             continue
         lq = degrade(loaded.rgb[None], cfg, name, make_generator(file_seed(seed, digest)))[0]
         try:
-            write_image(dst, lq, alpha=loaded.alpha, grey=loaded.grey, bits=loaded.bits)
-        except (OSError, ValueError) as exc:
+            write_image(dst, lq, alpha=loaded.alpha, grey=loaded.grey, bits=loaded.bits, log=log)
+        except WriteError as exc:  # a full disk: stop; a rerun finishes the rest
+            report.stop(src, exc, len(plan.pairs) - i - 1)
+            break
+        except ValueError as exc:
             report.failed.append((str(src), f"cannot write {dst}: {exc}"))
             continue
         report.done.append(dst)

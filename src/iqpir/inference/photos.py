@@ -28,7 +28,7 @@ from iqpir import io
 from iqpir.devices import process_shard, shard_owner
 from iqpir.faces import FACE_SIZE, get_detector, resize_lanczos, restore_photo
 from iqpir.inference import video
-from iqpir.inference.restorer import Restorer, load_restorer
+from iqpir.inference.restorer import NonFiniteOutput, Restorer, load_restorer
 
 COLOURS = ("auto", "grey", "colour")
 FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif"}
@@ -45,11 +45,15 @@ class Finish:
         (`--grayscale`), "colour" keeps the model's colour output even for grey inputs (`--color`).
     format: write every output as png/jpg/webp/tiff (`--format`); None keeps each input's format.
         A JPEG written from a JPEG input keeps the input's quantisation tables and subsampling.
+    metadata: the input's EXIF (capture date, camera, GPS), ICC profile and XMP go to its output
+        (the orientation reset, since the pixels are upright); False (`--strip-metadata`) keeps
+        the ICC profile only, which says what the colours mean.
     """
 
     blend: float = 1.0
     colour: str = "auto"
     format: str | None = None
+    metadata: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.blend) <= 1.0:
@@ -82,23 +86,30 @@ class Finish:
         grey = self.colour == "grey" or (self.colour == "auto" and img.grey_content)
         return grey, grey and img.grey
 
-    def write(self, target: Path, img: io.LoadedImage, restored: torch.Tensor, upscale: int = 1) -> Path:
-        """The output file of one input: grey where it should be, alpha and JPEG tables kept."""
+    def write(self, target: Path, img: io.LoadedImage, restored: torch.Tensor, upscale: int = 1,
+              log: io.OutputLog | None = None) -> Path:
+        """The output file of one input: grey where it should be, alpha and JPEG tables kept;
+        put in place verified (`io.write_image`), and logged as finished in `log`."""
         grey, one_channel = self.colour_of(img)
         if grey:
             restored = io.to_grey(restored).expand(3, -1, -1)
         alpha = _tensor_upscale(img.alpha, upscale)
-        return io.write_image(target, restored, alpha=alpha, grey=one_channel, bits=img.bits, jpeg=img.jpeg)
+        kept = img.metadata if self.metadata else {k: v for k, v in img.metadata.items() if k == "icc_profile"}
+        return io.write_image(target, restored, alpha=alpha, grey=one_channel, bits=img.bits, jpeg=img.jpeg, log=log,
+                              metadata=kept)
 
 
 def _plan(inputs: Sequence[str], out: str | Path,
           suffix: str | None = None) -> tuple[Path, list[Path], list[str], io.FileReport, dict[Path, Path]]:
     """The start of every restore command: the output folder, the inputs found, the inputs that
     matched nothing (already in the report as failures) and each input's output path, by the
-    rule of `io.plan_outputs` (shared with `iqpir degrade`: the output folder may not be or lie
-    inside an input folder, and no output may replace an input)."""
+    rule of `io.plan_outputs` (shared with `iqpir degrade`: outputs mirror the inputs' paths, two
+    inputs never share an output, the output folder may not be or lie inside an input folder, and
+    no output may replace an input). A clip keeps its container (`video.output_name`), not --format."""
     out = Path(out)
-    paths, missing = io.collect_inputs(inputs)
+    plan = io.plan_outputs(inputs, out, suffix=suffix, rename=_clip_name)
+    paths = [src for src, _ in plan.pairs]
+    missing = [m for m, _ in plan.failed]
     rank, world = process_shard()
     if world > 1:  # a torchrun job: this process takes its share, each input goes to one rank
         paths = [p for p in paths if shard_owner(p, world) == rank]
@@ -106,7 +117,25 @@ def _plan(inputs: Sequence[str], out: str | Path,
         print(f"iqpir restore: rank {rank} of {world}: {len(paths)} inputs", file=sys.stderr)
     report = io.FileReport.empty()
     report.failed.extend((m, "no such file, folder or matching image") for m in missing)
-    return out, paths, missing, report, io.plan_outputs(inputs, out, suffix=suffix).targets
+    if rank == 0:  # unreadable folders are failures; files that are not images are counted
+        report.failed.extend(plan.unreadable)
+        report.ignored = plan.ignored
+    return out, paths, missing, report, plan.targets
+
+
+def _clip_name(src: Path, rel: Path) -> Path:
+    """A video's output name (its container, or .mp4); other files' as planned."""
+    return rel.with_name(video.output_name(src)) if video.is_video(src) else rel
+
+
+def _stop(report: io.FileReport, paths: Sequence[Path], targets: dict[Path, Path], exc: io.WriteError) -> None:
+    """An output could not be written (a full disk): the run stops, its input is named as failed
+    with the one-line reason, and the inputs not started are counted (a rerun does them)."""
+    source_of = {t: p for p, t in targets.items()}
+    report.stop(source_of.get(exc.path, exc.path), exc, 0)
+    handled = ({Path(p) for p, _ in report.failed} | set(report.skipped)
+               | {source_of.get(t, t) for t in report.done})
+    report.left = sum(p not in handled for p in paths)
 
 
 def report_name() -> str:
@@ -168,49 +197,66 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
     s = restorer.image_size
     warned = False
     pending: list[tuple[Path, io.LoadedImage]] = []  # aligned faces waiting for a full batch
+    log = io.OutputLog(out)
 
     def write(target: Path, img: io.LoadedImage, restored: torch.Tensor) -> None:
         h, w = img.rgb.shape[1:]
-        finish.write(target, img, finish.blended(rescale(restored, (h * upscale, w * upscale)), img.rgb, upscale), upscale)
+        finish.write(target, img, finish.blended(rescale(restored, (h * upscale, w * upscale)), img.rgb, upscale),
+                     upscale, log=log)
         report.done.append(target)
 
+    source_of = {t: p for p, t in targets.items()}
+
     def flush() -> None:
-        outs = restore_aligned_batch(restorer, [img.rgb for _, img in pending], quality, alpha, fidelity)
+        try:
+            outs = restore_aligned_batch(restorer, [img.rgb for _, img in pending], quality, alpha, fidelity)
+        except NonFiniteOutput as exc:  # the batch's files fail, the run goes on
+            report.failed.extend((str(source_of[target]), str(exc)) for target, _ in pending)
+            pending.clear()
+            return
         for (target, img), restored in zip(pending, outs):
             write(target, img, restored)
         pending.clear()
 
-    for p in it:
-        target = targets[p]
-        if video.is_video(p):
-            target = target.with_name(video.output_name(p))  # a clip keeps its container (not --format)
-        if target.exists() and not overwrite:
-            report.skipped.append(p)
-            continue
-        if video.is_video(p):  # every frame through the same path, the other streams copied
-            frames = tile_frames(restorer, finish, upscale, quality, alpha, fidelity)
-            _clip(p, target, frames, upscale, crf, max_frames, report, progress, restorer.batch_size)
-            continue
-        try:
-            img = io.read_image(p)
-        except io.ImageReadError as exc:
-            report.failed.append((str(p), exc.reason))
-            continue
-        rgb = img.rgb
-        if aligned:  # --batch-size faces per forward pass
-            pending.append((target, img))
-            if len(pending) == restorer.batch_size:
-                flush()
-        else:
-            if restorer.task == "faces" and s is not None and tuple(rgb.shape[1:]) != (s, s) and not warned:
-                print(f"iqpir restore: warning: {p} is not a {s}x{s} aligned face and this is a face model; "
-                      "it is restored through tiles. Use --faces for photos with faces, --aligned for aligned "
-                      "crops", file=sys.stderr)
-                warned = True
-            tiles = None if not progress else (lambda done, total: it.set_postfix_str(f"tiles {done}/{total}"))
-            write(target, img, restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity, progress=tiles))
-    if pending:
-        flush()
+    try:
+        for p in it:
+            target = targets[p]
+            if not overwrite and log.complete(target):
+                report.skipped.append(p)
+                continue
+            if video.is_video(p):  # every frame through the same path, the other streams copied
+                frames = tile_frames(restorer, finish, upscale, quality, alpha, fidelity)
+                _clip(p, target, frames, upscale, crf, max_frames, report, progress, restorer.batch_size, log)
+                continue
+            try:
+                img = io.read_image(p)
+            except io.ImageReadError as exc:
+                report.failed.append((str(p), exc.reason))
+                continue
+            rgb = img.rgb
+            if aligned:  # --batch-size faces per forward pass
+                pending.append((target, img))
+                if len(pending) == restorer.batch_size:
+                    flush()
+            else:
+                if restorer.task == "faces" and s is not None and tuple(rgb.shape[1:]) != (s, s) and not warned:
+                    print(f"iqpir restore: warning: {p} is not a {s}x{s} aligned face and this is a face model; "
+                          "it is restored through tiles. Use --faces for photos with faces, --aligned for aligned "
+                          "crops", file=sys.stderr)
+                    warned = True
+                tiles = None if not progress else (lambda done, total: it.set_postfix_str(f"tiles {done}/{total}"))
+                try:
+                    restored = restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity, progress=tiles)
+                except NonFiniteOutput as exc:
+                    report.failed.append((str(p), str(exc)))
+                    continue
+                write(target, img, restored)
+        if pending:
+            flush()
+    except io.WriteError as exc:
+        if progress:
+            it.close()
+        _stop(report, paths, targets, exc)
     report.announce("restore", "restored", out)
     return report
 
@@ -248,14 +294,17 @@ def _check_video_options(paths: list[Path], crf: int | None, max_frames: int | N
 
 
 def _clip(src: Path, target: Path, frames, scale: int, crf: int | None, max_frames: int | None,
-          report: io.FileReport, progress: bool, batch_size: int = 1) -> bool:
-    """One video through inference.video; a clip that cannot be restored is named in the report."""
+          report: io.FileReport, progress: bool, batch_size: int = 1, log: io.OutputLog | None = None) -> bool:
+    """One video through inference.video; a clip that cannot be restored is named in the report,
+    a clip written is logged as finished in `log`."""
     try:
         video.restore_video(src, target, frames, scale=scale, crf=18 if crf is None else crf, max_frames=max_frames,
                             progress=progress, batch_size=batch_size)
-    except (video.VideoError, ImportError) as exc:
+    except (video.VideoError, ImportError, NonFiniteOutput) as exc:
         report.failed.append((str(src), str(exc).removeprefix(f"{src}: ")))
         return False
+    if log is not None:
+        log.add_file(target)
     report.done.append(target)
     return True
 
@@ -406,64 +455,78 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
     bar = None
     if progress:
         it = bar = tqdm(paths, desc="restore", unit="photo", file=sys.stderr, dynamic_ncols=True)
-    for p in it:
-        target = targets[p]
-        if video.is_video(p):
-            target = target.with_name(video.output_name(p))  # a clip keeps its container (not --format)
-        if target.exists() and not overwrite:
-            report.skipped.append(p)
-            entries.append({"input": str(p), "output": str(target), "skipped": "output exists (--overwrite replaces it)"})
-            continue
-        if video.is_video(p):  # each frame through the photo path, the faces tracked across frames
-            tracker = _tracker(p, face_detector, detect_every, smooth)
+    log = io.OutputLog(out)
+    try:
+        for p in it:
+            target = targets[p]
+            if not overwrite and log.complete(target):
+                report.skipped.append(p)
+                entries.append({"input": str(p), "output": str(target), "skipped": "output exists (--overwrite replaces it)"})
+                continue
+            if video.is_video(p):  # each frame through the photo path, the faces tracked across frames
+                tracker = _tracker(p, face_detector, detect_every, smooth)
 
-            def frames(batch: torch.Tensor, tracker=tracker) -> torch.Tensor:  # one frame at a time: tracked in order
-                return torch.stack([colour.frame(restore_photo(image, restore_faces, detector=tracker,
-                                                               upscale=int(upscale), only_center_face=only_center_face,
-                                                               min_face=min_face, background=background,
-                                                               draw_box=draw_box, face_upsample=faces_up)[0],
-                                                 image, int(upscale))
-                                    for image in batch])
+                def frames(batch: torch.Tensor, tracker=tracker) -> torch.Tensor:  # one frame at a time: tracked in order
+                    return torch.stack([colour.frame(restore_photo(image, restore_faces, detector=tracker,
+                                                                   upscale=int(upscale), only_center_face=only_center_face,
+                                                                   min_face=min_face, background=background,
+                                                                   draw_box=draw_box, face_upsample=faces_up)[0],
+                                                     image, int(upscale))
+                                        for image in batch])
 
-            ok = _clip(p, target, frames, int(upscale), crf, max_frames, report, progress)
-            entries.append({"input": str(p), "output": str(target)} if ok else {"input": str(p), "error": report.failed[-1][1]})
-            continue
-        try:
-            img = io.read_image(p)
-        except io.ImageReadError as exc:
-            why = exc.reason
-            report.failed.append((str(p), why))
-            entries.append({"input": str(p), "error": why})
-            continue
-        restored, rep = restore_photo(img.rgb, restore_faces, detector=face_detector, upscale=int(upscale),
-                                      only_center_face=only_center_face, min_face=min_face, background=background,
-                                      save_faces=save_faces, draw_box=draw_box, face_upsample=faces_up)
-        finish.write(target, img, restored, int(upscale))
-        report.done.append(target)
-        entry = {"input": str(p), "output": str(target), "size": list(img.rgb.shape[1:]), "faces": rep["faces"],
-                 "skipped_faces": rep["skipped_faces"], "detector": rep["detector"], "seconds": rep["seconds"],
-                 "settings": settings}
-        if save_faces and rep["faces"]:
-            crops = []
-            stem = target.relative_to(out).with_suffix("")
-            for i, (a, r) in enumerate(zip(rep["aligned_faces"], rep["restored_faces"])):
-                pa = io.write_image(out / "faces" / f"{stem}_{i:02d}_aligned.png", a)
-                pr = io.write_image(out / "faces" / f"{stem}_{i:02d}_restored.png", r)
-                crops.append({"aligned": str(pa), "restored": str(pr)})
-            entry["crops"] = crops
-        entries.append(entry)
-        n_faces += len(rep["faces"])
-        n_without += not rep["faces"]
+                ok = _clip(p, target, frames, int(upscale), crf, max_frames, report, progress, log=log)
+                entries.append({"input": str(p), "output": str(target)} if ok else {"input": str(p), "error": report.failed[-1][1]})
+                continue
+            try:
+                img = io.read_image(p)
+            except io.ImageReadError as exc:
+                why = exc.reason
+                report.failed.append((str(p), why))
+                entries.append({"input": str(p), "error": why})
+                continue
+            try:
+                restored, rep = restore_photo(img.rgb, restore_faces, detector=face_detector, upscale=int(upscale),
+                                              only_center_face=only_center_face, min_face=min_face,
+                                              background=background,
+                                              save_faces=save_faces, draw_box=draw_box, face_upsample=faces_up)
+            except NonFiniteOutput as exc:
+                report.failed.append((str(p), str(exc)))
+                entries.append({"input": str(p), "error": str(exc)})
+                continue
+            finish.write(target, img, restored, int(upscale), log=log)
+            report.done.append(target)
+            entry = {"input": str(p), "output": str(target), "size": list(img.rgb.shape[1:]), "faces": rep["faces"],
+                     "skipped_faces": rep["skipped_faces"], "detector": rep["detector"], "seconds": rep["seconds"],
+                     "settings": settings}
+            if save_faces and rep["faces"]:
+                crops = []
+                stem = target.relative_to(out).with_suffix("")
+                for i, (a, r) in enumerate(zip(rep["aligned_faces"], rep["restored_faces"])):
+                    pa = io.write_image(out / "faces" / f"{stem}_{i:02d}_aligned.png", a)
+                    pr = io.write_image(out / "faces" / f"{stem}_{i:02d}_restored.png", r)
+                    crops.append({"aligned": str(pa), "restored": str(pr)})
+                entry["crops"] = crops
+            entries.append(entry)
+            n_faces += len(rep["faces"])
+            n_without += not rep["faces"]
+            if bar is not None:
+                bar.set_postfix(faces=n_faces)
+            io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
+    except io.WriteError as exc:
         if bar is not None:
-            bar.set_postfix(faces=n_faces)
+            bar.close()
+        _stop(report, paths, targets, exc)
+        entries.append({"input": report.failed[-1][0], "error": report.failed[-1][1]})
+    try:
         io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
-    io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
+    except io.WriteError as exc:
+        if not report.left:  # else the disk that stopped the run is named already
+            report.failed.append((str(out / report_name()), str(exc)))
     seconds = time.perf_counter() - start
     msg = (f"{len(report.done)} photos, {n_faces} faces restored, {n_without} without faces, "
-           f"{len(report.skipped)} skipped, {len(report.failed)} failed, {seconds:.1f} s")
+           f"{len(report.skipped)} skipped, {len(report.failed)} failed{report.ignored_note()}, {seconds:.1f} s")
     if report.skipped:
         msg += " (skipped outputs already exist; pass --overwrite to replace them)"
-    if report.failed:
-        msg += "\n" + "\n".join(f"  failed: {p}: {why}" for p, why in report.failed)
-    print(f"iqpir restore: {msg} -> {out}", file=sys.stderr)
+    _, _, failures = report.summary().partition("\n")
+    print(f"iqpir restore: {msg} -> {out}" + (f"\n{failures}" if failures else ""), file=sys.stderr)
     return report

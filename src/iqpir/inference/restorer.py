@@ -35,6 +35,11 @@ from iqpir.inference import files
 from iqpir.inference.engines import make_engine
 
 
+class NonFiniteOutput(ValueError):
+    """The network's output holds NaN or infinity: an error for the image being restored,
+    never an image (clamped to [0, 1], NaN would be written as black)."""
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of size `tile` covering [0, length) with at least `overlap` shared pixels."""
     if length <= tile:
@@ -169,7 +174,13 @@ class Restorer:
 
     def _run(self, tiles: torch.Tensor, quality: float | None, alpha: float | None,
              fidelity: float = 0.0) -> torch.Tensor:
-        return self.engine(tiles, quality, alpha, fidelity)  # (N, 3, k h, k w) float32 CPU in [0, 1]
+        out = self.engine(tiles, quality, alpha, fidelity)  # (N, 3, k h, k w) float32 CPU in [0, 1]
+        if not bool(torch.isfinite(out).all()):  # clamped and written, NaN would be a black image
+            bad = int((~torch.isfinite(out)).sum())
+            raise NonFiniteOutput(f"the model gave {bad} non-finite values (NaN or infinity) for {len(out)} "
+                                  f"tile{'s' if len(out) > 1 else ''} ({self.kind} model, {self.dtype}): broken weights, "
+                                  "or a dtype that overflows (try --dtype float32); nothing written")
+        return out
 
     def restore_one(self, image: torch.Tensor, quality: float | None = None, alpha: float | None = None,
                     fidelity: float | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:

@@ -11,11 +11,13 @@ kept: yuv420p where both sides are even (what every player takes), else yuv444p 
 needs even sides; the summary says so). Memory holds a few
 frames, whatever the clip's length. The output is written to a hidden partial file beside the
 target and renamed into place only when complete: an interrupted or failed run leaves no
-truncated clip (and a re-run starts over). Inputs are only read.
+truncated clip (and a re-run starts over); a full disk is one line naming the output
+(`io.WriteError`). Inputs are only read.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -25,10 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iqpir import io
+
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")
 # Containers that hold H.264 with its timestamps; .webm cannot hold it, and .avi keeps no
 # presentation times (its H.264 frames come back a frame late), so both get an .mp4 output.
 H264_CONTAINERS = (".mp4", ".mov", ".mkv")
+_DISK_ERRORS = (errno.ENOSPC, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 class VideoError(ValueError):
@@ -162,13 +167,22 @@ def restore_video(src: str | Path, dst: str | Path, restore_frames: Callable[[to
                 bar.close()
     except av.FFmpegError as exc:
         partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:  # the output's disk, not the clip
+            raise io.write_error(dst, exc) from None
         if isinstance(exc, (av.error.DecoderNotFoundError, av.error.PatchWelcomeError)):  # FFmpeg lacks it
             raise VideoError(f"{src}: cannot decode its {info['codec']} video ({exc}); nothing written") from None
         raise VideoError(f"{src}: the clip is damaged after {frames} frames ({exc}); nothing written") from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    os.replace(partial, dst)
+    try:  # on the disk before it is renamed into place, as every output (io.atomic_write_bytes)
+        with open(partial, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(partial, dst)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise io.write_error(dst, exc) from None
+    io.fsync_folder(dst.parent)
     return {"input": str(src), "output": str(dst), "frames": frames, "width": vout.width, "height": vout.height,
             "pix_fmt": vout.pix_fmt, "seconds": round(time.perf_counter() - start, 2)}
 
