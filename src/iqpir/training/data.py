@@ -41,62 +41,80 @@ def quality_table(cfg: C.RunConfig, data: Path, lq_data, run_dir: Path, scores, 
     from a copy of the folder). Images with no score at all (unreadable, too small, not in
     the table) are named on stderr and left out of training by `build_dataset`.
     """
-    from iqpir.io import collect_inputs, file_digest
-    from iqpir.iqa.table import read_score_table, score_files
+    from iqpir.io import collect_inputs
+    from iqpir.iqa.table import read_score_table
 
-    failed: dict[str, str] = {}
+    path, failed = _table_file(cfg, data, run_dir, scores, info)
+    table = read_score_table(path)
+    quality = {k: v for k, v in table.quality.items() if math.isfinite(v)}
+    images, _ = collect_inputs([data])
+    unmatched = [p for p in images if str(p.resolve()) not in quality and str(p.resolve()) not in failed]
+    if unmatched and table.hashes:
+        quality.update(_matched_by_content(table, quality, unmatched, path, info))
+    missing = [p for p in images if str(p.resolve()) not in quality]
+    if missing:
+        why = [(str(p), failed.get(str(p.resolve()), f"not in {path}")) for p in missing]
+        if len(missing) == len(images):
+            raise ValueError(f"none of the {len(images)} images in {data} has a quality score in {path}:\n{_named(why)}")
+        hint = f"add them with `iqpir score {data} --out {path}`" if scores is not None else "they cannot be scored"
+        _say(info, f"{len(missing)} of {len(images)} training images have no quality score and are left out "
+                   f"({hint}):\n{_named(why)}")
+    keys = (str(p.resolve()) for p in images)
+    table.quality = {k: quality[k] for k in keys if k in quality}
+    return table
+
+
+def _table_file(cfg: C.RunConfig, data: Path, run_dir: Path, scores, info: D.DistInfo) -> tuple[Path, dict[str, str]]:
+    """The score table to read -> (its path, {resolved image: why it has no score} of a scoring here).
+
+    `scores` when given; else rank 0 scores `data` into the run folder (kept for later starts).
+    """
+    from iqpir.iqa.table import score_files
+
     if scores is not None:
         path = Path(scores)
         if not path.is_file():
             raise FileNotFoundError(f"--scores: no such file: {path}")
-    else:
-        path = run_dir / SCORES_FILE
-        if info.is_main:
-            _say(info, f"scoring {data} with {','.join(cfg.iqa.metrics)} -> {path}")
-            report = score_files(
-                [str(data)],
-                metrics=cfg.iqa.metrics,
-                out=str(path),
-                normalization=cfg.iqa.normalization,
-                device=str(info.device),
-                weights_dir=cfg.iqa.weights_dir or None,
-                upsample_small=True,
-            )
-            failed = {str(Path(p).resolve()): why for p, why in report.failed}
-        D.barrier(info)
-    table = read_score_table(path)
-    quality = {k: v for k, v in table.quality.items() if math.isfinite(v)}
+        return path, {}
+    path = run_dir / SCORES_FILE
+    failed: dict[str, str] = {}
+    if info.is_main:
+        _say(info, f"scoring {data} with {','.join(cfg.iqa.metrics)} -> {path}")
+        report = score_files(
+            [str(data)],
+            metrics=cfg.iqa.metrics,
+            out=str(path),
+            normalization=cfg.iqa.normalization,
+            device=str(info.device),
+            weights_dir=cfg.iqa.weights_dir or None,
+            upsample_small=True,
+        )
+        failed = {str(Path(p).resolve()): why for p, why in report.failed}
+    D.barrier(info)
+    return path, failed
 
-    # Images the table lacks by path: match them by content (a table made from a copy of the folder).
-    images, _ = collect_inputs([data])
-    unmatched = [p for p in images if str(p.resolve()) not in quality and str(p.resolve()) not in failed]
-    if unmatched and table.hashes:
-        by_hash: dict[str, float] = {}
-        for key, digest in table.hashes.items():
-            if key in quality:
-                by_hash.setdefault(digest, quality[key])
-        if by_hash:
-            _say(info, f"{len(unmatched)} images are not in {path} by path: matching them by content")
-        for p in unmatched if by_hash else []:
-            try:
-                digest = file_digest(p)
-            except OSError:
-                continue
-            if digest in by_hash:
-                quality[str(p.resolve())] = by_hash[digest]
 
-    missing = [p for p in images if str(p.resolve()) not in quality]
-    if missing and len(missing) < len(images):
-        hint = f"add them with `iqpir score {data} --out {path}`" if scores is not None else "they cannot be scored"
-        why = [(str(p), failed.get(str(p.resolve()), f"not in {path}")) for p in missing]
-        _say(info, f"{len(missing)} of {len(images)} training images have no quality score and are left out "
-                   f"({hint}):\n{_named(why)}")
-    elif missing:
-        why = [(str(p), failed.get(str(p.resolve()), f"not in {path}")) for p in missing]
-        raise ValueError(f"none of the {len(images)} images in {data} has a quality score in {path}:\n{_named(why)}")
-    keys = (str(p.resolve()) for p in images)
-    table.quality = {k: quality[k] for k in keys if k in quality}
-    return table
+def _matched_by_content(table: ScoreTable, quality: dict[str, float], unmatched: list[Path], path: Path,
+                        info: D.DistInfo) -> dict[str, float]:
+    """Scores of images the table lacks by path, found by content hash (a table of a copied folder)."""
+    from iqpir.io import file_digest
+
+    by_hash: dict[str, float] = {}
+    for key, digest in table.hashes.items():
+        if key in quality:
+            by_hash.setdefault(digest, quality[key])
+    if not by_hash:
+        return {}
+    _say(info, f"{len(unmatched)} images are not in {path} by path: matching them by content")
+    found = {}
+    for p in unmatched:
+        try:
+            digest = file_digest(p)
+        except OSError:
+            continue
+        if digest in by_hash:
+            found[str(p.resolve())] = by_hash[digest]
+    return found
 
 
 def build_dataset(cfg: C.RunConfig, data: Path, lq_data, quality: dict[str, float]):
