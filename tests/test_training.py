@@ -16,7 +16,8 @@ from iqpir import checkpoint as ckpt
 from iqpir import config as C
 from iqpir.cli import main
 from iqpir.training.distributed import DistInfo
-from iqpir.training.loop import EMA, TrainOptions, lr_scale, positions, run, train
+from iqpir.training.data import positions
+from iqpir.training.loop import EMA, TrainOptions, lr_scale, run, train
 
 
 def test_stage1_writes_run_folder(stage1_run):

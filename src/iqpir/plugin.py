@@ -324,7 +324,8 @@ def fit(recipe: PluginRecipe, dataset, steps: int, batch_size: int = 4, lr: floa
     loss raises RuntimeError.
     """
     from iqpir import config as C
-    from iqpir.training.loop import PlannedBatches, TrainOptions, run
+    from iqpir.training.data import PlannedBatches
+    from iqpir.training.loop import TrainOptions, run
     from iqpir.training.tasks import RecipeTask
 
     cfg = C.load(overrides=[f"train.steps={steps}", f"train.batch_size={batch_size}", f"train.lr={lr}",

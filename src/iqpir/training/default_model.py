@@ -45,7 +45,8 @@ from iqpir import io
 from iqpir.data.bundled import resize_long_side
 from iqpir.data.degradations import degrade
 from iqpir.plugin import PluginRecipe, QualityConditioned, conditioned_unet
-from iqpir.training.loop import TrainOptions, TrainResult, run, to_device
+from iqpir.training.data import to_device
+from iqpir.training.loop import TrainOptions, TrainResult, run
 from iqpir.training.tasks import RecipeTask
 
 # Photos from Debian packages, fetched by package name (apt-get download + dpkg -x): (package,

@@ -7,12 +7,12 @@ that says what goes into each step. The loop owns the rest: the optimisers, the 
 schedule, EMA, the precision of the forward pass, gradient averaging across processes, logs,
 checkpoints (`iqpir.checkpoint`: safetensors + JSON) and resume.
 
-What goes into each step is planned, not drawn: the k-th sample the run ever sees is the
-dataset item at position k of a seeded per-epoch permutation, degraded with a generator
-seeded from (seed, k). Rank r of W takes its share of each global batch. Hence
+What goes into each step is planned, not drawn (`iqpir.training.data.PlannedBatches`, the
+default model's `CropBatches`): a function of the seed, the step and the rank. Hence
 
 - `--resume` continues exactly: a run stopped at step k and resumed computes the same
-  batches, and so the same losses, as an uninterrupted run;
+  batches, and so the same losses, as an uninterrupted run (the checkpoint holds the
+  weights, optimiser states and RNG states);
 - W processes with batch B equal one process with batch W*B (the gradient is the mean of
   the per-rank means, all-reduced after backward).
 
@@ -40,6 +40,7 @@ from iqpir import config as C
 from iqpir.devices import native_bf16, process_shard
 from iqpir.io import atomic_write_text
 from iqpir.training import distributed as D
+from iqpir.training.data import PlannedBatches, build_dataset, quality_table
 from iqpir.training.tasks import build_task
 
 CHECKPOINT_DIR = "checkpoints"  # iqpir.checkpoint.checkpoint_stem's folder
@@ -122,81 +123,6 @@ def lr_scale(cfg: C.TrainConfig, step: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# --------------------------------------------------------------------------------------
-# Sample plan
-# --------------------------------------------------------------------------------------
-
-
-class PlannedSamples(torch.utils.data.Dataset):
-    """Position k of the run's sample stream -> a training sample (deterministic in k)."""
-
-    def __init__(self, dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def __len__(self) -> int:  # positions are unbounded; DataLoader only needs the batch sampler
-        return 2**62
-
-    def index_at(self, position: int) -> int:
-        n = len(self.dataset)
-        epoch = position // n
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(n, generator=g))
-        return int(self._perm[1][position % n])
-
-    def __getitem__(self, position: int) -> dict:
-        return self.dataset.sample(self.index_at(position), epoch_seed=position)
-
-
-def positions(step: int, micro: int, cfg: C.TrainConfig, info: D.DistInfo) -> list[int]:
-    """Stream positions of rank `info.rank`'s share of micro-batch `micro` of step `step`."""
-    global_batch = cfg.batch_size * info.world_size
-    start = (step * cfg.grad_accum + micro) * global_batch + info.rank * cfg.batch_size
-    return list(range(start, start + cfg.batch_size))
-
-
-class _BatchPlan(torch.utils.data.Sampler):
-    def __init__(self, first_step: int, cfg: C.TrainConfig, info: D.DistInfo):
-        self.first_step, self.cfg, self.info = first_step, cfg, info
-
-    def __iter__(self):
-        for step in range(self.first_step, self.cfg.steps):
-            for micro in range(self.cfg.grad_accum):
-                yield positions(step, micro, self.cfg, self.info)
-
-    def __len__(self) -> int:
-        return max(0, self.cfg.steps - self.first_step) * self.cfg.grad_accum
-
-
-class PlannedBatches:
-    """The batch source of an iqpir.data dataset: the micro-batches of `positions`, on the device."""
-
-    def __init__(self, dataset, cfg: C.RunConfig, info: D.DistInfo):
-        self.samples = PlannedSamples(dataset, cfg.train.seed)
-        self.cfg, self.info = cfg, info
-
-    def batches(self, first_step: int) -> Iterator[dict]:
-        from iqpir.data import collate
-
-        loader = torch.utils.data.DataLoader(
-            self.samples,
-            batch_sampler=_BatchPlan(first_step, self.cfg.train, self.info),
-            num_workers=self.cfg.data.num_workers,
-            collate_fn=collate,
-            pin_memory=self.info.device.type == "cuda",
-        )
-        return (to_device(batch, self.info.device) for batch in loader)
-
-    def first_global_batch(self) -> dict:
-        """The samples of step 0 of every rank (data-dependent set-up, `task.prepare`)."""
-        from iqpir.data import collate
-
-        n = self.cfg.train.batch_size * self.info.world_size
-        return to_device(collate([self.samples[p] for p in range(n)]), self.info.device)
 
 
 # --------------------------------------------------------------------------------------
@@ -627,8 +553,6 @@ def _stage_setup(cfg: C.RunConfig, data: Path, run_dir: Path, opts: TrainOptions
                  info: D.DistInfo) -> tuple[Task, PlannedBatches]:
     """The score table, dataset, task and batch source of a stage run; a new run also takes its
     weights from --init and its data-dependent start (`task.prepare`), the same on every rank."""
-    from iqpir.training.data import build_dataset, quality_table
-
     table = quality_table(cfg, data, opts.lq_data, run_dir, opts.scores, info)
     dataset = build_dataset(cfg, data, opts.lq_data, table.quality)
     if info.is_main and cfg.train.stage == 2:
@@ -696,8 +620,3 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, arch: str) -> No
     state = source.state_dict()
     official.check_state(model, state, path)
     model.load_state_dict(state, strict=True)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors on `device` (other values as they are)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
