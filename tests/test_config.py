@@ -79,3 +79,21 @@ def test_cross_field_rules():
 def test_yaml_round_trip():
     cfg = C.from_preset("tiny")
     assert C.from_dict(C.parse_yaml(C.to_yaml(cfg))) == cfg
+
+
+def test_train_amp_of_earlier_runs_reads_as_precision():
+    """Configs stored by earlier checkpoints and run folders say train.amp: they still load."""
+    for amp, precision in (("off", "float32"), ("auto", "auto"), ("bf16", "bf16")):
+        with pytest.warns(DeprecationWarning, match="train.precision"):
+            assert C.from_dict({"train": {"amp": amp}}).train.precision == precision
+    assert C.RunConfig().train.precision == "float32"  # reproducible on every machine unless asked
+    with pytest.raises(C.ConfigError, match="train.precision"):
+        C.from_dict({"train": {"precision": "fp16"}})
+
+
+def test_the_default_model_preset_is_a_one_stage_unet():
+    cfg = C.from_preset("default-model")
+    assert (cfg.model.arch, cfg.model.unet, cfg.train.stage) == ("conditioned_unet", C.UNetConfig(), 1)
+    assert C.from_dict(C.parse_yaml(C.to_yaml(cfg))) == cfg
+    with pytest.raises(C.ConfigError, match="one stage"):
+        C.load(preset="default-model", overrides=["train.stage=2"])

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from train_helpers import read_metrics
 
 import iqpir
+from iqpir import checkpoint as ckpt
+from iqpir import config as C
 from iqpir import io
 from iqpir.cli import main
 from iqpir.inference import files
 from iqpir.plugin import conditioned_unet
 from iqpir.training import default_model as dm
+from iqpir.training import loop
 from iqpir.weights import DEFAULT_CARD, DEFAULT_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,7 +78,7 @@ def test_cli_restores_with_the_default_model_and_refuses_its_missing_knobs(tmp_p
 def tiny_file(tmp_path, seed: int = 0):
     """A small conditioned U-Net in the packaged format, with random weights."""
     torch.manual_seed(seed)
-    net = dm.NetworkConfig(channels=8, levels=3)
+    net = C.UNetConfig(channels=8, levels=3)
     model = dm.build_network(net)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -118,11 +123,15 @@ def test_a_unet_exports_to_onnx_at_any_size(tmp_path):
 
 
 def small_work(tmp_path, n: int = 6):
-    """A work folder as `data` leaves it, from random crops: crops.safetensors and the held-out set."""
+    """A work folder as `data` leaves it, from random crops: crops.safetensors, data.json and the held-out set."""
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(n, 4, 3, 48, 48, generator=g) * 255).round().to(torch.uint8)
     scores = torch.rand(n, 4, generator=g)
-    save_file({"images": images, "scores": scores}, tmp_path / "crops.safetensors")
+    ckpt.save_tensors(tmp_path / "crops.safetensors", {"images": images, "scores": scores})
+    info = {"crops": n, "crop": 48, "sides": [48], "levels": [list(x) for x in dm.GT_LEVELS], "metrics": ["niqe"],
+            "normalization": "minmax", "constants": {"niqe": [2.0, 9.0]}, "mean_score_per_level": [0.5] * 4,
+            "crops_per_photo": {"random": n}, "held_out": ["a", "b"]}
+    (tmp_path / "data.json").write_text(json.dumps(info))
     for name in ("a", "b"):
         ref = torch.rand(3, 32, 40, generator=g)
         io.write_image(tmp_path / "heldout" / "reference" / f"{name}.png", ref)
@@ -130,43 +139,102 @@ def small_work(tmp_path, n: int = 6):
     return images, scores
 
 
+def small_recipe(*extra: str) -> C.RunConfig:
+    """The default-model preset at test size: a 3-level U-Net of 8 channels, 32-px patches, batch 2."""
+    return dm.recipe_config("model.unet.channels=8", "model.unet.levels=3", "model.image_size=32",
+                            "train.batch_size=2", "train.warmup_steps=1", "train.eval_every=0", "train.log_every=1",
+                            "train.ckpt_every=1", *extra)
+
+
+def logged(run) -> list[dict]:
+    """metrics.csv without the clock."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in read_metrics(run)]
+
+
 def test_batches_are_a_pure_function_of_seed_and_step(tmp_path):
     images, scores = small_work(tmp_path)
-    cfg = dm.TrainConfig(batch=3, patch=32)
-    deg = dm.bfr_config(**dm.TRAIN_DEGRADATION)
-    a, b = dm.sample_batch(images, scores, cfg, 7, deg), dm.sample_batch(images, scores, cfg, 7, deg)
+    cfg = small_recipe("train.batch_size=3")
+    a, b = dm.sample_batch(images, scores, cfg, 7), dm.sample_batch(images, scores, cfg, 7)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
-    c = dm.sample_batch(images, scores, cfg, 8, deg)
+    c = dm.sample_batch(images, scores, cfg, 8)
     assert not torch.equal(a[0], c[0])
     lq, target, s = a
     assert lq.shape == target.shape == (3, 3, 32, 32) and s.shape == (3,)
     assert all(float(v) in scores.flatten().tolist() for v in s)  # S is a target's own score
 
 
-def test_resumed_training_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(dm, "evaluate", lambda model, refs, lqs, sweep=(0.0, 0.5, 1.0): {})
-    net = dm.NetworkConfig(channels=8, levels=3)
+def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
+    """4 steps straight equal 2 steps, a stop, and 2 resumed steps: the same weights, Adam moments
+    and logged losses; the work folder holds the loop's checkpoint layout (safetensors + JSON)."""
+    cfg = small_recipe("train.steps=4")
     whole, split = tmp_path / "whole", tmp_path / "split"
     for work in (whole, split):
         work.mkdir()
         small_work(work)
-    cfg = {"batch": 2, "patch": 32, "warmup": 1, "eval_every": 100, "ckpt_every": 1}
-    dm.train(whole, dm.TrainConfig(steps=3, **cfg), net, threads=1)
-    dm.train(split, dm.TrainConfig(steps=3, **cfg), net, threads=1, stop_after=2)
-    state = json.loads((split / "last" / "state.json").read_text())
-    assert state["step"] == 2
-    dm.train(split, dm.TrainConfig(steps=3, **cfg), net, threads=1)
-    from safetensors.torch import load_file
+    assert dm.train(whole, cfg, threads=1).completed
+    stopped = dm.train(split, cfg, threads=1, stop_after=2)
+    assert (stopped.completed, stopped.step, ckpt.load_checkpoint_meta(split)["step"]) == (False, 2, 2)
+    assert dm.train(split, cfg, threads=1).completed
+    a, meta = ckpt.load_checkpoint(whole)
+    b, _ = ckpt.load_checkpoint(split)
+    for group in ("model", "optim.generator"):
+        assert a[group].keys() == b[group].keys() and all(torch.equal(a[group][k], b[group][k]) for k in a[group])
+    assert [int(r["step"]) for r in logged(split)] == [1, 2, 3, 4] and logged(whole) == logged(split)
+    assert (meta["arch"], C.from_dict(meta["config"]).model.unet) == ("conditioned_unet", cfg.model.unet)
+    assert [p.name for p in (whole / "checkpoints").iterdir()] and not list(whole.rglob("*.pt"))
+    assert {p.suffix for p in (whole / "checkpoints").iterdir()} == {".safetensors", ".json"}
 
-    a, b = load_file(whole / "last" / "model.safetensors"), load_file(split / "last" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+def test_the_recipe_schedule_is_the_loops():
+    """Warm-up to train.lr over train.warmup_steps, then a cosine to train.min_lr at train.steps."""
+    tc = dm.recipe_config("train.steps=100", "train.lr=1e-3", "train.min_lr=1e-5", "train.warmup_steps=10").train
+    lr = [tc.lr * loop.lr_scale(tc, s) for s in (0, 9, 10, 99, 100)]
+    cosine = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 89 / 90))
+    assert lr == pytest.approx([1e-4, 1e-3, 1e-3, cosine, 1e-5])
 
 
-def test_learning_rate_at_the_edges():
-    cfg = dm.TrainConfig(steps=100, lr=1e-3, min_lr=1e-5, warmup=10)
-    assert dm.lr_at(cfg, 0) == pytest.approx(1e-4)  # (step + 1) / warmup
-    assert dm.lr_at(cfg, 9) == pytest.approx(1e-3)  # the last warm-up step reaches lr
-    assert dm.lr_at(cfg, 10) == pytest.approx(1e-3)  # cosine starts at lr
-    assert dm.lr_at(cfg, 99) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + torch.cos(torch.tensor(torch.pi * 89 / 90)).item()))
-    assert dm.lr_at(cfg, 100) == pytest.approx(1e-5)
+def test_bf16_precision_computes_in_bf16_and_keeps_float32_master_weights(tmp_path):
+    images, scores = small_work(tmp_path)
+    inputs = {}
+    for precision, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16)):
+        cfg = small_recipe("train.steps=2", f"train.precision={precision}")
+        seen = []
+
+        def setup(info, cfg=cfg, seen=seen):
+            task = dm.build_task(cfg)
+            task.generator.network.stem.register_forward_hook(lambda m, a, o: seen.append((a[0].detach(), o.dtype)))
+            return task, dm.CropBatches(images, scores, cfg, info)
+
+        run = tmp_path / precision
+        assert loop.run(cfg, setup, run, loop.TrainOptions(device="cpu", progress=False)).completed
+        assert [out for _, out in seen] == [dtype] * 2  # the convolutions ran in bf16 under autocast
+        inputs[precision] = seen[0][0]
+        tensors, _ = ckpt.load_checkpoint(run)
+        for group in ("model", "optim.generator"):
+            assert {t.dtype for t in tensors[group].values() if t.is_floating_point()} == {torch.float32}
+    # the batches are made outside autocast: the data do not depend on the precision
+    assert inputs["bf16"].dtype == torch.float32 and torch.equal(inputs["bf16"], inputs["float32"])
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(loop, "native_bf16", lambda device, native=native: native)
+        assert loop.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+        assert loop.autocast_dtype("bf16", cpu) == torch.bfloat16 and loop.autocast_dtype("float32", cpu) is None
+
+
+def test_written_weights_load_as_the_packaged_format(tmp_path, monkeypatch):
+    """`write` turns the run's latest checkpoint into the file and card the loader reads."""
+    monkeypatch.setattr(dm, "evaluate", lambda model, refs, lqs, sweep=(0.0, 0.5, 1.0): {})
+    small_work(tmp_path)
+    dm.train(tmp_path, small_recipe("train.steps=2"), threads=1)
+    card = dm.write_model(tmp_path, tmp_path / "weights", machine="test")
+    model, _, _ = dm.trained_network(tmp_path)
+    restorer = iqpir.load_restorer(tmp_path / "weights" / "default.safetensors", device="cpu", dtype="float32")
+    x = torch.rand(1, 3, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(restorer.restore(x, quality=0.3), model(x, 0.3).clamp(0, 1))
+    assert card["training"]["steps"] == 2 and card["training"]["patch"] == 32
+    assert card["architecture"]["parameters"] == sum(p.numel() for p in model.parameters())

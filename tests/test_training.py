@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-
 import os
 import signal
 
@@ -15,7 +16,8 @@ from iqpir import checkpoint as ckpt
 from iqpir import config as C
 from iqpir.cli import main
 from iqpir.training.distributed import DistInfo
-from iqpir.training.loop import EMA, lr_scale, positions, train
+from iqpir.training.data import positions
+from iqpir.training.loop import EMA, TrainOptions, lr_scale, run, train
 
 
 def test_stage1_writes_run_folder(stage1_run):
@@ -187,6 +189,54 @@ def test_lr_schedules_at_their_edges():
         [0.5, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
     c = small_cfg(1, "train.steps=10", "train.warmup_steps=3", "train.lr_schedule=constant").train
     assert [lr_scale(c, s) for s in (0, 1, 2, 3, 9)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0])
+
+
+class _NoisyTask:
+    """One linear layer fitted to noise drawn from the global RNG, as dropout draws it."""
+
+    arch, discriminator, loss_names, aux_names = "toy", None, ["mse"], []
+
+    def __init__(self):
+        self.generator = torch.nn.Linear(4, 1)
+
+    def losses(self, batch, step):
+        return {"mse": (self.generator(batch["x"]) - torch.randn(len(batch["x"]), 1)).square().mean()}
+
+    def extra_state(self):
+        return {}
+
+    def load_extra_state(self, state):
+        pass
+
+    def meta(self):
+        return {}
+
+
+class _Ramp:
+    def batches(self, first_step):
+        # a DataLoader draws its workers' base seed from the global RNG when it starts
+        loader = torch.utils.data.DataLoader(range(first_step, 1000), batch_size=None)
+        return ({"x": torch.full((2, 4), float(s))} for s in loader)
+
+
+def test_resume_restores_the_global_rng_and_the_clock(tmp_path):
+    """Any task, any batch source: the loop restores the global RNG states with the weights and
+    Adam's moments (a loss that draws from it logs the same values resumed), and the run's time
+    adds up over its starts."""
+    cfg = small_cfg(1, "train.steps=4", "train.lr_schedule=cosine", "train.min_lr=1e-5")
+    opts = TrainOptions(device="cpu", progress=False)
+    setup = lambda info: (_NoisyTask(), _Ramp())  # noqa: E731
+    run(cfg, setup, tmp_path / "full", opts)
+    run(cfg, setup, tmp_path / "part", dataclasses.replace(opts, stop_at_step=2))
+    sidecar = ckpt.resolve_checkpoint(tmp_path / "part").with_suffix(".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "elapsed": {"wall_s": 1000.0, "cpu_s": 1000.0}}))
+    run(cfg, setup, tmp_path / "part", dataclasses.replace(opts, resume=True))
+    losses = [[r["mse"] for r in read_metrics(tmp_path / name)] for name in ("full", "part")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    a, _ = ckpt.load_checkpoint(tmp_path / "full")
+    b, meta = ckpt.load_checkpoint(tmp_path / "part")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert 1000 < meta["elapsed"]["wall_s"] < 1100 and meta["elapsed"]["cpu_s"] > 1000  # the first start's time, faked
 
 
 def test_positions_partition_the_global_batch():

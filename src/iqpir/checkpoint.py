@@ -186,6 +186,26 @@ def _read_tensors(file: Path, device: str | torch.device) -> dict[str, Tensor]:
         raise _corrupt(file, "unreadable safetensors file", exc) from None
 
 
+def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """One plain .safetensors file (a data set, the packaged weights), written atomically.
+
+    metadata: the header's str -> str map (e.g. {"iqpir": json.dumps(...)}).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = _plain_tensors(tensors)
+    _atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata))
+    return path
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The tensors of one plain .safetensors file; a damaged file is named."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tensor file not found: {path}")
+    return _read_tensors(path, device)
+
+
 def load_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     """The JSON sidecar of a checkpoint (run folder, stem or file), without reading tensors."""
     stem = resolve_checkpoint(path)

@@ -16,6 +16,7 @@ import difflib
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,9 +45,25 @@ class TransformerConfig:
 
 
 @dataclass
-class ModelConfig:
-    """Networks of stage 1 (dual-codebook VQ autoencoder) and stage 2 (restorer)."""
+class UNetConfig:
+    """The quality-conditioned U-Net of model.arch=conditioned_unet: the arguments of
+    ``iqpir.plugin.conditioned_unet`` (the packaged default model's network)."""
 
+    channels: int = 24
+    levels: int = 4
+    unshuffle: int = 2
+    embedding: Literal["binned", "continuous"] = "continuous"
+
+
+@dataclass
+class ModelConfig:
+    """Networks of stage 1 (dual-codebook VQ autoencoder) and stage 2 (restorer), or a U-Net."""
+
+    # "iqpir": the paper's two-stage network (the fields below); "conditioned_unet": the
+    # plug-and-play route of paper 4.3 (`unet`), trained in one stage by
+    # iqpir.training.default_model; of the fields below it uses image_size (its training crop).
+    arch: Literal["iqpir", "conditioned_unet"] = "iqpir"
+    unet: UNetConfig = field(default_factory=UNetConfig)
     image_size: int = 512  # training crop / aligned-face size; restore tiles at this size
     base_channels: int = 64
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4, 4, 8])
@@ -198,10 +215,17 @@ class TrainConfig:
     gamma: float = 0.5
     grad_clip: float = 0.0  # 0 = off
     ema_decay: float = 0.995  # 0 = no EMA
-    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # Arithmetic of the forward pass and the losses; the weights, gradients and optimiser states
+    # stay float32 (master weights) either way. "bf16": bf16 autocast on any device; "auto": bf16
+    # where iqpir.devices.native_bf16 says the device computes it natively (AVX512-BF16/AMX CPUs,
+    # bf16-capable CUDA GPUs), else float32. float32 is the default: reproducible on every machine.
+    precision: Literal["float32", "bf16", "auto"] = "float32"
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 1000
+    # Steps between held-out evaluations, for runs that have a held-out set (the default model's
+    # recipe writes curve.jsonl); 0 = none.
+    eval_every: int = 0
     keep_checkpoints: int = 2
     # Length of the cosine schedule in steps; 0 = train.steps. The official stage 1 anneals over
     # 1.6M iterations and its authors took the checkpoint at 200k.
@@ -298,12 +322,64 @@ PRESETS: dict[str, dict[str, Any]] = {
             "log_every": 10,
         },
     },
+    # The packaged default model's recipe (iqpir.training.default_model): the conditioned U-Net
+    # on 128-px patches, L1 to a target of known quality S, the input a fresh draw of a BFR
+    # degradation wider than the evaluation's; Adam 5e-4, 200 warm-up steps, cosine to 2e-5.
+    "default-model": {
+        "model": {"arch": "conditioned_unet", "image_size": 128, "task": "general"},
+        "data": {"degradation": {"preset": "bfr", "bfr": {
+            "kernel_size": 21, "blur_sigma": [0.5, 3.5], "downsample": [1.0, 4.0], "noise": [0.0, 12.0],
+            "jpeg_quality": [40, 90]}}},
+        "train": {
+            "steps": 20000,
+            "batch_size": 8,
+            "lr": 5e-4,
+            "min_lr": 2e-5,
+            "warmup_steps": 200,
+            "lr_schedule": "cosine",
+            "ema_decay": 0.0,
+            "l1_range": "unit",
+            "perceptual_weight": 0.0,
+            "gan_weight": 0.0,
+            "quality_weight": 0.0,
+            "ckpt_every": 250,
+            "log_every": 50,
+            "eval_every": 1000,
+        },
+    },
 }
 
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field rules that a type check cannot express."""
-    m = cfg.model
+    if cfg.model.arch == "conditioned_unet":
+        _validate_unet(cfg)
+    else:
+        _validate_iqpir_model(cfg.model)
+    t = cfg.train
+    if t.stage not in (1, 2):
+        raise ConfigError(f"train.stage={t.stage} must be 1 or 2")
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1")
+    if t.eval_every < 0:
+        raise ConfigError("train.eval_every must be >= 0 (0 = no evaluation)")
+    if not 0.0 <= t.fidelity <= 1.0:
+        raise ConfigError(f"train.fidelity={t.fidelity} must be in [0, 1]")
+    if t.fidelity > 0 and not cfg.model.cft_resolutions:
+        raise ConfigError("train.fidelity > 0 trains the CFT blocks: set model.cft_resolutions (e.g. [64])")
+    if t.cosine_steps < 0:
+        raise ConfigError("train.cosine_steps must be >= 0 (0 = train.steps)")
+    if t.gan_weight_max < 0:
+        raise ConfigError("train.gan_weight_max must be >= 0")
+    if not cfg.iqa.metrics:
+        raise ConfigError("iqa.metrics must name at least one metric")
+    for key in ("betas",):
+        if len(getattr(t, key)) != 2:
+            raise ConfigError(f"train.{key} must have two values")
+
+
+def _validate_iqpir_model(m: ModelConfig) -> None:
     if m.image_size % 2 ** (len(m.channel_mult) - 1):
         raise ConfigError(
             f"model.image_size={m.image_size} must be divisible by 2**(len(model.channel_mult)-1)"
@@ -322,24 +398,16 @@ def validate(cfg: RunConfig) -> None:
     for r in m.cft_resolutions:
         if r not in sizes:
             raise ConfigError(f"model.cft_resolutions: {r} is not a decoder resolution ({sorted(sizes)})")
-    if cfg.train.stage not in (1, 2):
-        raise ConfigError(f"train.stage={cfg.train.stage} must be 1 or 2")
-    for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
-        if getattr(cfg.train, name) < 1:
-            raise ConfigError(f"train.{name} must be >= 1")
-    if not 0.0 <= cfg.train.fidelity <= 1.0:
-        raise ConfigError(f"train.fidelity={cfg.train.fidelity} must be in [0, 1]")
-    if cfg.train.fidelity > 0 and not m.cft_resolutions:
-        raise ConfigError("train.fidelity > 0 trains the CFT blocks: set model.cft_resolutions (e.g. [64])")
-    if cfg.train.cosine_steps < 0:
-        raise ConfigError("train.cosine_steps must be >= 0 (0 = train.steps)")
-    if cfg.train.gan_weight_max < 0:
-        raise ConfigError("train.gan_weight_max must be >= 0")
-    if not cfg.iqa.metrics:
-        raise ConfigError("iqa.metrics must name at least one metric")
-    for key in ("betas",):
-        if len(getattr(cfg.train, key)) != 2:
-            raise ConfigError(f"train.{key} must have two values")
+
+
+def _validate_unet(cfg: RunConfig) -> None:
+    u = cfg.model.unet
+    if u.levels < 2 or u.unshuffle < 1 or u.channels < 1:
+        raise ConfigError(f"model.unet: levels >= 2, unshuffle >= 1 and channels >= 1 (got {u})")
+    if cfg.train.stage != 1:
+        raise ConfigError("model.arch=conditioned_unet trains in one stage: train.stage must be 1")
+    if cfg.model.image_size < 1:
+        raise ConfigError("model.image_size (the training patch) must be >= 1")
 
 
 # --------------------------------------------------------------------------------------
@@ -441,9 +509,29 @@ def _deep_update(base: dict, extra: dict) -> dict:
     return out
 
 
+# train.amp ("auto": bf16 on CUDA | "bf16" | "off") became train.precision; configs stored in
+# earlier checkpoints and run folders still load.
+_AMP_TO_PRECISION = {"auto": "auto", "bf16": "bf16", "off": "float32"}
+
+
+def _legacy_keys(data: dict) -> dict:
+    train = data.get("train")
+    if isinstance(train, dict) and "amp" in train:
+        train = dict(train)
+        amp = train.pop("amp")
+        if amp not in _AMP_TO_PRECISION:
+            raise ConfigError(f"train.amp: {amp!r} is not one of {list(_AMP_TO_PRECISION)}")
+        if "precision" not in train:
+            warnings.warn("train.amp is now train.precision (float32 | bf16 | auto)", DeprecationWarning,
+                          stacklevel=3)
+            train["precision"] = _AMP_TO_PRECISION[amp]
+        data["train"] = train
+    return data
+
+
 def from_dict(data: dict) -> RunConfig:
     """Build a RunConfig from a nested dict (an optional top-level `preset` key first)."""
-    data = dict(data)
+    data = _legacy_keys(dict(data))
     preset = data.pop("preset", "paper")
     if preset not in PRESETS:
         raise ConfigError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -294,6 +293,11 @@ class PluginRecipe:
         self.quality_weight = quality_weight
         self.quality_start_step = quality_start_step
 
+    @property
+    def loss_names(self) -> list[str]:
+        """The names of the terms `losses` returns."""
+        return ["l1"] + (["quality"] if self.quality is not None else [])
+
     def restore(self, lq: Tensor, quality: Tensor | float = 1.0) -> Tensor:
         return self.model(lq, quality) if self.conditioned else self.model(lq)
 
@@ -314,32 +318,32 @@ def fit(recipe: PluginRecipe, dataset, steps: int, batch_size: int = 4, lr: floa
         log: Callable[[int, dict[str, float]], None] | None = None, log_every: int = 50) -> list[dict[str, float]]:
     """Train ``recipe.model`` for ``steps`` Adam steps on ``dataset`` (an iqpir.data dataset).
 
-    Sample k of the run is item perm_epoch[k % n] with epoch_seed k (deterministic in seed).
-    Returns one {term: value, "loss": total} dict per step.
+    The training package's loop runs it (constant learning rate, betas (0.9, 0.99), one process,
+    float32, nothing written): sample k of the run is item perm_epoch[k % n] with epoch_seed k,
+    deterministic in seed. Returns one {term: value, "loss": total} dict per step; a non-finite
+    loss raises RuntimeError.
     """
-    from iqpir.data import collate
+    from iqpir import config as C
+    from iqpir.training.data import PlannedBatches
+    from iqpir.training.loop import TrainOptions, run
+    from iqpir.training.tasks import RecipeTask
 
-    torch.manual_seed(seed)
-    params = [p for p in recipe.model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
-    n = len(dataset)
-    history = []
-    recipe.model.train()
-    for step in range(steps):
-        samples = []
-        for k in range(step * batch_size, (step + 1) * batch_size):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + k // n)
-            samples.append(dataset.sample(int(torch.randperm(n, generator=g)[k % n]), epoch_seed=k))
-        terms = recipe.losses(collate(samples), step)
-        loss = sum(terms.values())
-        row = {k: v.item() for k, v in terms.items()} | {"loss": loss.item()}
-        if not math.isfinite(row["loss"]):
-            raise RuntimeError(f"non-finite loss at step {step}: {row}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(row)
-        if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-            log(step + 1, row)
+    cfg = C.load(overrides=[f"train.steps={steps}", f"train.batch_size={batch_size}", f"train.lr={lr}",
+                            f"train.seed={seed}", "train.lr_schedule=constant", "train.ema_decay=0",
+                            "train.betas=[0.9, 0.99]", "train.warmup_steps=0", "train.grad_accum=1"])
+    history: list[dict[str, float]] = []
+
+    def on_step(step: int, row: dict[str, float]) -> None:
+        history.append({k: v for k, v in row.items() if k in recipe.loss_names} | {"loss": row["loss"]})
+        if log is not None and (step % log_every == 0 or step == steps):
+            log(step, history[-1])
+
+    def setup(info):
+        return RecipeTask(recipe), PlannedBatches(dataset, cfg, info)
+
+    device = next(recipe.model.parameters()).device
+    result = run(cfg, setup, None, TrainOptions(device=str(device), progress=False, on_step=on_step))
     recipe.model.eval()
+    if not result.completed:
+        raise RuntimeError(f"plugin.fit: {result.reason}")
     return history

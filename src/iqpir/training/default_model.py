@@ -1,7 +1,7 @@
 """The recipe of the packaged default model: data from OS packages, a quality-conditioned U-Net, hours on a CPU.
 
     python -m iqpir.training.default_model data  --work WORK      # fetch photos, crop, degrade, score
-    python -m iqpir.training.default_model train --work WORK --steps N [--threads T]   # resumes exactly
+    python -m iqpir.training.default_model train --work WORK --steps N [--threads T] [--precision P]  # resumes exactly
     python -m iqpir.training.default_model write --work WORK --out src/iqpir/weights   # weights + card
 
 (`make default-model` runs the three.) The route is the paper's plug-and-play one (section 4.3,
@@ -18,32 +18,36 @@ that target's score. The input therefore never tells which target is wanted; onl
 network has to learn the condition (docs/results.md records why pairs degraded from the target
 taught the demo nothing about S).
 
-Sampling is a pure function of (seed, step), so a resumed run equals an uninterrupted one; the
-work folder holds the crops, the scores, ``last/`` (model, optimiser, step) and ``curve.jsonl``
-(held-out PSNR and the S response against steps).
+Training is the `default-model` preset of ``iqpir.config`` run by the training package's loop
+(``iqpir.training.loop.run``) with a ``RecipeTask`` (L1 to the target, the network conditioned on
+its S). Sampling is a pure function of (seed, step), so a resumed run equals an uninterrupted one.
+The work folder holds the crops and their scores, and is the loop's run folder: ``config.yaml``,
+``metrics.csv``, ``checkpoints/`` (safetensors + JSON: model, optimiser, step, RNG states) and
+``curve.jsonl`` (held-out PSNR and the S response against steps).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
+from iqpir import checkpoint as ckpt
 from iqpir import config as C
 from iqpir import io
 from iqpir.data.bundled import resize_long_side
 from iqpir.data.degradations import degrade
-from iqpir.plugin import QualityConditioned, conditioned_unet
+from iqpir.plugin import PluginRecipe, QualityConditioned, conditioned_unet
+from iqpir.training.data import to_device
+from iqpir.training.loop import TrainOptions, TrainResult, run
+from iqpir.training.tasks import RecipeTask
 
 # Photos from Debian packages, fetched by package name (apt-get download + dpkg -x): (package,
 # path inside the package, the file's licence in the package's debian/copyright; the lomiri
@@ -80,9 +84,6 @@ SIDES = (1024, 512)  # each photo is resized (antialiased) to these long sides b
 # Ground-truth quality levels (blur sigma, downsampling, noise sigma /255, JPEG quality); level 0 is clean.
 GT_LEVELS = ((1.0, 1.0, 3.0, 75), (1.8, 2.0, 6.0, 50), (2.8, 3.0, 10.0, 30))
 LEVEL_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # how often each level is the target (the clean one most)
-# The degradation the model undoes: wider than the evaluation's (blur 1-3, 2-4x, noise <= 10, JPEG 50-80).
-TRAIN_DEGRADATION = {"kernel_size": 21, "blur_sigma": [0.5, 3.5], "downsample": [1.0, 4.0], "noise": [0.0, 12.0],
-                     "jpeg_quality": [40, 90]}
 # The evaluation's (issue 21): the default model's card, benchmarks/default_model.py and `make demo`.
 EVAL_DEGRADATION = {"kernel_size": 21, "blur_sigma": [1.0, 3.0], "downsample": [2.0, 4.0], "noise": [0.0, 10.0],
                     "jpeg_quality": [50, 80]}
@@ -90,17 +91,8 @@ METRICS = ("niqe", "piqe")
 EVAL_SIDE = 384
 
 
-@dataclass
-class NetworkConfig:
-    """The default network: ``iqpir.plugin.conditioned_unet(**asdict(cfg))``."""
-
-    channels: int = 24
-    levels: int = 4
-    unshuffle: int = 2
-    embedding: str = "continuous"
-
-
-def build_network(cfg: NetworkConfig) -> QualityConditioned:
+def build_network(cfg: C.UNetConfig) -> QualityConditioned:
+    """The default network: ``iqpir.plugin.conditioned_unet(**asdict(cfg))`` (config model.unet)."""
     return conditioned_unet(**asdict(cfg))
 
 
@@ -220,7 +212,7 @@ def build_data(work: Path, seed: int = 0, batch: int = 64) -> dict:
     raw = {m: torch.cat(v) for m, v in raw.items()}
     constants = ens.fit_minmax(raw)
     scores = ens.normalize_raw(raw).view(len(clean), len(levels)).float()
-    save_file({"images": (stack * 255).round().to(torch.uint8).contiguous(), "scores": scores.contiguous()}, out)
+    ckpt.save_tensors(out, {"images": (stack * 255).round().to(torch.uint8), "scores": scores})
     info = {
         "crops": len(crops), "crop": CROP, "sides": list(SIDES), "levels": [list(x) for x in GT_LEVELS],
         "metrics": list(METRICS), "normalization": "minmax", "constants": constants,
@@ -264,44 +256,34 @@ def degraded_held_out(work: Path, refs: dict[str, torch.Tensor], seed: int = 0) 
 
 
 # --------------------------------------------------------------------------------------
-# Training
+# Training: the `default-model` preset of iqpir.config through the training package's loop
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 20000
-    batch: int = 8
-    patch: int = 128
-    lr: float = 5e-4
-    min_lr: float = 2e-5
-    warmup: int = 200
-    seed: int = 0
-    eval_every: int = 1000
-    ckpt_every: int = 250
+def recipe_config(*overrides: str) -> C.RunConfig:
+    """The default model's training config: the `default-model` preset, then dotted overrides."""
+    return C.load(preset="default-model", overrides=list(overrides))
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine to min_lr at cfg.steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+def sample_batch(images: torch.Tensor, scores: torch.Tensor, cfg: C.RunConfig,
+                 step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch `step` of the run: (input, target, S), a pure function of (train.seed, step).
 
-
-def sample_batch(images: torch.Tensor, scores: torch.Tensor, cfg: TrainConfig, step: int,
-                 degradation: C.DegradationConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch `step` of the run: (input, target, S), a pure function of (cfg.seed, step)."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    train.batch_size crops of model.image_size px, each from a random crop and a target level
+    drawn with LEVEL_WEIGHTS, flipped half the time; the input is a fresh draw of
+    data.degradation applied to the crop's clean level, S the target's score.
+    """
+    n_batch, patch, degradation = cfg.train.batch_size, cfg.model.image_size, cfg.data.degradation
+    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
     n = images.shape[0]
-    idx = torch.randint(n, (cfg.batch,), generator=g)
-    lvl = torch.multinomial(torch.tensor(LEVEL_WEIGHTS), cfg.batch, replacement=True, generator=g)
-    span = images.shape[-1] - cfg.patch + 1
-    ys, xs = torch.randint(span, (cfg.batch,), generator=g), torch.randint(span, (cfg.batch,), generator=g)
-    flips = torch.rand(cfg.batch, generator=g) < 0.5
+    idx = torch.randint(n, (n_batch,), generator=g)
+    lvl = torch.multinomial(torch.tensor(LEVEL_WEIGHTS), n_batch, replacement=True, generator=g)
+    span = images.shape[-1] - patch + 1
+    ys, xs = torch.randint(span, (n_batch,), generator=g), torch.randint(span, (n_batch,), generator=g)
+    flips = torch.rand(n_batch, generator=g) < 0.5
     clean, target = [], []
     for i, l, y, x, f in zip(idx.tolist(), lvl.tolist(), ys.tolist(), xs.tolist(), flips.tolist()):
-        pair = images[i, [0, l], :, y:y + cfg.patch, x:x + cfg.patch].float() / 255
+        pair = images[i, [0, l], :, y:y + patch, x:x + patch].float() / 255
         if f:
             pair = pair.flip(-1)
         clean.append(pair[0])
@@ -310,73 +292,90 @@ def sample_batch(images: torch.Tensor, scores: torch.Tensor, cfg: TrainConfig, s
     return lq, torch.stack(target), scores[idx, lvl]
 
 
-def _save(folder: Path, model, opt, step: int, cfg: TrainConfig, net: NetworkConfig, spent: dict) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "train": asdict(cfg), "network": asdict(net),
-                                                "threads": torch.get_num_threads(), **spent}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+class CropBatches:
+    """The loop's batch source over work/crops.safetensors: micro-batch m of step s on rank r is
+    `sample_batch` at index (s * train.grad_accum + m) * world_size + r (one process: index s)."""
+
+    def __init__(self, images: torch.Tensor, scores: torch.Tensor, cfg: C.RunConfig, info):
+        self.images, self.scores, self.cfg, self.info = images, scores, cfg, info
+
+    def batches(self, first_step: int):
+        tc, info = self.cfg.train, self.info
+        for step in range(first_step, tc.steps):
+            for micro in range(tc.grad_accum):
+                index = (step * tc.grad_accum + micro) * info.world_size + info.rank
+                lq, hq, s = sample_batch(self.images, self.scores, self.cfg, index)
+                yield to_device({"lq": lq, "hq": hq, "quality": s}, info.device)
 
 
-def train(work: Path, cfg: TrainConfig, net_cfg: NetworkConfig, threads: int = 2, stop_after: int | None = None) -> None:
-    """Train (or resume from work/last) to cfg.steps; evaluate every cfg.eval_every steps.
+class _Curve:
+    """After each step: a log line every train.log_every steps; the held-out evaluation every
+    train.eval_every steps and at the end, appended to work/curve.jsonl."""
 
-    stop_after: stop (with a checkpoint) after this step, as an interruption would; the schedule
-    is still cfg.steps long, so a resumed run equals an uninterrupted one.
-    """
-    torch.set_num_threads(threads)
-    data = load_file(work / "crops.safetensors")
-    images, scores = data["images"], data["scores"]
-    torch.manual_seed(cfg.seed)
-    model = build_network(net_cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    start, before = 0, {"wall_s": 0.0, "cpu_s": 0.0}
-    last = work / "last"
-    if (last / "state.json").exists():
-        state = json.loads((last / "state.json").read_text())
-        model.load_state_dict(load_file(last / "model.safetensors"))
-        opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
-        start = state["step"]
-        before = {k: state.get(k, 0.0) for k in before}
-        log(f"resuming at step {start}")
-    degradation = bfr_config(**TRAIN_DEGRADATION)
-    refs = held_out(work)
-    lqs = degraded_held_out(work, refs)
-    curve = work / "curve.jsonl"
-    t0, c0, window = time.perf_counter(), time.process_time(), []
-    model.train()
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    for step in range(start, end):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        lq, target, s = sample_batch(images, scores, cfg, step, degradation)
-        loss = (model(lq, s) - target).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        window.append(loss.item())
-        done = step + 1
-        if done % 50 == 0:
-            rate = (done - start) / (time.perf_counter() - t0)
-            log(f"step {done}/{cfg.steps} l1 {sum(window) / len(window):.4f} lr {lr_at(cfg, step):.2e} "
+    def __init__(self, work: Path, cfg: C.RunConfig, start: int):
+        self.path, self.tc = work / "curve.jsonl", cfg.train
+        self.model: torch.nn.Module | None = None  # the network being trained, once the loop built it
+        self.refs = held_out(work)
+        self.lqs = degraded_held_out(work, self.refs)
+        self.window: list[float] = []
+        self.t0, self.start = time.perf_counter(), start
+        if self.path.exists():  # rows past the checkpoint a resumed run starts from are redone
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start]
+            io.atomic_write_text(self.path, "".join(f"{r}\n" for r in rows))
+
+    def __call__(self, step: int, row: dict[str, float]) -> None:
+        self.window.append(row["loss"])
+        if step % self.tc.log_every == 0:
+            rate = (step - self.start) / (time.perf_counter() - self.t0)
+            log(f"step {step}/{self.tc.steps} l1 {sum(self.window) / len(self.window):.4f} lr {row['lr']:.2e} "
                 f"{rate:.2f} steps/s")
-            window = []
-        if done % cfg.ckpt_every == 0 or done == end:
-            spent = {"wall_s": before["wall_s"] + time.perf_counter() - t0,
-                     "cpu_s": before["cpu_s"] + time.process_time() - c0}
-            _save(last, model, opt, done, cfg, net_cfg, spent)
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            model.eval()
-            row = {"step": done, "wall_s": round(before["wall_s"] + time.perf_counter() - t0, 1),
-                   **evaluate(model, refs, lqs)}
-            model.train()
-            with curve.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            log(f"eval at {done}: {row}")
+            self.window = []
+        if self.tc.eval_every and (step % self.tc.eval_every == 0 or step == self.tc.steps):
+            self.model.eval()
+            result = {"step": step, "wall_s": round(row["seconds"], 1), **evaluate(self.model, self.refs, self.lqs)}
+            self.model.train()
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(result) + "\n")
+            log(f"eval at {step}: {result}")
+
+
+def build_task(cfg: C.RunConfig) -> RecipeTask:
+    """The default model as a task of the loop: the conditioned U-Net and its L1 term
+    (train.l1_weight; twice the [0, 1] value with train.l1_range=signed)."""
+    tc = cfg.train
+    scale = 2.0 if tc.l1_range == "signed" else 1.0
+    recipe = PluginRecipe(build_network(cfg.model.unet), l1_weight=tc.l1_weight * scale)
+    return RecipeTask(recipe, arch="conditioned_unet", meta={"threads": torch.get_num_threads()})
+
+
+def train(work: Path, cfg: C.RunConfig, threads: int = 2, stop_after: int | None = None) -> TrainResult:
+    """Train (or resume from the work folder's latest checkpoint) to train.steps.
+
+    The work folder is the run folder of the loop (config.yaml, metrics.csv, checkpoints/).
+    stop_after: stop (with a checkpoint) after this step, as an interruption would; the schedule
+    is still train.steps long, so a resumed run equals an uninterrupted one.
+    """
+    if cfg.model.arch != "conditioned_unet":
+        raise ValueError(f"the default model is a conditioned_unet, not model.arch={cfg.model.arch}")
+    if (work / "last" / "state.json").exists() and not ckpt.list_checkpoints(work):
+        raise FileExistsError(f"{work / 'last'} is a checkpoint of an earlier iqpir (torch.save optimiser); "
+                              "start a new --work folder")
+    torch.set_num_threads(threads)
+    data = ckpt.load_tensors(work / "crops.safetensors")
+    existing = ckpt.list_checkpoints(work)
+    start = existing[-1][0] if existing else 0
+    if existing:
+        log(f"resuming at step {start}")
+    curve = _Curve(work, cfg, start)
+
+    def setup(info):
+        task = build_task(cfg)
+        curve.model = task.generator
+        return task, CropBatches(data["images"], data["scores"], cfg, info)
+
+    opts = TrainOptions(device="cpu", resume=bool(existing), progress=False, stop_at_step=stop_after, on_step=curve)
+    return run(cfg, setup, work, opts)
 
 
 @torch.no_grad()
@@ -415,8 +414,8 @@ def write_pairs(work: Path, seed: int = 0) -> Path:
     root = work / "pairs"
     if (root / "lq").exists():
         return root
-    images = load_file(work / "crops.safetensors")["images"]
-    cfg = bfr_config(**TRAIN_DEGRADATION)
+    images = ckpt.load_tensors(work / "crops.safetensors")["images"]
+    cfg = recipe_config().data.degradation
     for i in range(len(images)):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         clean = images[i, 0].float()[None] / 255
@@ -446,13 +445,31 @@ def heavy_held_out(work: Path, refs: dict[str, torch.Tensor], seed: int = 0) -> 
     return {name: io.load_rgb(folder / f"{name}.png") for name in refs}
 
 
+def trained_network(work: Path) -> tuple[QualityConditioned, C.RunConfig, dict]:
+    """The network of the work folder's latest checkpoint -> (model in eval mode, its config, the checkpoint's JSON)."""
+    tensors, meta = ckpt.load_checkpoint(work)
+    cfg = C.from_dict(meta["config"])
+    model = build_network(cfg.model.unet)
+    model.load_state_dict(tensors["model"])
+    return model.eval(), cfg, meta
+
+
+def _training_card(cfg: C.RunConfig, meta: dict, machine: str | None) -> dict:
+    """The card's "training" section: the recipe's settings, the steps done, the time they took."""
+    tc, elapsed = cfg.train, meta.get("elapsed", {})
+    settings = ("batch_size", "lr", "min_lr", "warmup_steps", "lr_schedule", "betas", "seed", "eval_every",
+                "ckpt_every", "precision")
+    threads = meta.get("task", {}).get("threads", "?")
+    return {"config": "preset default-model (iqpir.config)", "patch": cfg.model.image_size,
+            **{k: getattr(tc, k) for k in settings}, "steps": meta["step"], "scheduled_steps": tc.steps,
+            "wall_s": round(elapsed.get("wall_s", 0.0)), "cpu_s": round(elapsed.get("cpu_s", 0.0)),
+            "machine": machine or f"{cpu_name()}, {threads} torch thread(s)",
+            "train_degradation": asdict(cfg.data.degradation.bfr), "level_weights": list(LEVEL_WEIGHTS)}
+
+
 def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
     """The trained network -> out/default.safetensors (float32 + metadata) and out/default.json (model card)."""
-    state = json.loads((work / "last" / "state.json").read_text())
-    net_cfg = NetworkConfig(**state["network"])
-    model = build_network(net_cfg)
-    model.load_state_dict(load_file(work / "last" / "model.safetensors"))
-    model.eval()
+    model, cfg, state = trained_network(work)
     data = json.loads((work / "data.json").read_text())
     refs = held_out(work)
     curve_file = work / "curve.jsonl"
@@ -460,8 +477,8 @@ def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
     sweep = (0.0, 0.25, 0.5, 0.75, 1.0)
     results = {"moderate": evaluate(model, refs, degraded_held_out(work, refs), sweep),
                "heavy": evaluate(model, refs, heavy_held_out(work, refs), sweep)}
-    wall = state.get("wall_s") or (curve[-1]["wall_s"] if curve else 0.0)
-    meta = {"format": "iqpir-default", "architecture": "conditioned_unet", "network": asdict(net_cfg),
+    network = asdict(cfg.model.unet)
+    meta = {"format": "iqpir-default", "architecture": "conditioned_unet", "network": network,
             "quality": {"metrics": data["metrics"], "normalization": data["normalization"],
                         "constants": data["constants"]},
             "adain": False}
@@ -469,7 +486,7 @@ def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
         "name": "iqpir default model",
         "architecture": {
             "route": "plug-and-play quality conditioning (paper 4.3) of a U-Net",
-            "builder": f"iqpir.plugin.conditioned_unet(**{asdict(net_cfg)})",
+            "builder": f"iqpir.plugin.conditioned_unet(**{network})",
             "parameters": sum(p.numel() for p in model.parameters()),
             "input": "RGB in [0, 1], any size (padded to a multiple of "
                      f"{model.network.multiple}); output the same size",
@@ -480,18 +497,13 @@ def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
         "data": {**{k: data[k] for k in ("crops", "crop", "sides", "levels", "metrics", "normalization", "constants",
                                           "mean_score_per_level", "held_out")},
                  "photos": photo_licences(), "crops_per_photo": data["crops_per_photo"]},
-        "training": {**state["train"], "steps": state["step"], "scheduled_steps": state["train"]["steps"],
-                     "wall_s": round(wall), "cpu_s": round(state["cpu_s"]) if "cpu_s" in state else None,
-                     "machine": machine or f"{cpu_name()}, {state.get('threads', '?')} torch thread(s)",
-                     "train_degradation": TRAIN_DEGRADATION, "level_weights": list(LEVEL_WEIGHTS)},
+        "training": _training_card(cfg, state, machine),
         "recipe": "make default-model (python -m iqpir.training.default_model data|train|write --work WORK)",
         "results": {"held_out": sorted(refs), "eval_degradation": EVAL_DEGRADATION, "eval_side": EVAL_SIDE,
                     "judge": "mean of fixed-normalised NIQE and PIQE (higher is better)", **results},
         "curve": curve,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, out / "default.safetensors", metadata={"iqpir": json.dumps(meta)})
+    ckpt.save_tensors(out / "default.safetensors", model.state_dict(), metadata={"iqpir": json.dumps(meta)})
     io.atomic_write_text(out / "default.json", json.dumps(card, indent=1) + "\n")
     return card
 
@@ -502,15 +514,20 @@ def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    defaults = recipe_config().train
     p = argparse.ArgumentParser(prog="python -m iqpir.training.default_model", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("data", "train", "pairs", "write"))
     p.add_argument("--out", type=Path, default=Path("src/iqpir/weights"), help="write: the weights' folder")
     p.add_argument("--machine", default=None, help="write: the training machine, for the card (default: this one)")
     p.add_argument("--work", type=Path, required=True, help="work folder (data, checkpoints, curves)")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("float32", "bf16", "auto"), default=defaults.precision,
+                   help="train: the forward pass's arithmetic (train.precision; auto: bf16 where the CPU has it natively)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="train: any other setting of the default-model preset (iqpir.config), e.g. train.lr=3e-4")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.command == "data":
@@ -522,8 +539,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "pairs":
         print(write_pairs(args.work, seed=args.seed))
     else:
-        train(args.work, TrainConfig(steps=args.steps, eval_every=args.eval_every, seed=args.seed), NetworkConfig(),
-              threads=args.threads)
+        cfg = recipe_config(f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
+                            f"train.seed={args.seed}", f"train.precision={args.precision}", *args.overrides)
+        train(args.work, cfg, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
-"""The one training loop, for stage 1 and stage 2, on 1..N devices (`torchrun`).
+"""The one training loop: stage 1, stage 2, the packaged default model and `iqpir.plugin.fit`,
+on 1..N devices (`torchrun`).
 
-What goes into each step is planned, not drawn: the k-th sample the run ever sees is the
-dataset item at position k of a seeded per-epoch permutation, degraded with a generator
-seeded from (seed, k). Rank r of W takes its share of each global batch. Hence
+A run is a config (`iqpir.config.RunConfig`, stored in every checkpoint), a task that maps a
+batch to named loss terms and owns the networks (`iqpir.training.tasks`), and a batch source
+that says what goes into each step. The loop owns the rest: the optimisers, the learning-rate
+schedule, EMA, the precision of the forward pass, gradient averaging across processes, logs,
+checkpoints (`iqpir.checkpoint`: safetensors + JSON) and resume.
+
+What goes into each step is planned, not drawn (`iqpir.training.data.PlannedBatches`, the
+default model's `CropBatches`): a function of the seed, the step and the rank. Hence
 
 - `--resume` continues exactly: a run stopped at step k and resumed computes the same
-  batches, and so the same losses, as an uninterrupted run;
+  batches, and so the same losses, as an uninterrupted run (the checkpoint holds the
+  weights, optimiser states and RNG states);
 - W processes with batch B equal one process with batch W*B (the gradient is the mean of
   the per-rank means, all-reduced after backward).
 
@@ -16,20 +23,24 @@ object: the step restores it.
 from __future__ import annotations
 
 import csv
-import json
+import functools
 import math
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from iqpir import checkpoint as ckpt
 from iqpir import config as C
+from iqpir.devices import native_bf16, process_shard
 from iqpir.io import atomic_write_text
 from iqpir.training import distributed as D
+from iqpir.training.data import PlannedBatches, build_dataset, quality_table
 from iqpir.training.tasks import build_task
 
 CHECKPOINT_DIR = "checkpoints"  # iqpir.checkpoint.checkpoint_stem's folder
@@ -39,13 +50,58 @@ CHECKPOINT_DIR = "checkpoints"  # iqpir.checkpoint.checkpoint_stem's folder
 class TrainResult:
     completed: bool  # reached train.steps
     step: int  # optimiser steps done
-    run_dir: Path
+    run_dir: Path | None
     checkpoint: Path | None  # the last checkpoint written
     reason: str = ""  # why the run stopped early
 
 
-class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN or infinite."""
+@dataclass
+class TrainOptions:
+    """How one invocation runs, beside the config it stores (which alone makes a run reproducible).
+
+    lq_data, stage1, scores and init are the inputs of a stage run (see `train`); the others
+    apply to every run of the loop.
+    """
+
+    lq_data: str | Path | None = None
+    stage1: str | Path | None = None
+    scores: str | Path | None = None
+    init: str | Path | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    resume: bool = False  # continue from the latest checkpoint in the run folder
+    progress: bool = True  # a progress bar on stderr (main process)
+    stop_at_step: int | None = None  # stop (with a checkpoint) after this many steps, as a signal would
+    # Called on the main process after each step with the logged row (step, loss, terms, lr, seconds).
+    on_step: Callable[[int, dict[str, float]], None] | None = None
+
+
+class Task(Protocol):
+    """What the loop trains: networks and a batch -> named loss terms (iqpir.training.tasks)."""
+
+    arch: str  # stored in each checkpoint's JSON
+    generator: torch.nn.Module
+    discriminator: torch.nn.Module | None  # trained by its own optimiser (train.disc_lr)
+    loss_names: list[str]  # terms summed into the logged loss
+    aux_names: list[str]  # terms logged apart (the discriminator's)
+
+    def losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]: ...
+
+    def extra_state(self) -> dict[str, dict[str, torch.Tensor]]: ...
+
+    def load_extra_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None: ...
+
+    def meta(self) -> dict: ...
+
+
+class BatchSource(Protocol):
+    """What goes into each step: this process's micro-batches of steps first_step, first_step + 1, ..."""
+
+    def batches(self, first_step: int) -> Iterator[dict]: ...
+
+
+# Builds the task and the batch source of a run once the run folder is checked and the global
+# RNG seeded (so that the networks start the same on every rank and at every start).
+Setup = Callable[[D.DistInfo], tuple[Task, BatchSource]]
 
 
 # --------------------------------------------------------------------------------------
@@ -67,54 +123,6 @@ def lr_scale(cfg: C.TrainConfig, step: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# --------------------------------------------------------------------------------------
-# Sample plan
-# --------------------------------------------------------------------------------------
-
-
-class PlannedSamples(torch.utils.data.Dataset):
-    """Position k of the run's sample stream -> a training sample (deterministic in k)."""
-
-    def __init__(self, dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def __len__(self) -> int:  # positions are unbounded; DataLoader only needs the batch sampler
-        return 2**62
-
-    def index_at(self, position: int) -> int:
-        n = len(self.dataset)
-        epoch = position // n
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(n, generator=g))
-        return int(self._perm[1][position % n])
-
-    def __getitem__(self, position: int) -> dict:
-        return self.dataset.sample(self.index_at(position), epoch_seed=position)
-
-
-def positions(step: int, micro: int, cfg: C.TrainConfig, info: D.DistInfo) -> list[int]:
-    """Stream positions of rank `info.rank`'s share of micro-batch `micro` of step `step`."""
-    global_batch = cfg.batch_size * info.world_size
-    start = (step * cfg.grad_accum + micro) * global_batch + info.rank * cfg.batch_size
-    return list(range(start, start + cfg.batch_size))
-
-
-class _BatchPlan(torch.utils.data.Sampler):
-    def __init__(self, first_step: int, cfg: C.TrainConfig, info: D.DistInfo):
-        self.first_step, self.cfg, self.info = first_step, cfg, info
-
-    def __iter__(self):
-        for step in range(self.first_step, self.cfg.steps):
-            for micro in range(self.cfg.grad_accum):
-                yield positions(step, micro, self.cfg, self.info)
-
-    def __len__(self) -> int:
-        return max(0, self.cfg.steps - self.first_step) * self.cfg.grad_accum
 
 
 # --------------------------------------------------------------------------------------
@@ -210,203 +218,357 @@ class _StopRequest:
 
 
 # --------------------------------------------------------------------------------------
+# Precision and optimisers
+# --------------------------------------------------------------------------------------
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """train.precision -> the autocast dtype of the forward pass and the losses; None = float32.
+
+    "auto" takes bf16 only where the device computes it natively (iqpir.devices.native_bf16):
+    emulated bf16 is slower than float32 and only loses precision.
+    """
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
+class Optimisers:
+    """Adam for the generator's trainable parameters and, when the task has one, the discriminator's.
+
+    The parameters stay float32 whatever train.precision says: the master weights, their
+    gradients and Adam's moments.
+    """
+
+    def __init__(self, task: Task, tc: C.TrainConfig):
+        self.tc = tc
+        self.params = {"generator": [p for p in task.generator.parameters() if p.requires_grad]}
+        self.base_lr = {"generator": tc.lr}
+        if task.discriminator is not None:
+            self.params["discriminator"] = [p for p in task.discriminator.parameters() if p.requires_grad]
+            self.base_lr["discriminator"] = tc.disc_lr
+        self.optimizers = {
+            name: torch.optim.Adam(params, lr=self.base_lr[name], betas=tuple(tc.betas),
+                                   weight_decay=tc.weight_decay if name == "generator" else 0.0)
+            for name, params in self.params.items()
+        }
+
+    def begin(self, step: int) -> float:
+        """Clear the gradients and set step `step`'s learning rates; returns the schedule's factor."""
+        scale = lr_scale(self.tc, step)
+        for name, opt in self.optimizers.items():
+            for group in opt.param_groups:
+                group["lr"] = self.base_lr[name] * scale
+            opt.zero_grad(set_to_none=True)
+        return scale
+
+    def finish(self, info: D.DistInfo) -> None:
+        """Average the gradients over the processes, clip the generator's (train.grad_clip), step."""
+        for params in self.params.values():
+            D.average_gradients(params, info)
+        if self.tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params["generator"], self.tc.grad_clip)
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """(tensor groups "optim.NAME", their JSON skeletons by NAME) for a checkpoint."""
+        tensors, skeletons = {}, {}
+        for name, opt in self.optimizers.items():
+            tensors[f"optim.{name}"], skeletons[name] = ckpt.flatten_state(opt.state_dict())
+        return tensors, skeletons
+
+    def load(self, tensors: dict[str, dict[str, torch.Tensor]], skeletons: dict[str, Any]) -> None:
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(ckpt.unflatten_state(tensors[f"optim.{name}"], skeletons[name]))
+
+
+# --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
 
 
-def train(
-    cfg: C.RunConfig,
-    data: str | Path,
-    out: str | Path,
-    lq_data: str | Path | None = None,
-    resume: bool = False,
-    stage1: str | Path | None = None,
-    scores: str | Path | None = None,
-    device: str = "auto",
-    progress: bool = True,
-    stop_at_step: int | None = None,
-    init: str | Path | None = None,
-) -> TrainResult:
-    """Train `cfg.train.stage` on the images in `data`; write the run to `out`.
+def run(cfg: C.RunConfig, setup: Setup, out: Path | None, opts: TrainOptions) -> TrainResult:
+    """Train the task that `setup` builds as `cfg.train` says, to train.steps or a stop.
 
-    Args:
-        cfg: resolved configuration (stored in the run folder and in every checkpoint).
-        data: folder of high-quality images (recursive).
-        out: run folder; must not hold checkpoints unless `resume`.
-        lq_data: folder of real low-quality images paired with `data` by file name.
-        resume: continue from the latest checkpoint in `out`.
-        stage1: stage-1 run folder or checkpoint (stage 2 only).
-        scores: a score table from `iqpir score`; when None the run scores `data` once with
-            `cfg.iqa` and keeps the table as `out/scores.csv`.
-        device: auto | cpu | cuda | cuda:N | mps.
-        stop_at_step: stop (with a checkpoint) after this many steps, as a signal would.
-        init: start the network from these weights (a checkpoint, run folder, converted folder or
-            released IQPIR/CodeFormer/VQGAN .pth of the stage's architecture): fine-tuning.
+    out: the run folder (config.yaml, metrics.csv, checkpoints/); None writes nothing and
+    cannot resume (`iqpir.plugin.fit`). Joins the torchrun process group when there is one.
     """
-    info = D.setup(device)
+    info = D.setup(opts.device)
     try:
-        return _train(cfg, Path(data), Path(out), lq_data, resume, stage1, scores, info, progress, stop_at_step,
-                      init)
+        return _run(cfg, setup, out, opts, info)
     finally:
         D.cleanup(info)
 
 
-def _train(cfg, data, run_dir, lq_data, resume, stage1, scores, info, progress, stop_at_step, init) -> TrainResult:
-    tc = cfg.train
-    if not data.is_dir():
-        raise FileNotFoundError(f"training data folder not found: {data}")
+def _run(cfg: C.RunConfig, setup: Setup, run_dir: Path | None, opts: TrainOptions, info: D.DistInfo) -> TrainResult:
+    existing, start, finished = _open_run_folder(run_dir, cfg.train, opts.resume, info)
+    if finished is not None:
+        return finished
+    # One seed on every rank: the networks start identical everywhere (and equal to a
+    # one-process run), which is what DDP's initial broadcast would otherwise ensure.
+    torch.manual_seed(cfg.train.seed)
+    task, source = setup(info)
+    state = _Run(cfg, task, run_dir, opts, info)
+    # The batch source starts before the checkpoint's RNG states are restored (a DataLoader
+    # draws its base seed from the global generator), so they are those of the uninterrupted run.
+    batches = source.batches(start)
+    if existing:
+        state.load(existing[-1])
+    state.open_logs(start)
+    try:
+        step, reason = _steps(state, batches, start)
+    finally:
+        state.close_logs()
+    completed = step >= cfg.train.steps and not reason.startswith("non-finite")
+    return TrainResult(completed=completed, step=step, run_dir=run_dir, checkpoint=state.last_checkpoint,
+                       reason=reason)
+
+
+def _open_run_folder(run_dir: Path | None, tc: C.TrainConfig, resume: bool,
+                     info: D.DistInfo) -> tuple[list[Path], int, TrainResult | None]:
+    """(the run's checkpoints, the step to start from, a result when a resumed run is already done).
+
+    Refuses to start over a run's checkpoints without `resume`, and to resume nothing.
+    """
+    if run_dir is None:
+        if resume:
+            raise ValueError("resume needs a run folder")
+        return [], 0, None
     existing = checkpoint_paths(run_dir) if run_dir.exists() else []
     if existing and not resume:
         raise FileExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
     if resume and not existing:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / CHECKPOINT_DIR}")
-    if tc.stage == 2 and stage1 is None and not resume:
-        raise ValueError("stage 2 needs --stage1 RUN_OR_CHECKPOINT (a stage-1 run)")
-    if resume:
-        done = int(json.loads(existing[-1].with_suffix(".json").read_text())["step"])
-        if done > tc.steps:
-            raise ValueError(f"--resume: {run_dir} is at step {done}, past --steps {tc.steps} (steps count from "
-                             f"the start of the run); pass --steps above {done} to train on")
-        if done == tc.steps:
-            if info.is_main:
-                print(f"iqpir train: {run_dir} is already at step {done} = --steps: nothing to do (steps count "
-                      f"from the start of the run; pass --steps above {done} to train on). Checkpoint: "
-                      f"{existing[-1]}", file=sys.stderr)
-            return TrainResult(completed=True, step=done, run_dir=run_dir, checkpoint=existing[-1],
-                               reason="already complete")
+    start = int(ckpt.load_checkpoint_meta(existing[-1])["step"]) if resume else 0
+    if start > tc.steps:
+        raise ValueError(f"--resume: {run_dir} is at step {start}, past --steps {tc.steps} (steps count from "
+                         f"the start of the run); pass --steps above {start} to train on")
+    if resume and start == tc.steps:
+        if info.is_main:
+            print(f"iqpir train: {run_dir} is already at step {start} = --steps: nothing to do (steps count "
+                  f"from the start of the run; pass --steps above {start} to train on). Checkpoint: "
+                  f"{existing[-1]}", file=sys.stderr)
+        return existing, start, TrainResult(completed=True, step=start, run_dir=run_dir, checkpoint=existing[-1],
+                                            reason="already complete")
     if info.is_main:
         (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     D.barrier(info)
+    return existing, start, None
 
-    # One seed on every rank: the networks start identical everywhere (and equal to a
-    # one-process run), which is what DDP's initial broadcast would otherwise ensure.
-    torch.manual_seed(tc.seed)
-    from iqpir.data import collate
-    from iqpir.training.data import build_dataset, quality_table
 
-    table = quality_table(cfg, data, lq_data, run_dir, scores, info)
-    dataset = build_dataset(cfg, data, lq_data, table.quality)
-    if info.is_main and tc.stage == 2:
-        for line in quality_coverage(cfg.model, list(table.quality.values())):
-            print(f"iqpir train: {line}", file=sys.stderr)
-
-    # The stage-2 quality loss normalises like the table that gives S (its sidecar's constants).
-    task = build_task(cfg, info.device, stage1=stage1, score_table=table)
-    if init is not None and not resume:
-        load_init_weights(task.generator, init, task.arch)
-    gen_params = [p for p in task.generator.parameters() if p.requires_grad]
-    optimizers = {"generator": torch.optim.Adam(gen_params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)}
-    base_lr = {"generator": tc.lr}
-    disc_params: list = []
-    if task.discriminator is not None:
-        disc_params = [p for p in task.discriminator.parameters() if p.requires_grad]
-        optimizers["discriminator"] = torch.optim.Adam(disc_params, lr=tc.disc_lr, betas=tuple(tc.betas))
-        base_lr["discriminator"] = tc.disc_lr
-    ema = EMA(task.generator, tc.ema_decay) if tc.ema_decay > 0 else None
-
-    start = 0
-    if resume:
-        start = _load_state(existing[-1], cfg, task, optimizers, ema, info)
-
-    if info.is_main:
-        atomic_write_text(run_dir / "config.yaml", C.to_yaml(cfg))
-        log = MetricsLog(run_dir / "metrics.csv", task.loss_names + task.aux_names, start if resume else None)
-        writer = _tensorboard(run_dir)
-    amp = info.device.type == "cuda" and tc.amp in ("auto", "bf16")
-
-    loader = torch.utils.data.DataLoader(
-        PlannedSamples(dataset, tc.seed),
-        batch_sampler=_BatchPlan(start, tc, info),
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate,
-        pin_memory=info.device.type == "cuda",
-    )
-    batches = iter(loader)
-    if not resume:
-        # Data-dependent set-up from the first global batch, made on rank 0 and broadcast so
-        # every rank (and a one-process run) starts from the same weights.
-        first = PlannedSamples(dataset, tc.seed)
-        task.prepare(_to_device(collate([first[p] for p in range(tc.batch_size * info.world_size)]), info.device))
-        D.broadcast_module(task.generator, info)
-    last_ckpt: Path | None = existing[-1] if existing else None
-    reason = ""
-    bar = None
-    if progress and info.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=tc.steps, initial=start, desc=f"stage {tc.stage}", dynamic_ncols=True, file=sys.stderr)
-
+def _steps(run: _Run, batches: Iterator[dict], start: int) -> tuple[int, str]:
+    """Optimiser steps from `start` until train.steps or a stop -> (steps done, why it stopped early)."""
+    tc, info, opts = run.tc, run.info, run.opts
     step = start
-    t0 = time.perf_counter()
     with _StopRequest() as stop:
         while step < tc.steps:
-            scale = lr_scale(tc, step)
-            for name, opt in optimizers.items():
-                for group in opt.param_groups:
-                    group["lr"] = base_lr[name] * scale
-                opt.zero_grad(set_to_none=True)
-
-            sums: dict[str, float] = {}
-            bad = ""
-            for _ in range(tc.grad_accum):
-                batch = _to_device(next(batches), info.device)
-                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=amp):
-                    terms = task.losses(batch, step)
-                for name, value in terms.items():
-                    if not torch.isfinite(value).all():
-                        bad = bad or name
-                total = sum(terms.values())
-                if not bad:
-                    (total / tc.grad_accum).backward()
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / tc.grad_accum
+            scale = run.optim.begin(step)
+            sums, bad = run.accumulate(batches, step)
             if D.broadcast_flag(bool(bad), info):
-                reason = f"non-finite loss {bad or 'on another rank'!s} at step {step + 1}; the last good checkpoint is {last_ckpt}"
+                reason = (f"non-finite loss {bad or 'on another rank'!s} at step {step + 1}; the last good "
+                          f"checkpoint is {run.last_checkpoint}")
                 print(f"iqpir train: stopped: {reason}", file=sys.stderr)
-                break
-
-            D.average_gradients(gen_params, info)
-            D.average_gradients(disc_params, info)
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(gen_params, tc.grad_clip)
-            for opt in optimizers.values():
-                opt.step()
-            if ema is not None:
-                ema.update(task.generator)
+                return step, reason
+            run.optim.finish(info)
+            if run.ema is not None:
+                run.ema.update(run.task.generator)
             step += 1
-
-            values = D.mean_across(sums, info)
-            if info.is_main:
-                row = {"step": step, "loss": sum(v for k, v in values.items() if k in task.loss_names),
-                       **values, "lr": tc.lr * scale, "seconds": round(time.perf_counter() - t0, 3)}
-                if step % tc.log_every == 0 or step == tc.steps:
-                    log.append(row)
-                    if writer is not None:
-                        for k, v in row.items():
-                            if k != "step":
-                                writer.add_scalar(f"train/{k}", v, step)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
-
-            stopping = D.broadcast_flag(stop.requested or (stop_at_step is not None and step >= stop_at_step), info)
+            run.record(step, D.mean_across(sums, info), tc.lr * scale)
+            stopping = D.broadcast_flag(stop.requested or (opts.stop_at_step is not None and step >= opts.stop_at_step),
+                                        info)
             if step % tc.ckpt_every == 0 or step == tc.steps or stopping:
-                last_ckpt = _save_state(run_dir, cfg, task, optimizers, ema, step, info)
+                run.save(step)
             if stopping:
                 reason = f"stopped at step {step} on request; resume with --resume"
-                print(f"iqpir train: {reason} (checkpoint {last_ckpt})", file=sys.stderr)
-                break
-    if bar is not None:
-        bar.close()
-    if info.is_main and writer is not None:
-        writer.close()
-    completed = step >= tc.steps and not reason.startswith("non-finite")
-    if info.is_main and completed:
-        then = (f"train stage 2 with --stage1 {run_dir}" if tc.stage == 1
+                print(f"iqpir train: {reason} (checkpoint {run.last_checkpoint})", file=sys.stderr)
+                return step, reason
+    return step, ""
+
+
+class _Run:
+    """One run of the loop: its task, optimisers, EMA, precision, clocks, logs and checkpoints."""
+
+    def __init__(self, cfg: C.RunConfig, task: Task, run_dir: Path | None, opts: TrainOptions, info: D.DistInfo):
+        self.cfg, self.tc, self.task, self.run_dir, self.opts, self.info = cfg, cfg.train, task, run_dir, opts, info
+        self.optim = Optimisers(task, cfg.train)
+        self.ema = EMA(task.generator, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        dtype = autocast_dtype(cfg.train.precision, info.device)
+        self.autocast = functools.partial(torch.autocast, info.device.type, dtype=torch.bfloat16,
+                                          enabled=dtype is not None)
+        self.spent = {"wall_s": 0.0, "cpu_s": 0.0}  # by the earlier starts of a resumed run
+        self._clock = (time.perf_counter(), time.process_time())
+        self.last_checkpoint: Path | None = None
+        self.log: MetricsLog | None = None
+        self.writer = None
+        self.bar = None
+
+    def elapsed(self) -> dict[str, float]:
+        """Wall and CPU seconds of the run so far, all its starts together."""
+        wall, cpu = self._clock
+        return {"wall_s": self.spent["wall_s"] + time.perf_counter() - wall,
+                "cpu_s": self.spent["cpu_s"] + time.process_time() - cpu}
+
+    def accumulate(self, batches: Iterator[dict], step: int) -> tuple[dict[str, float], str]:
+        """Forward and backward of step `step`'s micro-batches -> (each term's mean, the first non-finite term or "")."""
+        sums: dict[str, float] = {}
+        bad = ""
+        n = self.tc.grad_accum
+        for _ in range(n):
+            batch = next(batches)  # made outside autocast: the data do not depend on the precision
+            with self.autocast():
+                terms = self.task.losses(batch, step)
+            for name, value in terms.items():
+                if not torch.isfinite(value).all():
+                    bad = bad or name
+            if not bad:
+                (sum(terms.values()) / n).backward()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / n
+        return sums, bad
+
+    def open_logs(self, start: int) -> None:
+        if not self.info.is_main:
+            return
+        if self.run_dir is not None:
+            atomic_write_text(self.run_dir / "config.yaml", C.to_yaml(self.cfg))
+            self.log = MetricsLog(self.run_dir / "metrics.csv", self.task.loss_names + self.task.aux_names,
+                                  start if self.opts.resume else None)
+            self.writer = _tensorboard(self.run_dir)
+        if self.opts.progress:
+            from tqdm import tqdm
+
+            desc = f"stage {self.tc.stage}" if self.cfg.model.arch == "iqpir" else self.cfg.model.arch
+            self.bar = tqdm(total=self.tc.steps, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+    def record(self, step: int, values: dict[str, float], lr: float) -> None:
+        """Step `step`'s values: metrics.csv and TensorBoard every train.log_every steps, the bar and on_step every step."""
+        if not self.info.is_main:
+            return
+        row = {"step": step, "loss": sum(v for k, v in values.items() if k in self.task.loss_names),
+               **values, "lr": lr, "seconds": round(self.elapsed()["wall_s"], 3)}
+        if self.log is not None and (step % self.tc.log_every == 0 or step == self.tc.steps):
+            self.log.append(row)
+            if self.writer is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        self.writer.add_scalar(f"train/{k}", v, step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+        if self.opts.on_step is not None:
+            self.opts.on_step(step, row)
+
+    def close_logs(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def save(self, step: int) -> None:
+        """Checkpoint `step`: model, EMA, the task's extra state, optimisers, RNG states, config."""
+        if self.run_dir is None:
+            return
+        if not self.info.is_main:
+            self.last_checkpoint = None
+            D.barrier(self.info)
+            return
+        tensors: dict[str, dict[str, torch.Tensor]] = {"model": self.task.generator.state_dict()}
+        if self.ema is not None:
+            tensors["ema"] = self.ema.state_dict()
+        tensors.update({f"extra.{k}": v for k, v in self.task.extra_state().items()})
+        optim, skeletons = self.optim.state()
+        tensors.update(optim)
+        tensors["rng"], rng_json = ckpt.flatten_state(ckpt.rng_state())
+        meta = {"arch": self.task.arch, "stage": self.tc.stage, "step": step, "config": C.to_dict(self.cfg),
+                "optimizers": skeletons, "rng": rng_json, "task": self.task.meta(), "elapsed": self.elapsed()}
+        self.last_checkpoint = ckpt.save_checkpoint(ckpt.checkpoint_stem(self.run_dir, step), tensors, meta)
+        keep = self.tc.keep_checkpoints
+        for stem in checkpoint_paths(self.run_dir)[:-keep] if keep > 0 else []:
+            for suffix in (".json", ".safetensors"):  # the JSON first: a stem without it is not a checkpoint any more
+                stem.with_suffix(suffix).unlink(missing_ok=True)
+        D.barrier(self.info)
+
+    def load(self, path: Path) -> int:
+        """Restore a checkpoint of this run (`save`'s groups and the RNG states) -> its step."""
+        tensors, meta = ckpt.load_checkpoint(path)
+        saved = C.from_dict(meta["config"])
+        if saved.model != self.cfg.model or saved.train.stage != self.tc.stage:
+            raise ValueError(f"--resume: the model or stage in {path} differs from the given config; resume with "
+                             "the run's config.yaml")
+        self.task.generator.load_state_dict(tensors["model"])
+        self.task.load_extra_state({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+        if self.ema is not None and "ema" in tensors:
+            self.ema.load_state_dict(tensors["ema"])
+        self.optim.load(tensors, meta["optimizers"])
+        ckpt.set_rng_state(ckpt.unflatten_state(tensors["rng"], meta["rng"]))
+        self.spent = {k: float(meta.get("elapsed", {}).get(k, 0.0)) for k in self.spent}
+        self.last_checkpoint = path
+        return int(meta["step"])
+
+
+# --------------------------------------------------------------------------------------
+# Stage runs: a folder of images -> stage 1 or stage 2 of the paper's network
+# --------------------------------------------------------------------------------------
+
+
+def train(cfg: C.RunConfig, data: str | Path, out: str | Path, options: TrainOptions | None = None,
+          **fields: Any) -> TrainResult:
+    """Train `cfg.train.stage` on the images in `data`; write the run to `out`.
+
+    Args:
+        cfg: resolved configuration (stored in the run folder and in every checkpoint).
+        data: folder of high-quality images (recursive).
+        out: run folder; must not hold checkpoints unless resuming.
+        options: how this invocation runs (TrainOptions), or its fields as keywords instead:
+            lq_data: folder of real low-quality images paired with `data` by file name.
+            stage1: stage-1 run folder or checkpoint (stage 2 only).
+            scores: a score table from `iqpir score`; when None the run scores `data` once with
+                `cfg.iqa` and keeps the table as `out/scores.csv`.
+            init: start the network from these weights (a checkpoint, run folder, converted folder
+                or released IQPIR/CodeFormer/VQGAN .pth of the stage's architecture): fine-tuning.
+            resume, device, progress, stop_at_step, on_step: as TrainOptions says.
+    """
+    if options is not None and fields:
+        raise TypeError("train: give TrainOptions or its fields as keywords, not both")
+    opts = options if options is not None else TrainOptions(**fields)
+    if cfg.model.arch != "iqpir":
+        raise ValueError(f"model.arch={cfg.model.arch} is not a stage of the paper's network; train it with "
+                         "`python -m iqpir.training.default_model train`")
+    data, run_dir = Path(data), Path(out)
+    if not data.is_dir():
+        raise FileNotFoundError(f"training data folder not found: {data}")
+    if cfg.train.stage == 2 and opts.stage1 is None and not opts.resume:
+        raise ValueError("stage 2 needs --stage1 RUN_OR_CHECKPOINT (a stage-1 run)")
+    result = run(cfg, functools.partial(_stage_setup, cfg, data, run_dir, opts), run_dir, opts)
+    if result.completed and not result.reason and process_shard()[0] == 0:
+        then = (f"train stage 2 with --stage1 {run_dir}" if cfg.train.stage == 1
                 else f"restore with `iqpir restore IMAGES --checkpoint {run_dir} --out DIR`")
-        print(f"iqpir train: done, step {step}; checkpoint {last_ckpt} (.safetensors, .json); {then}",
+        print(f"iqpir train: done, step {result.step}; checkpoint {result.checkpoint} (.safetensors, .json); {then}",
               file=sys.stderr)
-    return TrainResult(completed=completed, step=step, run_dir=run_dir, checkpoint=last_ckpt, reason=reason)
+    return result
+
+
+def _stage_setup(cfg: C.RunConfig, data: Path, run_dir: Path, opts: TrainOptions,
+                 info: D.DistInfo) -> tuple[Task, PlannedBatches]:
+    """The score table, dataset, task and batch source of a stage run; a new run also takes its
+    weights from --init and its data-dependent start (`task.prepare`), the same on every rank."""
+    table = quality_table(cfg, data, opts.lq_data, run_dir, opts.scores, info)
+    dataset = build_dataset(cfg, data, opts.lq_data, table.quality)
+    if info.is_main and cfg.train.stage == 2:
+        for line in quality_coverage(cfg.model, list(table.quality.values())):
+            print(f"iqpir train: {line}", file=sys.stderr)
+    # The stage-2 quality loss normalises like the table that gives S (its sidecar's constants).
+    task = build_task(cfg, info.device, stage1=opts.stage1, score_table=table)
+    source = PlannedBatches(dataset, cfg, info)
+    if not opts.resume:
+        if opts.init is not None:
+            load_init_weights(task.generator, opts.init, task.arch)
+        # Data-dependent set-up from the first global batch, made on rank 0 and broadcast so
+        # every rank (and a one-process run) starts from the same weights.
+        task.prepare(source.first_global_batch())
+        D.broadcast_module(task.generator, info)
+    return task, source
 
 
 def quality_bin_counts(qualities: list[float], bins: int) -> list[int]:
@@ -458,60 +620,3 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, arch: str) -> No
     state = source.state_dict()
     official.check_state(model, state, path)
     model.load_state_dict(state, strict=True)
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-# --------------------------------------------------------------------------------------
-# Checkpoints: model, EMA, optimisers, step and RNG states
-# --------------------------------------------------------------------------------------
-
-
-def _save_state(run_dir, cfg, task, optimizers, ema, step, info) -> Path | None:
-    if not info.is_main:
-        D.barrier(info)
-        return None
-    tensors: dict[str, dict[str, torch.Tensor]] = {"model": task.generator.state_dict()}
-    if ema is not None:
-        tensors["ema"] = ema.state_dict()
-    tensors.update({f"extra.{k}": v for k, v in task.extra_state().items()})
-    skeletons = {}
-    for name, opt in optimizers.items():
-        flat, skeleton = ckpt.flatten_state(opt.state_dict())
-        tensors[f"optim.{name}"] = flat
-        skeletons[name] = skeleton
-    rng_tensors, rng_json = ckpt.flatten_state(ckpt.rng_state())
-    tensors["rng"] = rng_tensors
-    meta = {
-        "arch": task.arch,
-        "stage": cfg.train.stage,
-        "step": step,
-        "config": C.to_dict(cfg),
-        "optimizers": skeletons,
-        "rng": rng_json,
-        "task": task.meta(),
-    }
-    path = ckpt.save_checkpoint(ckpt.checkpoint_stem(run_dir, step), tensors, meta)
-    old = checkpoint_paths(run_dir)[: -cfg.train.keep_checkpoints] if cfg.train.keep_checkpoints > 0 else []
-    for stem in old:  # the JSON first: a stem without it is not a checkpoint any more
-        for suffix in (".json", ".safetensors"):
-            stem.with_suffix(suffix).unlink(missing_ok=True)
-    D.barrier(info)
-    return path
-
-
-def _load_state(path, cfg, task, optimizers, ema, info) -> int:
-    tensors, meta = ckpt.load_checkpoint(path)
-    saved = C.from_dict(meta["config"])
-    if saved.model != cfg.model or saved.train.stage != cfg.train.stage:
-        raise ValueError(f"--resume: the model or stage in {path} differs from the given config; resume with the run's config.yaml")
-    task.generator.load_state_dict(tensors["model"])
-    task.load_extra_state({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
-    if ema is not None and "ema" in tensors:
-        ema.load_state_dict(tensors["ema"])
-    for name, opt in optimizers.items():
-        opt.load_state_dict(ckpt.unflatten_state(tensors[f"optim.{name}"], meta["optimizers"][name]))
-    ckpt.set_rng_state(ckpt.unflatten_state(tensors["rng"], meta["rng"]))
-    return int(meta["step"])

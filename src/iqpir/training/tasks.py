@@ -278,3 +278,33 @@ class Stage2Task:
             out["quality_loss"] = {"metrics": q.metrics, "normalization": q.normalization,
                                    "constants": {k: list(v) for k, v in q.constants.items()}}
         return out
+
+
+class RecipeTask:
+    """A training recipe as a task of the loop: one network and the recipe's terms, no discriminator.
+
+    `recipe` is an ``iqpir.plugin.PluginRecipe`` or any object with ``model`` (the network to
+    train), ``loss_names`` and ``losses(batch, step) -> {name: term}``: the plug-and-play route
+    of paper 4.3, through which the packaged default model and ``iqpir.plugin.fit`` train.
+    """
+
+    def __init__(self, recipe, arch: str = "plugin", meta: dict | None = None):
+        self.recipe = recipe
+        self.arch = arch
+        self.generator = recipe.model.train()
+        self.discriminator = None
+        self.loss_names = list(recipe.loss_names)
+        self.aux_names: list[str] = []
+        self._meta = dict(meta or {})
+
+    def losses(self, batch: dict, step: int) -> dict[str, Tensor]:
+        return self.recipe.losses(batch, step)
+
+    def extra_state(self) -> dict[str, dict[str, Tensor]]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, dict[str, Tensor]]) -> None:
+        """A recipe keeps all its state in its network."""
+
+    def meta(self) -> dict:
+        return dict(self._meta)
