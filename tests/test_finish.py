@@ -124,7 +124,7 @@ def test_the_app_blends_and_keeps_grey_grey(photos, unet):
     import iqpir
     from iqpir.app import create_app
 
-    restorer = iqpir.load_restorer(unet, device="cpu", dtype="float32")
+    restorer = iqpir.load(unet, device="cpu", dtype="float32")
     with TestClient(create_app(restorer, face_pipeline=None)) as client:
         def post(name, **fields):
             r = client.post("/api/restore", files={"image": (name, (photos / name).read_bytes(), "image/png")},

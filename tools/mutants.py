@@ -406,8 +406,9 @@ MUTANTS = [
            [T + "test_finish.py::test_blend_0_with_faces_leaves_the_photo_as_it_was"],
            "--faces drops a photo's transparency at --upscale 1"),
     # -- upscalers through spandrel (issue 23, items 1-4) -------------------------------------------
-    Mutant("weights-unpickled-with-code", "src/iqpir/official.py",
-           [('obj = torch.load(p, map_location="cpu", weights_only=True)', 'obj = torch.load(p, map_location="cpu", weights_only=False)')],
+    Mutant("weights-unpickled-with-code", "src/iqpir/checkpoint.py",
+           [('torch.load(Path(path), map_location="cpu", weights_only=True)',
+             'torch.load(Path(path), map_location="cpu", weights_only=False)')],
            [T + "test_upscalers.py::test_a_pickle_that_runs_code_is_refused"],
            "a .pth is unpickled with code execution"),
     Mutant("upsampler-scale-kept", "src/iqpir/inference/photos.py",

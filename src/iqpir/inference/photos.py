@@ -1,11 +1,11 @@
 """File loops: image files and photos with faces in, restored files (and OUT/restore.json) out.
 
-    restore_files(inputs, checkpoint, out, quality=...)        # `iqpir restore` (tiles, --aligned)
-    restore_face_files(inputs, checkpoint, out, quality=...)   # `iqpir restore --faces`
+    restore_files(inputs, restorer, out, quality=...)          # `iqpir restore` (tiles, --aligned)
+    restore_face_files(inputs, restorer, out, quality=...)     # `iqpir restore --faces`
 
-Each loop plans its outputs (iqpir.io: never over an input), loads a Restorer once
-(restorer.load_restorer), reads, restores and writes file by file, and reports what was done,
-skipped and failed. The restoring itself is restorer.py's; faces are iqpir.faces'. `Finish`
+Each loop plans its outputs (iqpir.io: never over an input), takes a ready Restorer (or builds
+one with iqpir.load from a path), reads, restores and writes file by file, records the knobs it
+used and where each came from in OUT/restore.json, and reports what was done, skipped and failed. The restoring itself is restorer.py's; faces are iqpir.faces'. `Finish`
 is what happens between a model's output and the file (blend with the input, grey in -> grey
 out, the output format, a JPEG's tables); `upsampler_fn` puts an upscaler (`--bg-upsampler`)
 behind a photo's background. A video loop (frames in, frames out) is one more module beside
@@ -28,7 +28,8 @@ from iqpir import io
 from iqpir.devices import process_shard, shard_owner
 from iqpir.faces import FACE_SIZE, get_detector, resize_lanczos, restore_photo
 from iqpir.inference import video
-from iqpir.inference.restorer import Restorer, load_restorer
+from iqpir.inference.loader import load
+from iqpir.inference.restorer import Restorer
 
 COLOURS = ("auto", "grey", "colour")
 FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif"}
@@ -115,7 +116,7 @@ def report_name() -> str:
     return "restore.json" if world == 1 else f"restore-{rank}.json"
 
 
-def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) -> str:
+def settings_line(restorer: Restorer, settings: dict, fidelity: float | None = None) -> str:
     """One line: the model and the values a restore runs with, where each came from (for the
     engine, why `--dtype auto` chose it: the same flag gives different paths on different CPUs)."""
     reason = getattr(restorer.engine, "auto_reason", None)
@@ -123,7 +124,9 @@ def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) ->
     if settings["quality"] is not None:
         parts.append(f"quality S = {settings['quality']:g}")
     if settings["fidelity"] is not None:
-        parts.append(f"fidelity w = {settings['fidelity']:g}" + (" (the model's; --fidelity sets it)" if fidelity is None else ""))
+        came = settings["knobs"]["fidelity"]["from"]
+        parts.append(f"fidelity w = {settings['fidelity']:g}" + (f" (the {'checkpoint' if came == 'checkpoint' else 'model'}'s; "
+                                                                 "--fidelity sets it)" if came != "flag" else ""))
     if settings["alpha"] is not None:
         parts.append(f"alpha = {settings['alpha']:g}")
     if settings["adain"] is not None:
@@ -131,13 +134,17 @@ def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) ->
     return f"restoring with the {restorer.kind} model: " + ", ".join(parts)
 
 
-def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str | Path, quality: float | None = None,
-                  alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "auto",
-                  overwrite: bool = False, progress: bool = True, fidelity: float | None = None,
-                  aligned: bool = False, backend: str = "auto", finish: Finish | None = None,
+def restore_files(inputs: Sequence[str], checkpoint: str | Path | Restorer | None, out: str | Path,
+                  quality: float | None = None, alpha: float | None = None, device: str = "auto", batch_size: int = 4,
+                  dtype: str = "auto", overwrite: bool = False, progress: bool = True, fidelity: float | None = None,
+                  aligned: bool = False, engine: str = "auto", finish: Finish | None = None,
                   tile: int | None = None, upscale: int | None = None, crf: int | None = None,
-                  max_frames: int | None = None) -> io.FileReport:
+                  max_frames: int | None = None, **renamed) -> io.FileReport:
     """Restore image files into `out`, named after their inputs; never overwrites an input.
+
+    checkpoint: a ready Restorer (device, dtype, batch_size, engine and tile are then its own), or
+    what iqpir.load takes, loaded with those. OUT/restore.json records the knobs each output was
+    restored with and where each value came from.
 
     Unreadable files are named and skipped; existing outputs are kept unless `overwrite`.
     Grey inputs give grey outputs, 16-bit grey inputs 16-bit outputs.
@@ -157,11 +164,13 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
         raise ValueError(f"--upscale must be a positive integer, got {upscale}")
     out, paths, _, report, targets = _plan(inputs, out, FORMATS.get(finish.format))
     _check_video_options(paths, crf, max_frames)
-    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend, tile=tile)
+    restorer = load(checkpoint, device=device, dtype=dtype, batch_size=batch_size, engine=engine, tile=tile,
+                    fidelity=fidelity, **renamed)
     upscale = restorer.scale if upscale is None else int(upscale)
-    settings = restorer.settings(quality, alpha, fidelity)  # refuses knobs the model lacks, before any work
+    settings = restorer.settings(quality, alpha, fidelity, finish.blend)  # refuses knobs the model lacks, first
     if progress:
-        print(settings_line(restorer, settings, fidelity), file=sys.stderr)
+        print(settings_line(restorer, settings), file=sys.stderr)
+    entries: list[dict] = []
     it = paths
     if progress:
         it = tqdm(paths, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
@@ -173,6 +182,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
         h, w = img.rgb.shape[1:]
         finish.write(target, img, finish.blended(rescale(restored, (h * upscale, w * upscale)), img.rgb, upscale), upscale)
         report.done.append(target)
+        entries.append({"output": str(target), "settings": settings})
 
     def flush() -> None:
         outs = restore_aligned_batch(restorer, [img.rgb for _, img in pending], quality, alpha, fidelity)
@@ -189,7 +199,8 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
             continue
         if video.is_video(p):  # every frame through the same path, the other streams copied
             frames = tile_frames(restorer, finish, upscale, quality, alpha, fidelity)
-            _clip(p, target, frames, upscale, crf, max_frames, report, progress, restorer.batch_size)
+            if _clip(p, target, frames, upscale, crf, max_frames, report, progress, restorer.batch_size):
+                entries.append({"output": str(target), "settings": settings})
             continue
         try:
             img = io.read_image(p)
@@ -211,6 +222,8 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
             write(target, img, restorer.restore_one(rgb, quality=quality, alpha=alpha, fidelity=fidelity, progress=tiles))
     if pending:
         flush()
+    if entries:
+        io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
     report.announce("restore", "restored", out)
     return report
 
@@ -343,15 +356,17 @@ def _tensor_upscale(alpha: torch.Tensor | None, upscale: int) -> torch.Tensor | 
     return None if alpha is None else resize_lanczos(alpha, upscale)
 
 
-def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str | Path, quality: float | None = None,
-                       alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "float32",
+def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | Restorer | None, out: str | Path,
+                       quality: float | None = None, alpha: float | None = None, device: str = "auto",
+                       batch_size: int = 4, dtype: str = "auto",
                        overwrite: bool = False, progress: bool = True, detector: str = "hog+cnn", upscale: int = 1,
                        only_center_face: bool = False, min_face: float = 0, save_faces: bool = False,
-                       draw_box: bool = False, bg_checkpoint: str | Path | None = None,
-                       fidelity: float | None = None, backend: str = "auto",
-                       finish: Finish | None = None, bg_upsampler: str | Path | None = None,
+                       draw_box: bool = False, bg_checkpoint: str | Path | Restorer | None = None,
+                       fidelity: float | None = None, engine: str = "auto",
+                       finish: Finish | None = None, bg_upsampler: str | Path | Restorer | None = None,
                        bg_tile: int = 400, face_upsample: bool = False, crf: int | None = None,
-                       max_frames: int | None = None, detect_every: int = 1, smooth: bool = True) -> io.FileReport:
+                       max_frames: int | None = None, detect_every: int = 1, smooth: bool = True,
+                       **renamed) -> io.FileReport:
     """`iqpir restore --faces`: restore the faces of whole photos into `out`, plus OUT/restore.json.
 
     Each photo: faces detected (iqpir.faces detectors), aligned to 512x512, restored with the
@@ -362,6 +377,8 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
     without faces is written as it is (resized) and reported. With `save_faces`, the aligned
     and restored crops go to OUT/faces/. Never overwrites an input. `finish.blend` mixes each
     restored face with its input crop before paste-back, so it acts inside the face regions only.
+    checkpoint, bg_checkpoint, bg_upsampler: ready Restorers, or what iqpir.load takes (loaded
+    with device, dtype, batch_size and engine).
     """
     if quality is not None and not 0.0 <= quality <= 1.0:
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
@@ -372,10 +389,11 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
     finish = finish or Finish()
     out, paths, missing, report, targets = _plan(inputs, out, FORMATS.get(finish.format))
     _check_video_options(paths, crf, max_frames)
-    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)
-    settings = restorer.settings(quality, alpha, fidelity)
+    restorer = load(checkpoint, device=device, dtype=dtype, batch_size=batch_size, engine=engine, fidelity=fidelity,
+                    **renamed)
+    settings = restorer.settings(quality, alpha, fidelity, finish.blend)
     if progress:
-        print(settings_line(restorer, settings, fidelity), file=sys.stderr)
+        print(settings_line(restorer, settings), file=sys.stderr)
     if restorer.task != "faces" and restorer.image_size not in (None, FACE_SIZE):
         print(f"iqpir restore: warning: --faces with a general {restorer.image_size}-px model: every "
               f"{FACE_SIZE}-px face is shrunk to {restorer.image_size} px and back, losing its detail; use a "
@@ -391,12 +409,12 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                          "--bg-upsampler and --upscale > 1")
     faces_up = None
     if bg_upsampler is not None:
-        upsampler = load_restorer(bg_upsampler, device=device, dtype=dtype, batch_size=batch_size, tile=bg_tile)
+        upsampler = load(bg_upsampler, device=device, dtype=dtype, batch_size=batch_size, tile=bg_tile)
         background = upsampler_fn(upsampler, int(upscale))
         if face_upsample:
             faces_up = lambda crops: torch.stack([upsampler.restore_one(c) for c in crops])
     if bg_checkpoint is not None:
-        background = background_fn(load_restorer(bg_checkpoint, device=device, dtype=dtype, batch_size=batch_size),
+        background = background_fn(load(bg_checkpoint, device=device, dtype=dtype, batch_size=batch_size),
                                    int(upscale), quality)
     face_detector = get_detector(detector)
     entries: list[dict] = [{"input": m, "error": "no such file, folder or matching image"} for m in missing]
@@ -426,7 +444,8 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                                     for image in batch])
 
             ok = _clip(p, target, frames, int(upscale), crf, max_frames, report, progress)
-            entries.append({"input": str(p), "output": str(target)} if ok else {"input": str(p), "error": report.failed[-1][1]})
+            entries.append({"input": str(p), "output": str(target), "settings": settings} if ok
+                           else {"input": str(p), "error": report.failed[-1][1]})
             continue
         try:
             img = io.read_image(p)
