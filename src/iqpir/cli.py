@@ -366,8 +366,7 @@ def _restore_settings(args: argparse.Namespace, restorer) -> dict:
 
     return dict(checkpoint=restorer, out=args.out, quality=args.quality, alpha=args.alpha, device=args.device,
                 batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, fidelity=args.fidelity,
-                finish=Finish(blend=1.0 if args.blend is None else args.blend, colour=args.colour,
-                              format=args.format),
+                finish=Finish(blend=args.blend, colour=args.colour, format=args.format),
                 crf=args.crf, max_frames=args.max_frames)
 
 

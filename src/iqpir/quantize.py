@@ -227,6 +227,7 @@ def quantize_graph(source: str | Path, out: str | Path, calibration: str | Path 
                 "fidelity": fidelity, "bars": BARS, "passes": passes_bars(fidelity)}
         graph.int8 = info
         graph.path = out
+        graph.opened = None  # what read_graph read is the float32 graph: the runtime reads `out`
         quantised.set_rt_info(json.dumps(graph.metadata()), [METADATA_KEY])
         final = Path(tmp) / "final.xml"  # not over the trial's .bin, which OpenVINO may still map
         ov.save_model(quantised, str(final), compress_to_fp16=False)

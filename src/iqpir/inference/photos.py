@@ -40,7 +40,8 @@ class Finish:
     """What happens between the model's output and the file (issue 23).
 
     blend: W in [0, 1]: the output is W * restored + (1 - W) * input (inside the pasted face
-        regions with --faces; the whole image otherwise). 1 = the restoration as it is.
+        regions with --faces; the whole image otherwise). 1 = the restoration as it is. None: not
+        given; the file loops put the knob rule's value in its place (`resolved`).
     colour: "auto" = a grey input (a grey file, or colour channels that hold a grey picture,
         `io.is_grey_content`) comes back grey, a colour one in colour; "grey" forces grey
         (`--grayscale`), "colour" keeps the model's colour output even for grey inputs (`--color`).
@@ -48,17 +49,21 @@ class Finish:
         A JPEG written from a JPEG input keeps the input's quantisation tables and subsampling.
     """
 
-    blend: float = 1.0
+    blend: float | None = 1.0
     colour: str = "auto"
     format: str | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.blend) <= 1.0:
+        if self.blend is not None and not 0.0 <= float(self.blend) <= 1.0:
             raise ValueError(f"--blend must be in [0, 1], got {self.blend}")
         if self.colour not in COLOURS:
             raise ValueError(f"colour must be one of {list(COLOURS)}, got {self.colour!r}")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"--format must be one of {list(FORMATS)}, got {self.format!r}")
+
+    def resolved(self, settings: dict) -> Finish:
+        """This finish with the blend the knob rule gave (`Restorer.settings(...)["knobs"]`)."""
+        return replace(self, blend=settings["knobs"]["blend"]["value"])
 
     def mix(self, restored: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
         """W * restored + (1 - W) * original (same shapes); exactly `restored` at W = 1, `original` at 0."""
@@ -168,6 +173,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | Restorer | Non
                     fidelity=fidelity, **renamed)
     upscale = restorer.scale if upscale is None else int(upscale)
     settings = restorer.settings(quality, alpha, fidelity, finish.blend)  # refuses knobs the model lacks, first
+    finish = finish.resolved(settings)
     if progress:
         print(settings_line(restorer, settings), file=sys.stderr)
     entries: list[dict] = []
@@ -392,6 +398,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | Restorer 
     restorer = load(checkpoint, device=device, dtype=dtype, batch_size=batch_size, engine=engine, fidelity=fidelity,
                     **renamed)
     settings = restorer.settings(quality, alpha, fidelity, finish.blend)
+    finish = finish.resolved(settings)
     if progress:
         print(settings_line(restorer, settings), file=sys.stderr)
     if restorer.task != "faces" and restorer.image_size not in (None, FACE_SIZE):
