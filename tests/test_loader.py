@@ -227,3 +227,18 @@ def test_the_former_names_work_with_a_deprecation_warning(run):
     assert iqpir.load(new) is new  # a ready Restorer is taken as it is
     with pytest.raises(TypeError, match="unknown option"):
         iqpir.load(run, batchsize=2)
+
+
+def test_the_former_cli_flag_backend_still_works_with_a_warning(run, tmp_path, capsys):
+    from iqpir import io
+
+    io.write_image(tmp_path / "in" / "p.png", torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    args = ["restore", str(tmp_path / "in" / "p.png"), "--checkpoint", str(run), "--device", "cpu", "--dtype", "float32"]
+    assert main([*args, "--out", str(tmp_path / "old"), "--backend", "torch"]) == 0
+    assert "--backend is now --engine" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "new"), "--engine", "torch"]) == 0
+    assert "--backend" not in capsys.readouterr().err
+    assert (tmp_path / "old" / "p.png").read_bytes() == (tmp_path / "new" / "p.png").read_bytes()
+    assert main([*args, "--out", str(tmp_path / "both"), "--engine", "torch", "--backend", "onnxruntime"]) == 2
+    assert main([*args, "--out", str(tmp_path / "ort"), "--backend", "onnxruntime"]) == 2  # taken, and refused
+    assert "--engine onnxruntime runs a graph" in capsys.readouterr().err
