@@ -30,7 +30,7 @@ def main() -> None:
     data = B.prepare_data(work)
     refs = data[2]
     judge = B.Judge()
-    from iqpir.inference import load_restorer
+    from iqpir.inference import load
 
     results: dict[str, list[dict]] = {a: [] for a in args.arms}
     lq_scores = None
@@ -40,7 +40,7 @@ def main() -> None:
             lq = B.degraded_heldout(refs, cfg2)
             if lq_scores is None:
                 lq_scores = B.evaluate(lambda x: x, lq, refs, judge)
-            restorer = load_restorer(run, device="cpu", dtype="float32")
+            restorer = load(run, device="cpu", dtype="float32")
             r = B.evaluate(lambda x, r=restorer: r.restore(x, quality=1.0), lq, refs, judge,
                            save=out / "ablation" / f"{arm}-seed{seed}")
             results[arm].append(r)

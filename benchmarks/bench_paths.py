@@ -77,7 +77,7 @@ def main() -> None:
 
                 graph = quantize.quantize_graph(xml, Path(tmp) / "int8.xml")
                 specs["openvino int8"] = (graph.path, "int8", "openvino")
-        restorers = {name: iqpir.load_restorer(path, device="cpu", dtype=dtype, backend=backend)
+        restorers = {name: iqpir.load(path, device="cpu", dtype=dtype, engine=backend)
                      for name, (path, dtype, backend) in specs.items()}
         outputs = {name: [r.restore(x, quality=1.0) for x in images] for name, r in restorers.items()}
         times = {name: [] for name in restorers}

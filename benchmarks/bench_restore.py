@@ -247,18 +247,18 @@ def build(spec: dict, device: str = "cpu"):
     if "official" in spec:
         return OfficialEngine(official_codeformer(Path(spec["official"]), Path(spec["path"])))
     if spec["dtype"] == "autocast-bf16":  # the pre-runtime path: the float32 network under autocast
-        restorer = iqpir.load_restorer(spec["path"], device=device, dtype="float32")
+        restorer = iqpir.load(spec["path"], device=device, dtype="float32")
         return engines.TorchEngine(restorer.model, restorer.device, "bfloat16")
     if spec["dtype"] == "float32-fast":  # what `auto` runs on CPUs with AVX2 but no native bf16
-        restorer = iqpir.load_restorer(spec["path"], device=device, dtype="float32")
+        restorer = iqpir.load(spec["path"], device=device, dtype="float32")
         return engines.MixedEngine(restorer.model, restorer.device, "float32", own=True)
-    return iqpir.load_restorer(spec["path"], device=device, dtype=spec["dtype"], backend=spec["backend"]).engine
+    return iqpir.load(spec["path"], device=device, dtype=spec["dtype"], engine=spec["backend"]).engine
 
 
 def rss_of(spec: dict, quality: float | None, fidelity: float, entry: str = "api") -> int:
     """Peak RSS (bytes) of a fresh process that loads the configuration and restores one face.
 
-    entry "api": `iqpir.load_restorer(path, dtype=..., backend=...).restore(face)`, as a script
+    entry "api": `iqpir.load(path, dtype=..., engine=...).restore(face)`, as a script
     would (the official network and the autocast path: built and called once); "cli": `iqpir
     restore face.png --aligned` in-process (iqpir.cli.main); "import": torch and iqpir imported,
     nothing loaded (the floor every entry starts from). -1 when the process fails.
@@ -292,7 +292,7 @@ def rss_child(job: str) -> None:
             if cli(argv) != 0:
                 raise SystemExit(1)
     elif entry == "api" and "official" not in spec and spec["dtype"] in engines.DTYPE_CHOICES:
-        restorer = iqpir.load_restorer(spec["path"], device="cpu", dtype=spec["dtype"], backend=spec["backend"])
+        restorer = iqpir.load(spec["path"], device="cpu", dtype=spec["dtype"], engine=spec["backend"])
         restorer.restore(face_image()[0], quality=quality, fidelity=fidelity)
     elif entry != "import":
         build(spec).outputs(face_image(), quality, None, fidelity)
@@ -304,7 +304,7 @@ def memory_table(args) -> str:
     """Peak RSS of one 512x512 face through the API and the CLI, torch float32 and auto, each in
     a fresh process; and the floor (torch and iqpir imported)."""
     checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, args.tmp)
-    probe = iqpir.load_restorer(checkpoint, device="cpu", dtype="float32")
+    probe = iqpir.load(checkpoint, device="cpu", dtype="float32")
     quality = 0.9 if probe.supports_quality else None
     fidelity = args.fidelity if probe.supports_fidelity else 0.0
     del probe
@@ -368,7 +368,7 @@ def time_round_robin(engines: dict, x: torch.Tensor, quality, fidelity: float, r
 def cpu_table(args, info: dict) -> str:
     tmp = args.tmp
     checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, tmp)
-    probe = iqpir.load_restorer(checkpoint, device="cpu", dtype="float32")
+    probe = iqpir.load(checkpoint, device="cpu", dtype="float32")
     quality = 0.9 if probe.supports_quality else None
     fidelity = args.fidelity if probe.supports_fidelity else 0.0
     del probe
@@ -435,7 +435,7 @@ def gpu_table(args) -> str:
     tmp = args.tmp
     checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, tmp)
     device = torch.device(args.device)
-    exact = iqpir.load_restorer(checkpoint, device=args.device, dtype="float32").engine
+    exact = iqpir.load(checkpoint, device=args.device, dtype="float32").engine
     fast = engines.MixedEngine(exact.model, device, "bfloat16")
     quality = 0.9 if exact.model.quality_embedding.kind != "none" else None
     runs = {"float32": exact, "bf16 channels-last": fast}
@@ -475,7 +475,7 @@ def faces_table(args) -> str:
     checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, tmp)
     rows = ["| dtype | faces found | s/photo | detect | align | restore | paste |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for dtype in ("float32", "auto"):
-        restorer = iqpir.load_restorer(checkpoint, device="cpu", dtype=dtype)
+        restorer = iqpir.load(checkpoint, device="cpu", dtype=dtype)
         q = 0.9 if restorer.supports_quality else None
         def restore_faces(faces, restorer=restorer, q=q):
             return restorer.restore(faces, quality=q)
@@ -505,7 +505,7 @@ def profile_table(args) -> str:
     checkpoint = Path(args.checkpoint) if args.checkpoint else rule_weights(args.kind, args.tmp)
     x, columns, names = face_image(), {}, []
     for dtype in ("float32", "auto"):
-        restorer = iqpir.load_restorer(checkpoint, device="cpu", dtype=dtype)
+        restorer = iqpir.load(checkpoint, device="cpu", dtype=dtype)
         quality = 0.9 if restorer.supports_quality else None
         restorer.engine.outputs(x, quality, None, args.fidelity)
         with profile(activities=[ProfilerActivity.CPU]) as prof:

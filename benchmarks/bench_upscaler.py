@@ -4,7 +4,7 @@
 
 Random weights in Real-ESRGAN x2plus's key layout and size (RRDBNet: 64 features, 23 blocks,
 growth 32, pixel-unshuffle input; 16.7M parameters), read through spandrel like a release. The
-photo goes through `iqpir.load_restorer(..., tile=400)` (the CLI's default `--bg-tile`), at
+photo goes through `iqpir.load(..., tile=400)` (the CLI's default `--bg-tile`), at
 float32 and at `auto` (bf16 autocast where the CPU has native bf16). Prints one Markdown table
 with the CPU's model name and flags class; the best of `--repeats` runs after one warm-up.
 """
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(tmp) / "RealESRGAN_x2plus_random.pth"
         torch.save({"params_ema": real_esrgan_state(2, nf=64, blocks=23)}, path)
         for dtype in ("float32", "auto"):
-            r = iqpir.load_restorer(path, device="cpu", dtype=dtype, tile=400)
+            r = iqpir.load(path, device="cpu", dtype=dtype, tile=400)
             r.restore(x[:, :64, :64])
             best = float("inf")
             for _ in range(args.repeats):

@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from iqpir.inference import load_restorer
+    from iqpir.inference import load
     from iqpir.iqa import QualityEnsemble
     from iqpir.training import default_model as dm
 
@@ -110,14 +110,14 @@ def main() -> None:
     refs = dm.held_out(args.work)
     sets = {"moderate": dm.degraded_held_out(args.work, refs), "heavy": dm.heavy_held_out(args.work, refs)}
     refs_row = {"reference (clean)": {k: v[0] for k, v in _mean_raw(judge, refs.values()).items()}}
-    arms: list[tuple[str, object, dict]] = [("default model (packaged)", load_restorer(None, device="cpu",
+    arms: list[tuple[str, object, dict]] = [("default model (packaged)", load(None, device="cpu",
                                                                                       dtype="float32"), {})]
     for ckpt in args.checkpoint:
-        r = load_restorer(ckpt, device="cpu", dtype="float32")
+        r = load(ckpt, device="cpu", dtype="float32")
         kw = {"fidelity": args.fidelity} if r.supports_fidelity else {}
         arms.append((f"{ckpt}", r, kw))
         if r.model is not None and hasattr(r.model, "cfg") and hasattr(r.model.cfg, "adain"):
-            other = load_restorer(ckpt, device="cpu", dtype="float32")
+            other = load(ckpt, device="cpu", dtype="float32")
             other.model.cfg.adain = not other.model.cfg.adain
             arms.append((f"{ckpt} (adain {'on' if other.model.cfg.adain else 'off'})", other, kw))
     results = {}
@@ -144,7 +144,7 @@ def main() -> None:
     print(f"\nclean references: NIQE {refs_row['reference (clean)']['niqe']:.2f}, "
           f"PIQE {refs_row['reference (clean)']['piqe']:.1f} (lower is better)")
     if args.speed:
-        r = load_restorer(None, device="cpu", dtype="auto")
+        r = load(None, device="cpu", dtype="auto")
         spm = seconds_per_megapixel(r)
         results["seconds_per_megapixel"] = {"dtype": r.dtype, "threads": args.threads, "value": spm}
         print(f"\ndefault model, dtype auto ({r.dtype}), {args.threads} threads: {spm:.2f} s per megapixel")

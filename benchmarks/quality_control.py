@@ -39,13 +39,13 @@ def main() -> None:
     data = B.prepare_data(work)
     refs = data[2]
     judge = B.Judge()
-    from iqpir.inference import load_restorer
+    from iqpir.inference import load
 
     results: dict[str, dict[float, dict]] = {}
     for arm in args.arms:
         run, cfg2 = B.arm_run(arm, work, data, args.s1_steps, args.s2_steps, args.seed)
         lq = B.degraded_heldout(refs, cfg2)
-        restorer = load_restorer(run, device="cpu", dtype="float32")
+        restorer = load(run, device="cpu", dtype="float32")
         results[arm] = {}
         for s in SWEEP:
             results[arm][s] = B.evaluate(lambda x, r=restorer, s=s: r.restore(x, quality=s), lq, refs, judge,

@@ -28,6 +28,8 @@ from iqpir import config as C
 from iqpir.app import AppLimits, bind, create_app
 from iqpir.cli import main
 from iqpir.models import build_restorer
+from iqpir.inference.files import DescribedModel
+from iqpir.inference.knobs import record, resolve_knobs
 
 
 def make_tiny_checkpoint(folder: Path) -> Path:
@@ -86,6 +88,17 @@ class StubRestorer:
         self.fail = fail
         self.__dict__.update(attrs)
 
+    def knobs(self, quality=None, alpha=None, fidelity=None, blend=None):
+        """The library's knob rule, on what this stub says it supports."""
+        described = DescribedModel(None, kind="stub", quality=getattr(self, "supports_quality", True),
+                                   alpha=getattr(self, "default_alpha", None),
+                                   fidelity=getattr(self, "supports_fidelity", False))
+        return resolve_knobs(described, quality, alpha, fidelity, blend)
+
+    def settings(self, *flags):
+        knobs = self.knobs(*flags)
+        return {name: k.value for name, k in knobs.items()} | {"adain": None, "knobs": record(knobs)}
+
     def restore(self, images, **kw):
         self.calls.append(kw)
         if self.gate is not None:
@@ -103,7 +116,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def restorer(checkpoint):
-    return iqpir.load_restorer(checkpoint, device="cpu")
+    return iqpir.load(checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def server(tmp_path_factory):
 
     checkpoint = os.environ.get("IQPIR_APP_CHECKPOINT") or make_tiny_checkpoint(
         tmp_path_factory.mktemp("browser") / "tiny-random")
-    restorer = iqpir.load_restorer(checkpoint, device="cpu")
+    restorer = iqpir.load(checkpoint, device="cpu")
     app = create_app(restorer, name=Path(checkpoint).name, face_pipeline=None)
     sock = bind("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

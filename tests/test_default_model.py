@@ -33,7 +33,7 @@ needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("o
 
 def test_the_packaged_model_loads_without_a_path_and_restores():
     assert DEFAULT_WEIGHTS.is_file() and DEFAULT_WEIGHTS.stat().st_size <= 60e6
-    restorer = iqpir.load_restorer(device="cpu", dtype="float32")
+    restorer = iqpir.load(device="cpu", dtype="float32")
     assert restorer.kind == "default" and restorer.supports_quality
     assert not restorer.supports_alpha and not restorer.supports_fidelity
     x = torch.rand(3, 37, 50, generator=torch.Generator().manual_seed(0))
@@ -69,7 +69,7 @@ def test_cli_restores_with_the_default_model_and_refuses_its_missing_knobs(tmp_p
     io.write_image(src, torch.rand(3, 40, 48))
     assert main(["restore", str(src), "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "float32"]) == 0
     out = io.load_rgb(tmp_path / "out" / "a.png")
-    expected = iqpir.load_restorer(device="cpu", dtype="float32").restore(io.load_rgb(src), quality=1.0)
+    expected = iqpir.load(device="cpu", dtype="float32").restore(io.load_rgb(src), quality=1.0)
     assert out.shape == (3, 40, 48) and (out - expected).abs().max() <= 1 / 255 + 1e-6
     assert main(["restore", str(src), "--out", str(tmp_path / "o2"), "--alpha", "0.5", "--device", "cpu"]) != 0
     assert "this default model has no codebooks: --alpha" in capsys.readouterr().err
@@ -92,7 +92,7 @@ def test_a_unet_file_is_described_and_restores_as_the_network(tmp_path):
     path, model = tiny_file(tmp_path)
     described = files.describe(path)
     assert (described.kind, described.call, described.image_size, described.size_multiple) == ("unet", "image", None, 8)
-    restorer = iqpir.load_restorer(path, device="cpu", dtype="float32")
+    restorer = iqpir.load(path, device="cpu", dtype="float32")
     x = torch.rand(1, 3, 24, 40)
     with torch.no_grad():
         torch.testing.assert_close(restorer.restore(x, quality=0.3), model(x, 0.3).clamp(0, 1))
@@ -105,7 +105,7 @@ def test_a_unet_exports_to_onnx_at_any_size(tmp_path):
     path, model = tiny_file(tmp_path)
     info = export(path, "onnx", tmp_path / "unet.onnx")
     assert info.inputs == ["image", "quality"] and info.image_size is None and info.size_multiple == 8
-    restorer = iqpir.load_restorer(tmp_path / "unet.onnx")
+    restorer = iqpir.load(tmp_path / "unet.onnx")
     for shape, s in (((3, 24, 40), 0.2), ((3, 33, 17), 0.9)):  # sizes the export never saw; padding inside
         x = torch.rand(*shape)
         with torch.no_grad():

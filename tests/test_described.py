@@ -81,9 +81,9 @@ def test_a_new_kind_of_file_is_one_detector_entry(monkeypatch, tmp_path):
         return DescribedModel(Upscale(4), kind="spandrel", image_size=16, scale=4, call="image")
 
     monkeypatch.setitem(files.DETECTORS, "fake", (lambda p: str(p).endswith(".fake"), describe_fake))
-    restorer = iqpir.load_restorer(tmp_path / "x.fake", device="cpu", dtype="float32")
+    restorer = iqpir.load(tmp_path / "x.fake", device="cpu", dtype="float32")
     assert seen == [(str(tmp_path / "x.fake"), True)]
     assert restorer.restore(torch.rand(1, 3, 16, 16)).shape == (1, 3, 64, 64)
     with pytest.raises(FileNotFoundError, match="no such run folder or checkpoint file") as err:
-        iqpir.load_restorer(tmp_path / "missing")
+        iqpir.load(tmp_path / "missing")
     assert "Use the published weights" in str(err.value) and "packaged default model" in str(err.value)

@@ -194,7 +194,7 @@ def test_restorer_takes_a_dtype_and_reports_it():
     with pytest.raises(ValueError, match="dtype must be one of"):
         Restorer(model, 64, device="cpu", dtype="half")
     with pytest.raises(ValueError, match="iqpir export"):
-        Restorer(model, 64, device="cpu", backend="onnxruntime")
+        Restorer(model, 64, device="cpu", engine="onnxruntime")
 
 
 @pytest.mark.slow
@@ -211,7 +211,7 @@ def test_fast_path_keeps_the_codes_of_the_official_networks(kind, runs, tmp_path
     import iqpir
 
     torch.save({"params_ema": rule_state_dict(kind)}, tmp_path / "w.pth")
-    exact = iqpir.load_restorer(tmp_path / "w.pth", device="cpu", dtype="float32").engine
+    exact = iqpir.load(tmp_path / "w.pth", device="cpu", dtype="float32").engine
     fast = engines.MixedEngine(exact.model, torch.device("cpu"), "bfloat16")
     face = Image.open(Path(__file__).parent / "assets" / "official" / "input.png").convert("RGB")
     x = torch.from_numpy(np.array(face)).permute(2, 0, 1).float()[None] / 255
@@ -238,7 +238,7 @@ def test_the_float32_fast_path_keeps_the_official_networks_codes(kind, runs, tmp
     import iqpir
 
     torch.save({"params_ema": rule_state_dict(kind)}, tmp_path / "w.pth")
-    exact = iqpir.load_restorer(tmp_path / "w.pth", device="cpu", dtype="float32").engine
+    exact = iqpir.load(tmp_path / "w.pth", device="cpu", dtype="float32").engine
     fast = engines.MixedEngine(exact.model, torch.device("cpu"), "float32")
     face = Image.open(Path(__file__).parent / "assets" / "official" / "input.png").convert("RGB")
     x = torch.from_numpy(np.array(face)).permute(2, 0, 1).float()[None] / 255
@@ -321,7 +321,7 @@ def test_load_restorer_hands_its_model_over_to_the_fast_path(tmp_path):
     model = build_restorer(cfg.model).eval()
     ckpt.save_checkpoint(ckpt.checkpoint_stem(tmp_path, 1), {"model": model.state_dict()},
                          {"config": C.to_dict(cfg), "step": 1, "arch": "restorer"})
-    restorer = iqpir.load_restorer(tmp_path, device="cpu", dtype="bfloat16")
+    restorer = iqpir.load(tmp_path, device="cpu", dtype="bfloat16")
     assert isinstance(restorer.engine, engines.MixedEngine) and restorer.engine.fast is restorer.model
     f32 = {n for n, p in restorer.model.named_parameters() if p.dtype == torch.float32}
     assert f32 and not any(n.startswith(("encoder.", "decoder.", "cft.")) and not _is_norm(n) for n in f32)
@@ -329,7 +329,7 @@ def test_load_restorer_hands_its_model_over_to_the_fast_path(tmp_path):
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     assert torch.equal(restorer.restore(x, quality=0.6, fidelity=0.5), copying(x, 0.6, None, 0.5))
     # float32: the network itself, with in-place residual blocks.
-    exact = iqpir.load_restorer(tmp_path, device="cpu", dtype="float32")
+    exact = iqpir.load(tmp_path, device="cpu", dtype="float32")
     assert any(type(m) is engines.InPlaceResBlock for m in exact.model.modules())
 
 

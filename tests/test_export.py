@@ -90,7 +90,7 @@ def test_onnx_export_matches_torch_and_restores(run_dir, tmp_path):
     assert info.inputs == ["image", "quality", "alpha", "fidelity"]
     graph = read_graph(tmp_path / "m.onnx")
     assert (graph.image_size, graph.kind, graph.default_alpha) == (32, "iqpir", 0.8)
-    restorer = iqpir.load_restorer(tmp_path / "m.onnx")
+    restorer = iqpir.load(tmp_path / "m.onnx")
     assert restorer.engine.name == "onnxruntime" and restorer.supports_fidelity and restorer.model is None
     x = torch.rand(3, 3, 32, 32)  # batch 3: the exported batch axis is dynamic
     _compare(restorer, model, x, 0.9, None, 0.0)
@@ -104,7 +104,7 @@ def test_openvino_export_matches_torch(run_dir, tmp_path):
     run, model = run_dir
     export(run, "openvino", tmp_path / "m.xml", fidelity=True)
     assert (tmp_path / "m.bin").is_file()
-    restorer = iqpir.load_restorer(tmp_path / "m.xml", dtype="float32")
+    restorer = iqpir.load(tmp_path / "m.xml", dtype="float32")
     assert restorer.engine.name == "openvino" and restorer.dtype == "float32"
     _compare(restorer, model, torch.rand(2, 3, 32, 32), 0.9, None, 0.4)
 
@@ -126,11 +126,11 @@ def test_cli_export_and_restore_with_a_graph(run_dir, tmp_path, capsys, monkeypa
     assert code == 0, lines
     assert Image.open(tmp_path / "out" / "in.png").size == (36, 40)
     for args, needle in [(("--fidelity", "0.5"), "re-export it with --fidelity"),
-                         (("--backend", "torch"), "exported graph"),
+                         (("--engine", "torch"), "exported graph"),
                          (("--dtype", "bfloat16"), "float32 only")]:
         code, lines = cli("restore", "in.png", "--checkpoint", "w0.onnx", "--out", "o2", *args)
         assert code == 2 and len(lines) == 1 and needle in lines[0], lines
-    code, lines = cli("restore", "in.png", "--checkpoint", str(run), "--out", "o3", "--backend", "onnxruntime")
+    code, lines = cli("restore", "in.png", "--checkpoint", str(run), "--out", "o3", "--engine", "onnxruntime")
     assert code == 2 and "iqpir export" in lines[-1]
     code, lines = cli("export", str(run), "--format", "onnx", "--out", "m.xml")
     assert code == 2 and ".onnx file" in lines[-1]
@@ -155,7 +155,7 @@ def test_exported_official_networks_match_the_official_outputs(kind, runs, tmp_p
     face = torch.from_numpy(np.array(Image.open(ASSETS / "input.png").convert("RGB"))).permute(2, 0, 1)
     face = face.float()[None] / 255
     for path in ("m.onnx", "m.xml"):
-        restorer = iqpir.load_restorer(tmp_path / path, dtype="float32")
+        restorer = iqpir.load(tmp_path / path, dtype="float32")
         for name, quality, w in runs:
             reference = np.load(ASSETS / f"{name}.npz")
             out = restorer.engine.outputs(face, quality, None, w)

@@ -43,7 +43,7 @@ PATHS = ("library", "tiles", "aligned", "faces", "app", "app-faces", "graph")
 # option -> (value A, value B): the two settings each cell compares ("flag" = off / on).
 VALUES = {
     "quality": (0.1, 0.9), "alpha": (0.0, 1.5), "fidelity": (0.0, 1.0),
-    "dtype": ("float32", "bfloat16"), "backend": ("onnxruntime", "openvino"), "batch-size": (1, 3),
+    "dtype": ("float32", "bfloat16"), "engine": ("onnxruntime", "openvino"), "batch-size": (1, 3),
     "upscale": (1, 2), "only-center-face": ("flag", "flag"), "min-face": (0, 10_000), "draw-box": ("flag", "flag"),
     "save-faces": ("flag", "flag"), "bg-checkpoint": (None, "general"), "aligned": ("flag", "flag"),
     "blend": (1.0, 0.0), "grayscale": ("flag", "flag"), "color": ("flag", "flag"), "format": (None, "jpg"),
@@ -60,7 +60,7 @@ MATRIX: dict[str, dict[str, str]] = {
     "fidelity": dict.fromkeys(PATHS, "pixels"),
     "dtype": {"library": "pixels", "tiles": "pixels", "aligned": "pixels", "faces": "pixels",
               "app": "pixels", "app-faces": "pixels", "graph": "refused"},
-    "backend": {"library": "refused", "tiles": "refused", "aligned": "refused", "faces": "refused",
+    "engine": {"library": "refused", "tiles": "refused", "aligned": "refused", "faces": "refused",
                 "app": "n/a", "app-faces": "n/a", "graph": "engine"},
     "batch-size": {"library": "batches", "tiles": "batches", "aligned": "batches", "faces": "batches",
                    "app": "refused", "app-faces": "refused", "graph": "batches"},
@@ -162,8 +162,8 @@ def restore(path: str, opts: dict, models, photos, tmp_path, capsys, monkeypatch
     source = models["graph"] if path == "graph" else models["run"]
     if path == "library":
         try:
-            r = iqpir.load_restorer(source, device="cpu", dtype=opts.get("dtype", "float32"),
-                                    batch_size=int(opts.get("batch-size", 4)), backend=opts.get("backend", "auto"))
+            r = iqpir.load(source, device="cpu", dtype=opts.get("dtype", "float32"),
+                                    batch_size=int(opts.get("batch-size", 4)), engine=opts.get("engine", "auto"))
             y = r.restore(io.load_rgb(photo), **knobs)
         except ValueError as exc:
             return Result(refusal=str(exc))
@@ -208,7 +208,7 @@ def _app(path, opts, source, photo, knobs, batches) -> Result:
         return restore_photo(image, restore_faces, detector=get_detector("hog"), upscale=upscale)
 
     # The app's dtype and batch size are the restorer's, chosen when it starts (`iqpir app --dtype`).
-    restorer = iqpir.load_restorer(source, device="cpu", dtype=opts.get("dtype", "float32"))
+    restorer = iqpir.load(source, device="cpu", dtype=opts.get("dtype", "float32"))
     fields = {k: str(v) for k, v in knobs.items()}
     for k in ("upscale", "only-center-face", "min-face", "draw-box", "save-faces", "bg-checkpoint", "aligned",
               "batch-size", "blend", "grayscale", "color", "format"):
@@ -229,7 +229,7 @@ def test_every_option_on_every_path(option, path, models, photos, tmp_path, caps
     what = MATRIX[option][path]
     if path == "graph" and models["graph"] is None:
         pytest.skip("needs the onnx extra: pip install 'iqpir[onnx]'")
-    if option == "backend" and not HAS_OPENVINO:
+    if option == "engine" and not HAS_OPENVINO:
         pytest.skip("needs the openvino extra: pip install 'iqpir[openvino]'")
     a, b = VALUES[option]
     grey = option == "color"

@@ -63,7 +63,7 @@ def restore(path: str, run, tmp_path, photo, capsys, **knobs) -> tuple[np.ndarra
     flags = [x for k, v in knobs.items() for x in (f"--{k}", str(v))]
     out = tmp_path / f"out-{path}-{'-'.join(f'{k}{v}' for k, v in knobs.items())}"
     if path == "library":
-        r = iqpir.load_restorer(run, device="cpu", dtype="float32")
+        r = iqpir.load(run, device="cpu", dtype="float32")
         return io.to_uint8(r.restore(io.load_rgb(photo), **knobs)), r.settings(**knobs)
     if path in ("cli", "aligned", "faces", "onnx"):
         extra = {"cli": [], "onnx": [], "aligned": ["--aligned"], "faces": ["--faces", "--detector", "hog"]}[path]
@@ -80,11 +80,12 @@ def restore(path: str, run, tmp_path, photo, capsys, **knobs) -> tuple[np.ndarra
         assert rc == 0
         line = next(x for x in capsys.readouterr().err.splitlines() if "fidelity w =" in x)
         said = {"fidelity": float(line.split("fidelity w = ")[1].split()[0].rstrip(",")),
-                "default": "(the model's" in line}
+                "default": "(the checkpoint's; --fidelity sets it)" in line}
         if path == "faces":
             entry = json.loads((out / "restore.json").read_text())[0]
             assert entry["faces"], "no face found: the test photo lost its face"
             said["json"] = entry["settings"]["fidelity"]
+            said["from"] = entry["settings"]["knobs"]["fidelity"]["from"]
         return np.asarray(Image.open(out / photo.name).convert("RGB")), said
     from fastapi.testclient import TestClient
 
@@ -94,7 +95,7 @@ def restore(path: str, run, tmp_path, photo, capsys, **knobs) -> tuple[np.ndarra
     def pipeline(image, restore_faces, upscale=1):
         return restore_photo(image, restore_faces, detector=get_detector("hog"), upscale=upscale)
 
-    restorer = iqpir.load_restorer(run, device="cpu", dtype="float32")
+    restorer = iqpir.load(run, device="cpu", dtype="float32")
     fields = {k: str(v) for k, v in knobs.items()} | ({"faces": "true"} if path == "app-faces" else {})
     with TestClient(create_app(restorer, face_pipeline=pipeline if path == "app-faces" else None)) as client:
         health = client.get("/api/health").json()["model"]
@@ -124,13 +125,14 @@ def test_a_checkpoint_restores_at_the_fidelity_it_was_trained_at(path, run_w1, f
         assert said["default"] and not said_1["default"], "the line does not say where w came from"
     if path == "faces":
         assert said["json"] == 1.0 and said_0["json"] == 0.0
+        assert said["from"] == "checkpoint" and said_0["from"] == "flag"
     if path.startswith("app"):
         assert said["health"] == 1.0 and said["adain"] is True
 
 
 def test_a_run_trained_without_cft_restores_at_w0(tmp_path):
     run = _run_folder(tmp_path, 0.0)
-    r = iqpir.load_restorer(run, device="cpu", dtype="float32")
+    r = iqpir.load(run, device="cpu", dtype="float32")
     assert r.default_fidelity == 0.0 and r.settings()["fidelity"] == 0.0
     x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2))
     assert torch.equal(r.restore(x), r.restore(x, fidelity=0.0))

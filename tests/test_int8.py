@@ -229,13 +229,24 @@ def test_calibration_images_come_from_a_folder_at_the_graphs_size(made, tmp_path
         quantize.calibration_images(graph, 4, seed=0, folder=tmp_path / "own" / "none")
 
 
+def test_int8_works_from_python_as_from_the_cli(made, tmp_path, monkeypatch):
+    """iqpir.load(checkpoint, dtype="int8") runs the checkpoint's int8 graph (the cached one here),
+    as `iqpir restore --dtype int8` does, and gives the CLI's pixels."""
+    monkeypatch.setenv("IQPIR_CACHE", str(made["root"] / "cache"))
+    lines: list[str] = []
+    restorer = iqpir.load(made["run"], device="cpu", dtype="int8", log=lines.append)
+    assert restorer.engine.describe().startswith("openvino int8") and restorer.dtype == "int8"
+    assert any("the cached int8 graph of these weights" in line for line in lines), lines
+    cli = _restore(made, tmp_path, "--dtype", "int8", monkeypatch=monkeypatch)
+    x = io.read_image(tmp_path / "in" / "a.png").rgb  # the CLI's input
+    assert np.array_equal(io.to_uint8(restorer.restore(x)), io.to_uint8(cli))
+
+
 def test_int8_refusals(made, tmp_path, capsys):
     with pytest.raises(ValueError, match="is an int8 graph: restore it with --dtype int8"):
-        iqpir.load_restorer(made["graph"].path, dtype="float32")
-    with pytest.raises(ValueError, match="not a torch network"):
-        iqpir.load_restorer(made["run"], device="cpu", dtype="int8")
-    with pytest.raises(ValueError, match="leave --backend torch out"):
-        quantize.int8_for(made["run"], "int8", backend="torch")
+        iqpir.load(made["graph"].path, dtype="float32")
+    with pytest.raises(ValueError, match="leave --engine torch out"):
+        quantize.int8_for(made["run"], "int8", engine="torch")
     assert main(["export", str(made["run"]), "--format", "onnx", "--int8", "--out", str(tmp_path / "g.onnx")]) == 2
     assert "--int8 writes an OpenVINO graph: use --format openvino" in capsys.readouterr().err
     assert main(["export", str(made["run"]), "--format", "openvino", "--calibration", str(tmp_path),
@@ -252,17 +263,22 @@ def test_export_int8_writes_a_graph_that_restores(made, tmp_path, capsys):
     assert "int8: codes" in err and "the bar (codes >= 97%)" in err
     graph = read_graph(out)
     assert graph.int8["fidelity"]["codes"] > 0.9 and out.with_suffix(".bin").is_file()
-    assert iqpir.load_restorer(out).engine.describe().startswith("openvino int8")
+    assert iqpir.load(out).engine.describe().startswith("openvino int8")
 
 
 def test_the_app_serves_the_int8_graph(made, monkeypatch):
-    import iqpir.app
+    """`iqpir app --dtype int8` serves the checkpoint's int8 graph; on a CPU without int8 dot
+    products `auto` serves the torch network (the server itself is not started)."""
+    import uvicorn
 
     monkeypatch.setenv("IQPIR_CACHE", str(made["root"] / "cache"))
     served = {}
-    monkeypatch.setattr(iqpir.app, "serve", lambda checkpoint, **kw: served.update(checkpoint=checkpoint, **kw) or 0)
-    assert main(["app", "--checkpoint", str(made["run"]), "--dtype", "int8", "--device", "cpu"]) == 0
-    assert served["checkpoint"] == str(made["graph"].path) and served["dtype"] == "int8"
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app))
+
+    def engine(*flags):
+        assert main(["app", "--checkpoint", str(made["run"]), "--device", "cpu", "--port", "0", *flags]) == 0
+        return served["app"].state.service.restorer.engine.describe()
+
+    assert engine("--dtype", "int8").startswith("openvino int8")
     monkeypatch.setattr(devices, "cpu_flags", lambda: NO_VNNI)
-    assert main(["app", "--checkpoint", str(made["run"]), "--device", "cpu"]) == 0
-    assert served["checkpoint"] == str(made["run"]) and served["dtype"] == "auto"
+    assert engine().startswith("torch")

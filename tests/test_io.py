@@ -144,7 +144,7 @@ def test_restore_and_degrade_keep_grey_and_depth(run_dir, tmp_path):
 def test_restorer_api_keeps_a_grey_pil_image_grey(run_dir):
     import iqpir
 
-    restorer = iqpir.load_restorer(run_dir, device="cpu")
+    restorer = iqpir.load(run_dir, device="cpu")
     out = restorer.restore(Image.fromarray(_grey_ramp(32, 32)))
     assert out.mode == "L" and out.size == (32, 32)
     deep = restorer.restore(Image.fromarray(_grey_ramp(32, 32).astype(np.uint16) * 257))

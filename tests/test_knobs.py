@@ -48,7 +48,7 @@ def run(path: str, checkpoint, tmp_path, photo, **knobs) -> np.ndarray | str:
     out = tmp_path / f"out-{path}-{'-'.join(f'{k}{v}' for k, v in knobs.items())}"
     if path == "library":
         try:
-            y = iqpir.load_restorer(checkpoint, device="cpu", dtype="float32").restore(io.load_rgb(photo), **knobs)
+            y = iqpir.load(checkpoint, device="cpu", dtype="float32").restore(io.load_rgb(photo), **knobs)
         except ValueError as exc:
             return str(exc)
         return io.to_uint8(y)
@@ -70,7 +70,7 @@ def run(path: str, checkpoint, tmp_path, photo, **knobs) -> np.ndarray | str:
 
     from iqpir.app import create_app
 
-    restorer = iqpir.load_restorer(checkpoint, device="cpu", dtype="float32")
+    restorer = iqpir.load(checkpoint, device="cpu", dtype="float32")
     with TestClient(create_app(restorer, face_pipeline=None)) as client:
         r = client.post("/api/restore", files={"image": ("p.png", photo.read_bytes(), "image/png")},
                         data={k: str(v) for k, v in knobs.items()})

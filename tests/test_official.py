@@ -96,7 +96,7 @@ def _compare(out, reference: dict, dual: bool) -> tuple[int, float]:
     ],
 )
 def test_released_weights_compute_what_the_official_code_computes(release_files, face, kind, name, knobs):
-    restorer = iqpir.load_restorer(release_files[kind], device="cpu", dtype="float32")
+    restorer = iqpir.load(release_files[kind], device="cpu", dtype="float32")
     assert restorer.kind == kind and restorer.task == "faces"
     assert restorer.supports_fidelity and restorer.supports_quality == (kind == "iqpir")
     reference = np.load(ASSETS / f"{name}.npz")
@@ -203,7 +203,7 @@ def test_convert_records_provenance_and_keeps_the_weights(tmp_path, monkeypatch)
     assert cfg == direct_cfg == tiny
     a, b = converted.state_dict(), direct.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    restorer = iqpir.load_restorer(out, device="cpu")
+    restorer = iqpir.load(out, device="cpu")
     assert restorer.kind == "codeformer" and not restorer.supports_quality
     with pytest.raises(FileExistsError):
         official.convert(release, out)
@@ -352,7 +352,7 @@ def test_loading_assigns_the_files_tensors_and_computes_what_a_copy_computes(kin
         a, b = model(x, quality, fidelity=0.5), reference(x, quality, fidelity=0.5)
     assert torch.equal(a.restored, b.restored) and torch.equal(a.indices_common, b.indices_common)
     # Through load_restorer (float32, in-place residual blocks): still the copied network's image.
-    restorer = iqpir.load_restorer(tmp_path / "w.pth", device="cpu", dtype="float32")
+    restorer = iqpir.load(tmp_path / "w.pth", device="cpu", dtype="float32")
     assert torch.equal(restorer.restore(x, quality=quality, fidelity=0.5), b.restored.clamp(0, 1))
     _, _, provenance = official.load_official(tmp_path / "w.pth")
     assert provenance.state == {}  # the file's dict is not kept beside the network

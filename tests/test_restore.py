@@ -126,9 +126,9 @@ def test_tiled_path_passes_quality_and_alpha():
     for quality, alpha in model.calls:
         assert torch.equal(quality, torch.full_like(quality, 0.3)) and alpha == 0.45
     model.calls.clear()
-    r.restore(torch.rand(3, 32, 32), quality=0.7)  # a whole tile: one call, alpha left to the model
+    r.restore(torch.rand(3, 32, 32), quality=0.7)  # a whole tile: one call, alpha the knob rule's (the model's)
     [(quality, alpha)] = model.calls
-    assert quality.tolist() == pytest.approx([0.7]) and alpha is None
+    assert quality.tolist() == pytest.approx([0.7]) and alpha == r.default_alpha == 0.8
 
 
 def test_tiles_report_their_progress():
@@ -144,7 +144,7 @@ def test_tiles_report_their_progress():
 
 def test_api_restores_tensors_and_pil(checkpoint_dir):
     # float32: batches equal single crops exactly (bf16 kernels may block a batch differently)
-    restorer = iqpir.load_restorer(checkpoint_dir, device="cpu", dtype="float32")
+    restorer = iqpir.load(checkpoint_dir, device="cpu", dtype="float32")
     x = torch.rand(2, 3, 32, 32)
     out = restorer.restore(x, quality=1.0)
     assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
@@ -164,7 +164,7 @@ def test_stage1_checkpoint_is_refused(tmp_path):
     ckpt.save_checkpoint(tmp_path / "s1", {"model": build_vqgan(cfg.model).state_dict()},
                          {"config": C.to_dict(cfg), "step": 1, "arch": "vqgan"})
     with pytest.raises(ValueError, match="stage-1"):
-        iqpir.load_restorer(tmp_path / "s1")
+        iqpir.load(tmp_path / "s1")
 
 
 def _write_formats(folder):

@@ -40,11 +40,16 @@ def test_two_ranks_restore_each_file_once_and_as_one_process_does(tmp_path, monk
         err = capsys.readouterr().err
         shares.append(int(err.split(f"rank {rank} of 2: ")[1].split()[0]))
     assert sum(shares) == len(files) and min(shares) > 0, shares
-    # the outputs, not the hidden log of finished ones (written in another order by two ranks)
-    one = sorted(p.name for p in (tmp_path / "one").iterdir() if not p.name.startswith("."))
-    two = sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith("."))
+    # the outputs, not the reports or the hidden log of finished ones (written in another order by two ranks)
+    one = sorted(p.name for p in (tmp_path / "one").iterdir() if p.suffix != ".json" and not p.name.startswith("."))
+    two = sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix != ".json" and not p.name.startswith("."))
     assert one == two and len(one) == len(files)
     assert all((tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes() for n in one)
+    # each rank records the knobs it restored with, as the one process does
+    knobs = {json.dumps(e["settings"]["knobs"]) for e in json.loads((tmp_path / "one" / "restore.json").read_text())}
+    for rank in (0, 1):
+        entries = json.loads((tmp_path / "two" / f"restore-{rank}.json").read_text())
+        assert len(entries) == shares[rank] and {json.dumps(e["settings"]["knobs"]) for e in entries} == knobs
     for rank in (0, 1):  # a re-run skips what its rank wrote
         monkeypatch.setenv("RANK", str(rank))
         capsys.readouterr()
@@ -237,4 +242,5 @@ def test_torchrun_restore_a_rank_with_a_bad_file_names_it_and_the_other_finishes
     run = _torchrun(*args, cwd=tmp_path)
     assert run.returncode != 0
     assert f"failed: {bad}: " in run.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == sorted(p.name for p in good)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()
+                  if p.suffix != ".json" and not p.name.startswith(".")) == sorted(p.name for p in good)

@@ -95,15 +95,15 @@ def test_spandrel_detects_each_file_and_our_output_is_its_output(models, name, a
     assert (d.kind, d.scale, d.call, d.quality, d.alpha, d.fidelity) == (arch, scale, "image", False, None, False)
     assert "spandrel" in d.source["licence"]
     x = torch.rand(3, 32, 40, generator=torch.Generator().manual_seed(3))
-    ours = iqpir.load_restorer(models[name], device="cpu", dtype="float32").restore(x)
+    ours = iqpir.load(models[name], device="cpu", dtype="float32").restore(x)
     assert ours.shape == (3, 32 * scale, 40 * scale)
     assert float((ours - direct(models[name], x)).abs().max()) <= 1e-4
 
 
 def test_tiles_leave_no_seam(models):
     x = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(4))
-    whole = iqpir.load_restorer(models["x4"], device="cpu", dtype="float32").restore(x)
-    tiled = iqpir.load_restorer(models["x4"], device="cpu", dtype="float32", tile=24).restore(x)
+    whole = iqpir.load(models["x4"], device="cpu", dtype="float32").restore(x)
+    tiled = iqpir.load(models["x4"], device="cpu", dtype="float32", tile=24).restore(x)
     assert tiled.shape == whole.shape
     # Inside, tiles and the whole image agree to 5e-4 (0.13/255); at the image's own border the
     # tiled run sees mirrored pixels where the whole run sees the network's zero padding (0.015).
@@ -226,7 +226,7 @@ def test_a_gfpgan_file_is_a_face_model_without_our_knobs(tmp_path, capsys):
     from iqpir.inference.photos import face_restorer_fn
 
     crops = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(6))
-    ours = face_restorer_fn(iqpir.load_restorer(path, device="cpu", dtype="float32"))(crops)[0]
+    ours = face_restorer_fn(iqpir.load(path, device="cpu", dtype="float32"))(crops)[0]
     assert float((ours - direct(path, crops[0])).abs().max()) <= 1e-4  # the face path is spandrel's output
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
         Image.open(fh).convert("RGB").resize((240, 280), Image.LANCZOS).save(tmp_path / "face.png")

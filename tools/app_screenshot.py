@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import iqpir
     from iqpir.app import bind, create_app, find_face_pipeline
 
-    restorer = iqpir.load_restorer(args.checkpoint, device="cpu")
+    restorer = iqpir.load(args.checkpoint, device="cpu")
     pipeline, _ = find_face_pipeline()
     app = create_app(restorer, name=Path(args.checkpoint).name if args.checkpoint else "iqpir/weights",
                      face_pipeline=pipeline)

@@ -3,19 +3,19 @@
 `import iqpir` loads torch, numpy, PIL and yaml only; optional dependencies are imported
 inside the functions that need them.
 
-    restorer = iqpir.load_restorer("runs/stage2")      # a run folder or a checkpoint
+    restorer = iqpir.load("runs/stage2")               # any model file; None: the packaged default model
     restored = restorer.restore(image, quality=1.0)    # tensor or PIL image
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["__version__", "load_restorer"]
+__all__ = ["Restorer", "__version__", "load", "load_restorer"]
 
 
 def __getattr__(name: str):
     # Lazy: inference pulls in the networks, which `iqpir --help` does not need.
-    if name == "load_restorer":
-        from iqpir.inference import load_restorer
+    if name in ("load", "load_restorer", "Restorer"):
+        from iqpir import inference
 
-        return load_restorer
+        return getattr(inference, name)
     raise AttributeError(f"module 'iqpir' has no attribute {name!r}")

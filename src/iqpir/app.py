@@ -101,7 +101,7 @@ class Params:
     faces: bool
     upscale: int
     keep_exif: bool
-    blend: float = 1.0
+    blend: float | None = None  # None: the knob rule's value (1, the restoration as it is)
 
 
 # --------------------------------------------------------------------------------------
@@ -242,11 +242,9 @@ def parse_params(fields: dict[str, str], model: dict[str, Any], limits: AppLimit
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise RequestError(400, f"unknown field(s) {unknown}; the fields are 'image' and {list(FIELDS)}")
-    quality = _number(fields, "quality", 0.0, 1.0)
+    quality = _number(fields, "quality", 0.0, 1.0)  # None: the knob rule's value (iqpir.inference.knobs)
     if quality is not None and not model["supports_quality"]:
         raise RequestError(400, f"this {model['kind']} model has no quality control; leave 'quality' out")
-    if quality is None and model["supports_quality"]:
-        quality = 1.0  # the best restoration (paper 3.3: inference at the highest quality)
     alpha = _number(fields, "alpha", 0.0, 2.0)  # the library's range; the page's slider stops at 1
     if alpha is not None and not model["supports_alpha"]:
         raise RequestError(400, f"this {model['kind']} model has no HQ+ codebook; leave 'alpha' out")
@@ -259,7 +257,7 @@ def parse_params(fields: dict[str, str], model: dict[str, Any], limits: AppLimit
         raise RequestError(400, f"field 'upscale' must be an integer from 1 to {limits.max_upscale}, got {upscale_text[:40]!r}")
     blend = _number(fields, "blend", 0.0, 1.0)
     return Params(quality=quality, alpha=alpha, fidelity=fidelity, faces=_flag(fields, "faces"),
-                  upscale=int(upscale_text), keep_exif=_flag(fields, "keep_exif"), blend=1.0 if blend is None else blend)
+                  upscale=int(upscale_text), keep_exif=_flag(fields, "keep_exif"), blend=blend)
 
 
 def _megapixels(n: int) -> str:
@@ -381,6 +379,8 @@ class RestoreService:
         t0 = time.perf_counter()
         img = decode_image(data, p.keep_exif)
         kw = self._model_kwargs(p)
+        knobs = self.restorer.knobs(kw.get("quality"), kw.get("alpha"), kw.get("fidelity"), p.blend)
+        blend = knobs["blend"].value
         headers: dict[str, str] = {}
         if p.faces:
             if self.face_pipeline is None:
@@ -388,7 +388,7 @@ class RestoreService:
 
             # the CLI's face path: 512-px crops resized to a face model's own size and back
             restore_faces = face_restorer_fn(self.restorer, kw.get("quality"), kw.get("alpha"), kw.get("fidelity"),
-                                             blend=p.blend)
+                                             blend=blend)
             try:
                 restored, report = self.face_pipeline(img.rgb, restore_faces, upscale=p.upscale)
             except ImportError as exc:  # the pipeline is there but its detector's extra is not
@@ -398,7 +398,7 @@ class RestoreService:
                 headers["X-Faces"] = str(len(faces))
         else:
             original = _resize(img.rgb, p.upscale)
-            restored = Finish(blend=p.blend).mix(self.restorer.restore(original, **kw), original)
+            restored = Finish(blend=blend).mix(self.restorer.restore(original, **kw), original)
         if iio.is_grey_content(img.rgb):  # grey in, grey out (as the CLI: Finish, colour "auto")
             restored = iio.to_grey(restored).expand(3, -1, -1)
         alpha = None if img.alpha is None else _resize(img.alpha, p.upscale)
@@ -406,11 +406,11 @@ class RestoreService:
             alpha = None
         png = encode_png(restored, alpha, img.exif, img.icc)
         headers["X-Restore-Seconds"] = f"{time.perf_counter() - t0:.3f}"
-        settings = getattr(self.restorer, "settings", None)
-        if callable(settings):  # the values this restore used (the model's own where the form left one out)
-            used = settings(kw.get("quality"), kw.get("alpha"), kw.get("fidelity"))
-            headers["X-Settings"] = json.dumps({k: used[k] for k in ("quality", "alpha", "fidelity", "adain")},
-                                               separators=(",", ":"))
+        # the values this restore used (the knob rule's where the form left one out), and where each came from
+        used = self.restorer.settings(kw.get("quality"), kw.get("alpha"), kw.get("fidelity"), p.blend)
+        headers["X-Settings"] = json.dumps({k: used[k] for k in ("quality", "alpha", "fidelity", "adain")},
+                                           separators=(",", ":"))
+        headers["X-Knobs"] = json.dumps(used["knobs"], separators=(",", ":"))
         headers["X-Image-Size"] = f"{restored.shape[-1]}x{restored.shape[-2]}"
         return png, headers
 
@@ -640,18 +640,21 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(checkpoint: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
-          dtype: str = "float32", limits: AppLimits | None = None) -> int:
-    """Load the model once, then serve the page and the API until interrupted."""
+def serve(checkpoint: str | Path | Any | None = None, host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
+          dtype: str = "auto", limits: AppLimits | None = None) -> int:
+    """Load the model once (iqpir.load; or take a ready Restorer), then serve the page and the API
+    until interrupted."""
     try:
         import uvicorn
     except ImportError as exc:
         raise ImportError(f"the web app needs uvicorn: {_EXTRA} ({exc})") from exc
-    from iqpir.inference import load_restorer
+    from iqpir.inference import Restorer, load
 
     sock = bind(host, port)  # first: a taken port fails before the model is loaded
     try:
-        restorer = load_restorer(checkpoint, device=device, dtype=dtype)
+        restorer = load(checkpoint, device=device, dtype=dtype)
+        if isinstance(checkpoint, Restorer):
+            checkpoint = checkpoint.source.get("file") if checkpoint.source else None
         app = create_app(restorer, limits=limits, name="iqpir/weights" if checkpoint is None else Path(checkpoint).name)
     except BaseException:
         sock.close()

@@ -29,10 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from iqpir.config import RunConfig, from_dict
+from iqpir.devices import weights_outside_the_heap
 from iqpir.io import atomic_write
 
 FORMAT = "iqpir-checkpoint"
@@ -206,6 +208,20 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     return _read_tensors(path, device)
 
 
+def read_tensor_bytes(data: bytes) -> dict[str, Tensor]:
+    """The tensors of a safetensors file's bytes (a file packaged as a resource: NIQE's pristine model)."""
+    return load_bytes(data)
+
+
+def read_pickled_tensors(path: str | Path) -> Any:
+    """What a PyTorch weights file (.pth, .pt, ...) holds, unpickled with `weights_only=True`: plain
+    tensors and containers only, so a file that needs code to unpickle raises (pickle.UnpicklingError,
+    naming the global it wanted) instead of running it. Released networks' weights (iqpir.official)
+    and the face detectors' weights are read here."""
+    with weights_outside_the_heap():
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
 def load_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     """The JSON sidecar of a checkpoint (run folder, stem or file), without reading tensors."""
     stem = resolve_checkpoint(path)
@@ -249,6 +265,14 @@ def load_model(
     that, config train.stage (1: VQAutoEncoder, 2: Restorer). weights: "auto" (the "ema"
     group when present, else "model"), "ema" or "model".
     """
+    model, cfg, _ = read_network(path, weights, device)
+    return model, cfg
+
+
+def read_network(
+    path: str | Path, weights: str = "auto", device: str | torch.device = "cpu"
+) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
+    """`load_model` and the checkpoint's meta (its source, step, ...), from one read of the files."""
     from iqpir.models import ARCHS  # deferred: reading tensors needs no network code
 
     tensors, meta = load_checkpoint(path, device="cpu")
@@ -267,7 +291,7 @@ def load_model(
         state = tensors[group]
     model = ARCHS[arch](cfg.model)
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, meta
 
 
 # --------------------------------------------------------------------------------------

@@ -99,7 +99,9 @@ def _add_model_info(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default=None, help="a built-in preset: paper (default) or tiny")
     g.add_argument("--config", default=None, help="a YAML config file")
     g.add_argument("--checkpoint", default=None,
-                   help="a run folder, checkpoint, converted folder or official IQPIR/CodeFormer/VQGAN .pth")
+                   help="any model file `iqpir restore` takes (a run folder, checkpoint, converted folder, official "
+                        "IQPIR/CodeFormer/VQGAN .pth, U-Net .safetensors, .onnx/.xml graph, spandrel model), or "
+                        "`default` for the packaged default model")
     _add_set(p)
 
 
@@ -111,9 +113,9 @@ def _run_model_info(args: argparse.Namespace) -> int:
         cfg = C.load(args.config, args.overrides, preset=args.preset if args.config is None else None)
         print(json.dumps(parameter_counts(cfg.model), indent=2))
         return 0
-    from iqpir.official import checkpoint_info
+    from iqpir.inference.loader import model_info
 
-    print(json.dumps(checkpoint_info(args.checkpoint), indent=2))
+    print(json.dumps(model_info(args.checkpoint), indent=2))
     return 0
 
 
@@ -297,13 +299,11 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
                         "where it is within its fidelity bar and the CPU has VNNI/AMX; float32: the exact network; "
                         "float16 on GPUs only (emulated on CPUs, very slow); int8: OpenVINO int8 convolutions, "
                         "calibrated once per weights file and cached (extra int8)")
-    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
-                   help="auto (default): torch for checkpoints, onnxruntime for .onnx, openvino for .xml "
-                        "(graphs written by `iqpir export`)")
+    _add_engine(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_verbose(p)
     g = p.add_argument_group("the output")
-    g.add_argument("--blend", type=_float_in(0, 1), default=1.0, metavar="W",
+    g.add_argument("--blend", type=_float_in(0, 1), default=None, metavar="W",
                    help="W * restored + (1 - W) * input, inside the faces with --faces, else everywhere "
                         "(default 1: the restoration as it is; 0: the input)")
     colour = g.add_mutually_exclusive_group()
@@ -323,6 +323,24 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
                    help="leave the inputs' EXIF (capture date, camera, GPS) and XMP out of the outputs (default: "
                         "kept, the orientation reset; the ICC colour profile is always kept)")
     _add_restore_faces(p)
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"], default=None,
+                   help="auto (default): torch for checkpoints, onnxruntime for .onnx, openvino for .xml "
+                        "(graphs written by `iqpir export`)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default=None,
+                   help=argparse.SUPPRESS)  # the former name of --engine, kept for one release
+
+
+def _engine(args: argparse.Namespace, command: str) -> str:
+    """--engine, or the deprecated --backend (with a warning line)."""
+    if args.backend is not None:
+        print(f"iqpir {command}: warning: --backend is now --engine (--backend goes in the next release)",
+              file=sys.stderr)
+        if args.engine is not None and args.engine != args.backend:
+            raise ValueError("--backend (the former name of --engine) and --engine disagree: give --engine only")
+    return args.engine or args.backend or "auto"
 
 
 def _add_restore_faces(p: argparse.ArgumentParser) -> None:
@@ -361,15 +379,24 @@ _FACE_FLAGS = {"detector": "--detector", "upscale": "--upscale", "only_center_fa
 _UPSAMPLER_FLAGS = ("upscale",)
 
 
-def _restore_settings(args: argparse.Namespace) -> dict:
-    """The flags that `iqpir restore` hands to both of its modes (tiles and --faces)."""
+def _restore_settings(args: argparse.Namespace, restorer) -> dict:
+    """The flags that `iqpir restore` hands to both of its modes (tiles and --faces), with the
+    ready Restorer (iqpir.load) in place of the checkpoint."""
     from iqpir.inference.photos import Finish
 
-    return dict(checkpoint=args.checkpoint, out=args.out, quality=args.quality, alpha=args.alpha, device=args.device,
+    return dict(checkpoint=restorer, out=args.out, quality=args.quality, alpha=args.alpha, device=args.device,
                 batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite, fidelity=args.fidelity,
-                backend=args.backend, finish=Finish(blend=args.blend, colour=args.colour, format=args.format,
-                                                    metadata=not args.strip_metadata),
+                finish=Finish(blend=args.blend, colour=args.colour, format=args.format,
+                              metadata=not args.strip_metadata),
                 crf=args.crf, max_frames=args.max_frames)
+
+
+def _load(args: argparse.Namespace, checkpoint, **options):
+    """The ready Restorer of `iqpir restore` (iqpir.load: the one place a model file is read)."""
+    from iqpir.inference import load
+
+    return load(checkpoint, device=args.device, dtype=args.dtype, engine=_engine(args, "restore"),
+                batch_size=args.batch_size, fidelity=args.fidelity, **options)
 
 
 def _run_restore_faces(args: argparse.Namespace) -> int:
@@ -377,7 +404,7 @@ def _run_restore_faces(args: argparse.Namespace) -> int:
 
     report = restore_face_files(
         args.inputs,
-        **_restore_settings(args),
+        **_restore_settings(args, _load(args, args.checkpoint)),
         detector=args.detector or "hog+cnn",
         upscale=1 if args.upscale is None else args.upscale,
         only_center_face=args.only_center_face,
@@ -402,8 +429,8 @@ def _run_upsampler(args: argparse.Namespace) -> int:
         print("iqpir restore: error: without --faces, --bg-upsampler restores the whole photo: leave --checkpoint "
               "out, or add --faces to restore the faces with it", file=sys.stderr)
         return 2
-    settings = _restore_settings(args) | {"checkpoint": args.bg_upsampler}
-    report = restore_files(args.inputs, **settings, aligned=args.aligned, tile=args.bg_tile, upscale=args.upscale)
+    settings = _restore_settings(args, _load(args, args.bg_upsampler, tile=args.bg_tile))
+    report = restore_files(args.inputs, **settings, aligned=args.aligned, upscale=args.upscale)
     return _done("restore", args, report)
 
 
@@ -447,18 +474,6 @@ def _finish_together(command: str, run: Callable[[], int]) -> int:
     return code
 
 
-def _choose_int8(args: argparse.Namespace) -> None:
-    """--dtype int8 (and auto, where a sound int8 graph of these weights is cached) restores
-    through the checkpoint's int8 OpenVINO graph (iqpir.quantize.int8_for)."""
-    if args.dtype not in ("int8", "auto"):
-        return
-    from iqpir import quantize
-
-    graph = quantize.int8_for(args.checkpoint, args.dtype, args.backend, args.fidelity)
-    if graph is not None:
-        args.checkpoint, args.backend, args.dtype = str(graph.path), "openvino", "int8"
-
-
 def _restore(args: argparse.Namespace) -> int:
     if args.faces and args.aligned:
         print("iqpir restore: error: --faces (photos: detect and align) and --aligned (already aligned crops) "
@@ -468,8 +483,6 @@ def _restore(args: argparse.Namespace) -> int:
         print("iqpir restore: error: --bg-checkpoint and --bg-upsampler both restore the background: choose one",
               file=sys.stderr)
         return 2
-    if args.faces or not args.bg_upsampler:  # without --faces, --bg-upsampler restores with that model alone
-        _choose_int8(args)
     if args.faces:
         return _run_restore_faces(args)
     args.no_smooth = not args.smooth
@@ -486,7 +499,7 @@ def _restore(args: argparse.Namespace) -> int:
 
     report = restore_files(
         args.inputs,
-        **_restore_settings(args),
+        **_restore_settings(args, _load(args, args.checkpoint)),
         aligned=args.aligned,
     )
     return _done("restore", args, report)
@@ -625,13 +638,8 @@ def _run_app(args: argparse.Namespace) -> int:
     keep_freed_memory()  # a server restores image after image: keep the heap instead of re-faulting it
     limits = AppLimits(max_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6),
                        queue=args.queue)
-    checkpoint, dtype = args.checkpoint, args.dtype
-    if dtype in ("int8", "auto"):
-        from iqpir import quantize
-
-        graph = quantize.int8_for(checkpoint, dtype)
-        checkpoint, dtype = (str(graph.path), "int8") if graph is not None else (checkpoint, dtype)
-    return serve(checkpoint, host=args.host, port=args.port, device=args.device, dtype=dtype, limits=limits)
+    # iqpir.load (inside serve, after the port is bound) makes the int8 choice as for `iqpir restore`
+    return serve(args.checkpoint, host=args.host, port=args.port, device=args.device, dtype=args.dtype, limits=limits)
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {

@@ -126,7 +126,7 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
     With `train`: the showcase trains both stages of a tiny IQPIR model first and restores with it.
     """
     from iqpir.data.degradations import degrade, degrade_files
-    from iqpir.inference import load_restorer
+    from iqpir.inference import load
     from iqpir.iqa import QualityEnsemble
 
     if quick:
@@ -154,14 +154,14 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
     if train:
         trained, now = _train_showcase(out, images, seed, stage1_steps, stage2_steps, mark)
         degradation = trained["degradation"]
-        restorer = load_restorer(out / "stage2", device="cpu", dtype="float32")  # documented numbers: float32
+        restorer = load(out / "stage2", device="cpu", dtype="float32")  # documented numbers: float32
         fidelity = FIDELITY
     else:
         trained = None
         from iqpir.training.default_model import EVAL_DEGRADATION, bfr_config
 
         degradation = bfr_config(**EVAL_DEGRADATION)  # the default model's evaluation (issue 21)
-        restorer = load_restorer(None, device="cpu", dtype="float32")
+        restorer = load(None, device="cpu", dtype="float32")
         fidelity = 0.0
     _log("restoring the held-out images")
     metrics = ["niqe", "piqe"]

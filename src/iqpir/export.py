@@ -16,7 +16,7 @@ The graph is the restorer's inference at its image size s, batch dynamic:
 
 CodeFormer's CFT blocks cost about a third more FLOPs at 512x512 and do nothing at w = 0, so
 a graph has them only when exported with `fidelity=True`; without them it restores at w = 0.
-The file carries what `load_restorer` needs (size, kind, task, provenance, which inputs
+The file carries what `iqpir.load` needs (size, kind, task, provenance, which inputs
 exist) as JSON: ONNX metadata `iqpir`, OpenVINO runtime info `iqpir`, read back by
 iqpir.inference.files (the only inference module this one imports: it sits beside the
 restorer, not above it).
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from iqpir.inference.files import METADATA_KEY, ExportedGraph, describe, require_extra
-from iqpir.models.restorer import Restorer, adaptive_instance_norm
+from iqpir.inference.files import METADATA_KEY, DescribedModel, ExportedGraph, describe, exports, require_extra
+from iqpir.models.restorer import adaptive_instance_norm
 
 FORMATS = ("onnx", "openvino")
 OPSET = 18
@@ -130,9 +130,11 @@ class ImageGraph(nn.Module):
         return (self.model(image, quality),)
 
 
-def export(checkpoint: str | Path | None, fmt: str, out: str | Path, fidelity: bool = False) -> ExportedGraph:
-    """Write `checkpoint` (anything `load_restorer` reads) as an ONNX (.onnx) or OpenVINO IR
-    (.xml + .bin) graph at `out`, float32; returns what was written."""
+def export(checkpoint: str | Path | DescribedModel | None, fmt: str, out: str | Path,
+           fidelity: bool = False) -> ExportedGraph:
+    """Write `checkpoint` (anything `iqpir.load` reads, or a model iqpir.inference.files described
+    already) as an ONNX (.onnx) or OpenVINO IR (.xml + .bin) graph at `out`, float32; returns what
+    was written."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
     out = Path(out)
@@ -142,12 +144,13 @@ def export(checkpoint: str | Path | None, fmt: str, out: str | Path, fidelity: b
     if fmt == "openvino":
         require_extra("openvino", "openvino")
     require_extra("onnx", "onnx")
-    described = describe(checkpoint)
-    if described.format == "torch" and described.call == "image" and described.quality:
+    described = checkpoint if isinstance(checkpoint, DescribedModel) else describe(checkpoint)
+    how = exports(described)
+    if how == "image":
         if fidelity:
             raise ValueError(described.refusal("fidelity"))
         graph = ImageGraph(described.model, described.size_multiple).eval()
-    elif isinstance(described.model, Restorer):
+    elif how == "iqpir":
         graph = InferenceGraph(described.model, fidelity=fidelity).eval()
     else:  # an exported graph, or another kind of network
         raise ValueError(f"{checkpoint}: only iqpir checkpoints, quality-conditioned U-Nets and official .pth "
@@ -156,7 +159,8 @@ def export(checkpoint: str | Path | None, fmt: str, out: str | Path, fidelity: b
                          task=described.task, inputs=graph.input_names(), outputs=graph.output_names(),
                          default_alpha=described.alpha, has_cft=described.fidelity,
                          default_fidelity=described.default_fidelity if fidelity else 0.0, adain=described.adain,
-                         source=described.source, size_multiple=described.size_multiple, refusals=described.refusals)
+                         source=described.source, size_multiple=described.size_multiple, refusals=described.refusals,
+                         trained={k: v for k, v in described.trained.items() if k != "fidelity" or fidelity})
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
         _export_onnx(graph, out, info.metadata())

@@ -39,10 +39,10 @@ from iqpir.checkpoint import (
     checkpoint_stem,
     list_checkpoints,
     load_checkpoint,
+    read_pickled_tensors,
     resolve_checkpoint,
     save_checkpoint,
 )
-from iqpir.devices import weights_outside_the_heap
 from iqpir.io import atomic_write_text
 
 LICENCE_NOTE = (
@@ -111,8 +111,7 @@ def read_state(path: str | Path) -> tuple[dict[str, Tensor], str]:
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {p}")
     try:
-        with weights_outside_the_heap():
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = read_pickled_tensors(p)
     except Exception as exc:  # noqa: BLE001 - every reason maps to one line naming the file
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise OfficialCheckpointError(
@@ -457,64 +456,3 @@ def convert(path: str | Path, out: str | Path) -> Path:
     atomic_write_text(out / "config.yaml", C.to_yaml(cfg))
     return stem
 
-
-def _module_counts(state: dict[str, Tensor]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for key, t in state.items():
-        top = key.split(".", 1)[0]
-        if top == "quantizer":
-            top = "codebook_" + key.split(".")[1]
-        counts[top] = counts.get(top, 0) + t.numel()
-    counts["total_params"] = sum(counts.values())
-    return counts
-
-
-def checkpoint_info(path: str | Path) -> dict:
-    """Kind, sizes and parameter counts (per module, iqpir's names) of any checkpoint iqpir reads:
-    an official .pth, a converted folder, a run folder or a checkpoint file."""
-    if is_official_file(path):
-        weights = read_official(path)
-        cfg = official_config(weights.kind, weights.state)
-        origins: dict[str, str] = {}
-        state = to_project(weights.state, weights.kind, origins)
-        with torch.device("meta"):
-            model = models.build_vqgan(cfg.model) if weights.kind == "vqgan" else models.build_restorer(cfg.model)
-        check_state(model, state, weights.path, origins)
-        kind = weights.kind
-        source = {"file": str(weights.path), "weights": weights.group or "state_dict", "sha256": weights.sha256(),
-                  "licence": LICENCE_NOTE}
-    else:
-        tensors, meta = load_checkpoint(path)
-        if "config" not in meta:
-            raise ValueError(f"checkpoint {resolve_checkpoint(path)} has no config")
-        cfg = C.from_dict(meta["config"])
-        arch = meta.get("arch") or ("vqgan" if cfg.train.stage == 1 else "restorer")
-        grouped = not all(isinstance(v, Tensor) for v in tensors.values())
-        state = (tensors.get("ema") or tensors["model"]) if grouped else tensors
-        source = meta.get("source")
-        kind = (source or {}).get("kind") or ("vqgan" if arch == "vqgan" else
-                                              "codeformer" if cfg.model.quality_embedding == "none" else "iqpir")
-    m = cfg.model
-    info = {
-        "checkpoint": str(path),
-        "kind": kind,
-        "task": m.task,
-        "image_size": m.image_size,
-        "latent": [m.latent_channels, m.latent_size, m.latent_size],
-        "codebooks": 2 if m.dual_codebook else 1,
-        "codebook_size": m.codebook_size,
-    }
-    if kind != "vqgan":
-        info.update({
-            "quality_embedding": m.quality_embedding,
-            "quality_bins": m.quality_bins if m.quality_embedding == "binned" else None,
-            "transformer": {"layers": m.transformer.layers, "width": m.transformer.width,
-                            "heads": m.transformer.heads, "mlp": m.transformer.mlp},
-            "cft_resolutions": list(m.cft_resolutions),
-            "alpha": m.alpha if m.dual_codebook else None,
-            "adain": m.adain,
-        })
-    info["parameters"] = _module_counts(state)
-    if source:
-        info["source"] = source
-    return info

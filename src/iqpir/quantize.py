@@ -40,11 +40,12 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from iqpir.inference.engines import openvino_config
-from iqpir.inference.files import METADATA_KEY, ExportedGraph, read_graph, require_extra
+from iqpir.inference.files import METADATA_KEY, DescribedModel, ExportedGraph, compile_openvino, read_graph, require_extra
 
 # Bump when the calibration images, the quantised operations or NNCF's settings change: every
 # cached graph made by another recipe is then stale.
@@ -151,13 +152,13 @@ def feeds(graph: ExportedGraph, images: list[np.ndarray]) -> list[dict[str, np.n
 # --------------------------------------------------------------------------------------
 
 
-def measure(graph: ExportedGraph, reference: Path, candidate: Path, inputs: list[dict]) -> dict:
-    """The candidate (int8) graph against the reference (float32) on `inputs`: the share of code
-    tokens equal (None for a network without codes) and the PSNR (dB) of the clamped images."""
-    ov = require_extra("openvino", "int8")
-    core = ov.Core()
-    ref = core.compile_model(str(reference), "CPU", openvino_config("float32"))
-    cand = core.compile_model(str(candidate), "CPU", openvino_config("int8"))
+def measure(graph: ExportedGraph, reference: Any, candidate: Path, inputs: list[dict]) -> dict:
+    """The candidate (int8) graph file against the reference (the float32 graph: an openvino.Model
+    or its file) on `inputs`: the share of code tokens equal (None for a network without codes)
+    and the PSNR (dB) of the clamped images."""
+    require_extra("openvino", "int8")
+    ref = compile_openvino(reference, openvino_config("float32"))
+    cand = compile_openvino(Path(candidate), openvino_config("int8"))
     equal = total = 0
     errors = []
     for feed in inputs:
@@ -205,7 +206,7 @@ def quantize_graph(source: str | Path, out: str | Path, calibration: str | Path 
     folder = Path(calibration) if calibration is not None else None
     calib = feeds(graph, calibration_images(graph, count, seed, folder))
     held_out = feeds(graph, calibration_images(graph, HELD_OUT_COUNT, seed + 1, folder))
-    model = ov.Core().read_model(str(graph.path))
+    model = graph.opened  # read by read_graph: the float32 graph is read from disk once
     keep_float = sorted({op.get_type_name() for op in model.get_ops()} - QUANTISED)
     float_convs = _encoder_convolutions(model, graph) if float_encoder else []
     nncf.set_log_level(logging.ERROR)  # one INFO line per operation left in float otherwise
@@ -226,6 +227,7 @@ def quantize_graph(source: str | Path, out: str | Path, calibration: str | Path 
                 "fidelity": fidelity, "bars": BARS, "passes": passes_bars(fidelity)}
         graph.int8 = info
         graph.path = out
+        graph.opened = None  # what read_graph read is the float32 graph: the runtime reads `out`
         quantised.set_rt_info(json.dumps(graph.metadata()), [METADATA_KEY])
         final = Path(tmp) / "final.xml"  # not over the trial's .bin, which OpenVINO may still map
         ov.save_model(quantised, str(final), compress_to_fp16=False)
@@ -351,13 +353,14 @@ def cached_int8_graph(checkpoint: str | Path | None, cft: bool = False) -> Expor
 
 
 def int8_graph(checkpoint: str | Path | None, cft: bool = False, calibration: str | Path | None = None,
-               log: Callable[[str], None] | None = None) -> ExportedGraph:
+               log: Callable[[str], None] | None = None, described: DescribedModel | None = None) -> ExportedGraph:
     """The int8 graph of `checkpoint` (any file `iqpir export` takes; None: the default model):
     from the cache when a sound one is there, else exported, calibrated, measured and cached.
 
     cft: with the network's CFT blocks (a `fidelity` input), as `iqpir export --fidelity`; needed
     to restore at a fidelity w > 0, and slower at w = 0, so both are cached apart. A given
-    `calibration` folder always makes the graph again (and caches it).
+    `calibration` folder always makes the graph again (and caches it). described: the file as
+    iqpir.inference.files described it already (the export then reads nothing again).
     """
     from iqpir.export import export
 
@@ -374,7 +377,7 @@ def int8_graph(checkpoint: str | Path | None, cft: bool = False, calibration: st
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         float_graph = Path(tmp) / "float32.xml"
-        export(checkpoint, "openvino", float_graph, fidelity=cft)
+        export(checkpoint if described is None else described, "openvino", float_graph, fidelity=cft)
         graph = quantize_graph(float_graph, Path(tmp) / "int8.xml", calibration, weights_sha256=sha)
         for suffix in (".bin", ".xml"):  # the .xml last: a cache entry is whole when its .xml is there
             shutil.move(str(Path(tmp) / f"int8{suffix}"), str(path.with_suffix(suffix)))
@@ -384,9 +387,10 @@ def int8_graph(checkpoint: str | Path | None, cft: bool = False, calibration: st
 
 
 
-def int8_for(checkpoint: str | Path | None, dtype: str, backend: str = "auto", fidelity: float | None = None,
-             log: Callable[[str], None] | None = None) -> ExportedGraph | None:
-    """The int8 graph a restore of `checkpoint` (not a graph file) runs, or None for the torch path.
+def int8_for(checkpoint: str | Path | None, dtype: str, engine: str = "auto", fidelity: float | None = None,
+             log: Callable[[str], None] | None = None, described: DescribedModel | None = None) -> ExportedGraph | None:
+    """The int8 graph a restore of `checkpoint` (not a graph file) runs, or None for the torch path;
+    iqpir.load asks it, with the file's description (`described`: its weights are then not read again).
 
     dtype "int8": this checkpoint's int8 graph, made and cached the first time (`int8_graph`).
     dtype "auto": its cached int8 graph when one is there, was within BARS when it was made, and
@@ -401,10 +405,10 @@ def int8_for(checkpoint: str | Path | None, dtype: str, backend: str = "auto", f
     if checkpoint is not None and is_graph_file(checkpoint):
         return None
     if dtype == "int8":
-        if backend not in ("auto", "openvino"):
-            raise ValueError(f"--dtype int8 runs an OpenVINO graph: leave --backend {backend} out")
+        if engine not in ("auto", "openvino"):
+            raise ValueError(f"--dtype int8 runs an OpenVINO graph: leave --engine {engine} out")
         _import_nncf()
-    elif (dtype != "auto" or backend != "auto" or not cpu_has_int8_dot()
+    elif (dtype != "auto" or engine != "auto" or not cpu_has_int8_dot()
           or importlib.util.find_spec("openvino") is None):
         return None
     elif not all(p.is_file() for p in weights_file(checkpoint)):
@@ -413,11 +417,11 @@ def int8_for(checkpoint: str | Path | None, dtype: str, backend: str = "auto", f
         return None  # nothing cached at all: no need to hash the weights (a large file: most of a second)
     elif not any(cached_graph_path(checkpoint, cft)[0].is_file() for cft in (False, True)):
         return None
-    described = describe(checkpoint)
+    described = described if described is not None else describe(checkpoint)
     w = described.default_fidelity if fidelity is None else fidelity
     cft = bool(described.fidelity) and bool(w)
     if dtype == "int8":
-        return int8_graph(checkpoint, cft, log=log)
+        return int8_graph(checkpoint, cft, log=log, described=described)
     graph = cached_int8_graph(checkpoint, cft)
     if graph is None or not graph.int8.get("passes"):
         return None

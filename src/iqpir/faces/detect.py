@@ -295,7 +295,9 @@ class RetinaFaceDetector:
         weights = Path(weights)
         if not weights.is_file():
             raise FileNotFoundError(f"RetinaFace weights file not found: {weights}")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        from iqpir.checkpoint import read_pickled_tensors
+
+        state = read_pickled_tensors(weights)
         state = {k.removeprefix("module."): v for k, v in state.items()}
         net = RetinaFace(network_name=network, half=False)
         net.load_state_dict(state, strict=True)

@@ -1,7 +1,7 @@
 """Whole-photo face restoration: detect, align, restore, paste back (issue 12).
 
     from iqpir.faces import restore_photo
-    restorer = iqpir.load_restorer("runs/faces")
+    restorer = iqpir.load("runs/faces")
     out, report = restore_photo(photo, lambda x: restorer.restore(x, quality=1.0), upscale=2)
 """
 

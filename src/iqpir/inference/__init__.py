@@ -1,14 +1,18 @@
 """Inference, one way down (each module imports only the ones below it):
 
     photos.py    file loops: restore_files, restore_face_files, outputs, restore.json
-    restorer.py  Restorer: knobs, tiles, batches (no file I/O); load_restorer(path)
+    video.py     frames in, restored frames out, the other streams copied
+    loader.py    iqpir.load: describe the file once, choose the engine, build the Restorer
+    restorer.py  Restorer: tiles, batches (no file I/O)
+    knobs.py     the knob rule: flag > the checkpoint's trained value > the model's default
     engines.py   how a described model runs: float32, mixed bf16, ONNX Runtime, OpenVINO
-    files.py     what a path holds -> a DescribedModel (checkpoint, official .pth, graph)
+    files.py     what a path holds -> a DescribedModel (checkpoint, official .pth, graph, ...)
 
-    restorer = iqpir.load_restorer("runs/stage2")      # files.describe -> make_engine -> Restorer
+    restorer = iqpir.load("runs/stage2")
     restored = restorer.restore(image, quality=1.0)
 """
 
-from iqpir.inference.restorer import Restorer, load_restorer
+from iqpir.inference.loader import load, load_restorer
+from iqpir.inference.restorer import Restorer
 
-__all__ = ["Restorer", "load_restorer"]
+__all__ = ["Restorer", "load", "load_restorer"]

@@ -20,14 +20,15 @@ which one runs (ultralytics' AutoBackend is the pattern):
   structure (channels-last, sub-pixel upsampling, in-place blocks) in float32: the same function
   as the network up to rounding, faster where oneDNN's float32 kernels are what runs
   (docs/performance.md, "AVX2-only CPUs").
-- OnnxRuntimeEngine / OpenVinoEngine: a graph written by `iqpir export` (backend "onnxruntime"
-  or "openvino"; extras onnx, openvino).
+- OnnxRuntimeEngine / OpenVinoEngine: a graph written by `iqpir export` (engine "onnxruntime"
+  or "openvino"; extras onnx, openvino), opened by iqpir.inference.files.open_runtime.
 
 "auto" on a CPU without native bf16 is float32 (emulated bf16 is slower than float32 there): the
 float32 fast path where the CPU has AVX2 and FMA, else the exact network. `make_engine` records
 why on the engine (`auto_reason`), for the line `iqpir restore` prints.
-int8: OpenVinoEngine on a graph that iqpir.quantize calibrated (`graph_engine` runs it; the
-cache and `auto`'s use of it are iqpir.quantize's, above this layer).
+int8: OpenVinoEngine on a graph that iqpir.quantize calibrated (`graph_engine` runs it; making
+one from a checkpoint, the cache, and `auto`'s use of it are iqpir.inference.loader's choice,
+through iqpir.quantize, above this layer).
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ from torch import Tensor, nn
 
 from iqpir import devices
 from iqpir.devices import cpu_has_native_bf16, keep_freed_memory, native_bf16
-from iqpir.inference.files import GRAPH_FORMATS, DescribedModel, ExportedGraph, as_described, require_extra
+from iqpir.inference.files import GRAPH_FORMATS, DescribedModel, ExportedGraph, as_described, open_runtime
 from iqpir.models.vqgan import ResBlock, Upsample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # int8: a graph calibrated by iqpir.quantize, run by OpenVINO (never a torch network).
 DTYPE_CHOICES = ("auto", *DTYPES, "int8")
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 
 
 class Engine(Protocol):
@@ -79,8 +80,8 @@ def resolve_dtype(dtype: str, device: torch.device, model: Any = None) -> str:
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
     if dtype == "int8" and not (model is not None and as_described(model).format in GRAPH_FORMATS):
-        raise ValueError("--dtype int8 runs a calibrated OpenVINO graph, not a torch network: `iqpir restore "
-                         "--dtype int8` makes one from a checkpoint (in Python: iqpir.quantize.int8_graph(path))")
+        raise ValueError("--dtype int8 runs a calibrated OpenVINO graph, not a torch network: iqpir.load(path, "
+                         "dtype='int8') (or `iqpir restore --dtype int8`) makes one from the checkpoint")
     if dtype != "auto":
         return dtype
     d = as_described(model) if model is not None else None
@@ -244,7 +245,7 @@ def low_precision_copy(module: nn.Module, dtype: torch.dtype, device: torch.devi
                        in_place: bool = False) -> nn.Module:
     """An inference copy of a convolutional part in `dtype`, channels-last; `module` is untouched
     unless `in_place`, where it is converted itself and its float32 weights are released one by
-    one as they are replaced (the caller owns it: `load_restorer`).
+    one as they are replaced (the caller owns it: `iqpir.load`).
 
     Residual blocks become InferenceResBlock, upsampling blocks InferenceUpsample. On the CPU
     the GroupNorm parameters stay float32 (PyTorch's mixed-type kernel: as fast, and half the
@@ -293,7 +294,7 @@ class MixedEngine(TorchEngine):
 
     By default the float32 model stays what it is (`self.model`) and the engine runs a twin
     whose encoder, decoder and CFT blocks are low-precision copies. With `own=True` (the caller
-    hands the model over: `load_restorer`) those parts are converted in place instead, so the
+    hands the model over: `iqpir.load`) those parts are converted in place instead, so the
     float32 weights of the convolutional parts are not kept beside their bf16 copies, and
     `self.model` is the converted network.
     """
@@ -369,11 +370,7 @@ class OnnxRuntimeEngine(_GraphEngine):
 
     def __init__(self, graph: ExportedGraph, dtype: str = "float32", threads: int | None = None) -> None:
         super().__init__(graph, dtype)
-        ort = require_extra("onnxruntime", "onnx")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(graph.path), options, providers=["CPUExecutionProvider"])
+        self.session = open_runtime(graph, "onnxruntime", {"intra_op_num_threads": threads or torch.get_num_threads()})
 
     def describe(self) -> str:
         return "onnxruntime float32"
@@ -388,8 +385,7 @@ class OpenVinoEngine(_GraphEngine):
 
     def __init__(self, graph: ExportedGraph, dtype: str = "float32", threads: int | None = None) -> None:
         super().__init__(graph, dtype)
-        ov = require_extra("openvino", "openvino")
-        self.compiled = ov.Core().compile_model(str(graph.path), "CPU", openvino_config(dtype, threads))
+        self.compiled = open_runtime(graph, "openvino", openvino_config(dtype, threads))
 
     def describe(self) -> str:
         if self.dtype == "int8":
@@ -416,35 +412,35 @@ def openvino_config(dtype: str, threads: int | None = None) -> dict:
             "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
 
 
-def graph_engine(graph: ExportedGraph, device: torch.device, dtype: str = "auto", backend: str = "auto"):
+def graph_engine(graph: ExportedGraph, device: torch.device, dtype: str = "auto", engine: str = "auto"):
     """The engine for an exported graph: ONNX Runtime for .onnx, OpenVINO for .xml (or an .onnx
-    with backend "openvino"). dtype "auto" is float32 on ONNX Runtime, bf16 on OpenVINO where
+    with engine "openvino"). dtype "auto" is float32 on ONNX Runtime, bf16 on OpenVINO where
     the CPU has native bf16."""
     if device.type != "cpu":
-        raise ValueError(f"exported graphs run on the CPU here, not {device}; use --backend torch on {device.type}")
-    if backend == "auto":
-        backend = "onnxruntime" if graph.format == "onnx" else "openvino"
-    if backend == "torch":
-        raise ValueError(f"{graph.path} is an exported graph: restore it with --backend onnxruntime or openvino")
+        raise ValueError(f"exported graphs run on the CPU here, not {device}; use --engine torch on {device.type}")
+    if engine == "auto":
+        engine = "onnxruntime" if graph.format == "onnx" else "openvino"
+    if engine == "torch":
+        raise ValueError(f"{graph.path} is an exported graph: restore it with --engine onnxruntime or openvino")
     if graph.int8:
-        if backend == "onnxruntime" or graph.format != "openvino":
-            raise ValueError(f"{graph.path} is an int8 graph: OpenVINO runs it (--backend openvino)")
+        if engine == "onnxruntime" or graph.format != "openvino":
+            raise ValueError(f"{graph.path} is an int8 graph: OpenVINO runs it (--engine openvino)")
         if dtype not in ("auto", "int8"):
             raise ValueError(f"{graph.path} is an int8 graph: restore it with --dtype int8 (or auto), not {dtype}")
         return OpenVinoEngine(graph, "int8")
     if dtype == "int8":
         raise ValueError(f"{graph.path} is a float32 graph: make an int8 one with `iqpir export CHECKPOINT "
                          "--format openvino --int8`, or restore the checkpoint itself with --dtype int8")
-    if backend == "onnxruntime":
+    if engine == "onnxruntime":
         if graph.format != "onnx":
-            raise ValueError(f"{graph.path}: ONNX Runtime reads .onnx files; use --backend openvino for .xml")
+            raise ValueError(f"{graph.path}: ONNX Runtime reads .onnx files; use --engine openvino for .xml")
         if dtype not in ("auto", "float32"):
-            raise ValueError(f"--backend onnxruntime runs float32 only, got --dtype {dtype}")
+            raise ValueError(f"--engine onnxruntime runs float32 only, got --dtype {dtype}")
         return OnnxRuntimeEngine(graph, "float32")
     if dtype == "auto":
         dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
     if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--backend openvino runs float32 or bfloat16 graphs, got --dtype {dtype}")
+        raise ValueError(f"--engine openvino runs float32 or bfloat16 graphs, got --dtype {dtype}")
     return OpenVinoEngine(graph, dtype)
 
 
@@ -454,8 +450,10 @@ def graph_engine(graph: ExportedGraph, device: torch.device, dtype: str = "auto"
 
 
 def make_engine(model: DescribedModel | nn.Module | ExportedGraph, device: torch.device, dtype: str = "auto",
-                backend: str = "auto", *, own: bool = False) -> Engine:
-    """The engine for a described model (or a bare network or exported graph) on `device`.
+                engine: str = "auto", *, own: bool = False) -> Engine:
+    """The engine for a described model (or a bare network or exported graph) on `device`: the
+    table of engines (torch exact, the fast path, ONNX Runtime, OpenVINO) and the one choice among
+    them; engine: "auto" (from the description) or one of ENGINES.
 
     own: the caller hands the network over (nobody else uses it), so the fast path may convert
     it in place rather than keep a float32 copy beside the bf16 one (MixedEngine).
@@ -464,13 +462,13 @@ def make_engine(model: DescribedModel | nn.Module | ExportedGraph, device: torch
     then keeps its peak heap (the restorer reaches it on every image anyway) instead of paying
     for page faults on every forward pass. Set IQPIR_DEFAULT_MALLOC=1 to leave malloc alone.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     described = as_described(model)
     if described.format in GRAPH_FORMATS:
-        return graph_engine(described.model, device, dtype, backend)
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"--backend {backend} runs a graph written by `iqpir export`; "
+        return graph_engine(described.model, device, dtype, engine)
+    if engine not in ("auto", "torch"):
+        raise ValueError(f"--engine {engine} runs a graph written by `iqpir export`; "
                          f"export the checkpoint first (iqpir export CHECKPOINT --format ...)")
     requested, dtype = dtype, resolve_dtype(dtype, device, described)
     if dtype != "float32" and described.low_precision is False:
@@ -482,14 +480,14 @@ def make_engine(model: DescribedModel | nn.Module | ExportedGraph, device: torch
         # kernel on every forward pass. Process-wide (glibc only); IQPIR_DEFAULT_MALLOC=1 opts out.
         keep_freed_memory()
     if dtype == "bfloat16" and described.bf16:
-        engine = MixedEngine(described.model, device, dtype, own=own, call=described.call)
+        chosen = MixedEngine(described.model, device, dtype, own=own, call=described.call)
     elif requested == "auto" and dtype == "float32" and described.bf16 and fast_float32(device):
-        engine = MixedEngine(described.model, device, "float32", own=own, call=described.call)
+        chosen = MixedEngine(described.model, device, "float32", own=own, call=described.call)
     else:
-        engine = TorchEngine(described.model, device, dtype, own=own, call=described.call)
+        chosen = TorchEngine(described.model, device, dtype, own=own, call=described.call)
     if requested == "auto":
-        engine.auto_reason = auto_reason(device, described, engine)
-    return engine
+        chosen.auto_reason = auto_reason(device, described, chosen)
+    return chosen
 
 
 def fast_float32(device: torch.device) -> bool:

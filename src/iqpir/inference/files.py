@@ -26,12 +26,13 @@ from typing import Any
 from torch import nn
 
 from iqpir import official
-from iqpir.checkpoint import load_checkpoint_meta, load_model
+from iqpir.checkpoint import read_network
 from iqpir.models import Restorer as IQPIRNetwork
 from iqpir.plugin import conditioned_unet
 from iqpir.weights import DEFAULT_WEIGHTS
 
 GRAPH_SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
+DEFAULT_NAME = "default"  # the packaged default model, by name (as is no path at all)
 GRAPH_FORMATS = tuple(GRAPH_SUFFIXES.values())
 METADATA_KEY = "iqpir"
 
@@ -75,6 +76,9 @@ class DescribedModel:
         float16 runs float32 (spandrel says so per architecture); None = not known (run as asked).
     source: provenance of weights not trained here (file, sha256, licence), else None.
     refusals: knob -> why this model lacks it, where NO_KNOB's wording does not fit.
+    trained: knob -> the value the file records the network was trained at (an iqpir run's
+        train.fidelity and model.alpha); the knob rule (iqpir.inference.knobs) puts these
+        between a flag and the model's default, and says which one a value came from.
     """
 
     model: Any
@@ -94,6 +98,7 @@ class DescribedModel:
     call: str = "iqpir"
     source: dict | None = None
     refusals: dict[str, str] = field(default_factory=dict)
+    trained: dict[str, float] = field(default_factory=dict)
 
     def refusal(self, knob: str) -> str:
         """One line: why `knob` cannot be set on this model."""
@@ -102,21 +107,35 @@ class DescribedModel:
 
 def describe_network(model: nn.Module, image_size: int | None = None, *, kind: str = "iqpir",
                      task: str = "general", source: dict | None = None,
-                     default_fidelity: float = 0.0) -> DescribedModel:
+                     default_fidelity: float = 0.0, trained: dict[str, float] | None = None) -> DescribedModel:
     """An IQPIR-family network (iqpir.models.Restorer, or a module with its call and parts) ->
-    its description; the knobs are read from the parts it has."""
+    its description; the knobs are read from the parts it has. trained: the knob values the file
+    records the network was trained at (kept for the knobs the network has)."""
     embedding = getattr(model, "quality_embedding", None)
     quantizer = getattr(model, "quantizer", None)
     has_cft = getattr(model, "cft", None) is not None
     cfg = getattr(model, "cfg", None)
+    alpha = quantizer.alpha if quantizer is not None and quantizer.hq is not None else None
+    kept = {k: float(v) for k, v in (trained or {}).items()
+            if (k == "alpha" and alpha is not None) or (k == "fidelity" and has_cft)}
     return DescribedModel(
         model=model, kind=kind, task=task, image_size=image_size, source=source,
         quality=embedding is None or embedding.kind != "none",
-        alpha=quantizer.alpha if quantizer is not None and quantizer.hq is not None else None,
-        fidelity=has_cft, default_fidelity=float(default_fidelity) if has_cft else 0.0,
+        alpha=alpha, fidelity=has_cft, default_fidelity=float(default_fidelity) if has_cft else 0.0,
         adain=bool(cfg.adain) if quantizer is not None and hasattr(cfg, "adain") else None,
-        bf16=isinstance(model, IQPIRNetwork),
+        bf16=isinstance(model, IQPIRNetwork), trained=kept,
     )
+
+
+def exports(described: DescribedModel) -> str | None:
+    """How iqpir.export writes this model as a graph: "image" (a quality-conditioned network called
+    model(x, quality): the packaged default model's kind), "iqpir" (an IQPIR-family network), or
+    None (not exportable: graphs, upscalers, stage-1 autoencoders). int8 graphs are made from these."""
+    if described.format != "torch":
+        return None
+    if described.call == "image" and described.quality:
+        return "image"
+    return "iqpir" if isinstance(described.model, IQPIRNetwork) else None
 
 
 def as_described(model: Any, image_size: int | None = None, **network) -> DescribedModel:
@@ -129,8 +148,19 @@ def as_described(model: Any, image_size: int | None = None, **network) -> Descri
     return describe_network(model, image_size, **network)
 
 
-def _stage2(model: nn.Module, path: str | Path) -> None:
-    if not hasattr(model, "transformer"):
+STAGE1 = "vqgan"
+
+
+def describe_stage1(model: nn.Module, source: dict | None = None) -> DescribedModel:
+    """A stage-1 autoencoder (VQGAN): described for `iqpir model-info`, never restored with
+    (`describe` refuses it where a restorer is asked for); it takes no knobs."""
+    return DescribedModel(model=model, kind=STAGE1, task=model.cfg.task, image_size=model.cfg.image_size,
+                          source=source, call=STAGE1, refusals={k: "is a stage-1 autoencoder: it does not restore"
+                                                                for k in NO_KNOB})
+
+
+def _refuse_stage1(described: DescribedModel, path: str | Path) -> None:
+    if described.kind == STAGE1:
         raise ValueError(f"{path} is a stage-1 (VQGAN) checkpoint; restoring needs a stage-2 network "
                          "(an IQPIR or CodeFormer release, or iqpir train configs/*-stage2.yaml)")
 
@@ -161,6 +191,11 @@ class ExportedGraph:
     # Written by iqpir.quantize: how the int8 graph was calibrated and what it measured against
     # the float32 graph (codes agreement, PSNR, the bars); None for a float32 graph.
     int8: dict | None = None
+    # The knob values the exported checkpoint records it was trained at (DescribedModel.trained).
+    trained: dict[str, float] = field(default_factory=dict)
+    # The file as read by `read_graph` (an openvino.Model, or the ONNX file's bytes), handed to
+    # the runtime by `open_runtime` so that the file is read from disk once; None once handed over.
+    opened: Any = field(default=None, repr=False, compare=False)
 
     @property
     def supports_quality(self) -> bool:
@@ -175,7 +210,8 @@ class ExportedGraph:
         return {"image_size": self.image_size, "kind": self.kind, "task": self.task, "inputs": self.inputs,
                 "outputs": self.outputs, "default_alpha": self.default_alpha, "has_cft": self.has_cft,
                 "default_fidelity": self.default_fidelity, "adain": self.adain, "source": self.source,
-                "size_multiple": self.size_multiple, "refusals": self.refusals, "int8": self.int8}
+                "size_multiple": self.size_multiple, "refusals": self.refusals, "int8": self.int8,
+                "trained": self.trained}
 
 
 def is_graph_file(path: str | Path) -> bool:
@@ -188,12 +224,14 @@ def read_graph(path: str | Path) -> ExportedGraph:
     fmt = GRAPH_SUFFIXES.get(path.suffix.lower())
     if fmt == "onnx":
         onnx = require_extra("onnx", "onnx")
-        proto = onnx.load_model(str(path), load_external_data=False)
+        data = path.read_bytes()
+        proto = onnx.load_model_from_string(data)
         raw = {p.key: p.value for p in proto.metadata_props}.get(METADATA_KEY)
+        opened = data
     elif fmt == "openvino":
         ov = require_extra("openvino", "openvino")
-        model = ov.Core().read_model(str(path))
-        raw = model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
+        opened = ov.Core().read_model(str(path))
+        raw = opened.get_rt_info([METADATA_KEY]).astype(str) if opened.has_rt_info([METADATA_KEY]) else None
     else:
         raise ValueError(f"{path}: not an exported graph (.onnx or .xml)")
     if raw is None:
@@ -205,7 +243,30 @@ def read_graph(path: str | Path) -> ExportedGraph:
                          default_alpha=meta.get("default_alpha"), has_cft=bool(meta.get("has_cft")),
                          default_fidelity=float(meta.get("default_fidelity") or 0.0), adain=meta.get("adain"),
                          source=meta.get("source"), size_multiple=int(meta.get("size_multiple", 1)),
-                         refusals=dict(meta.get("refusals") or {}), int8=meta.get("int8"))
+                         refusals=dict(meta.get("refusals") or {}), int8=meta.get("int8"),
+                         trained={k: float(v) for k, v in (meta.get("trained") or {}).items()}, opened=opened)
+
+
+def open_runtime(graph: ExportedGraph, runtime: str, config: dict):
+    """The graph opened by its runtime, from what `read_graph` read (the file is not read again):
+    an onnxruntime.InferenceSession (runtime "onnxruntime"; config: intra_op_num_threads) or an
+    OpenVINO compiled model on the CPU (runtime "openvino"; config: OpenVINO's CPU properties)."""
+    source, graph.opened = graph.opened, None
+    if runtime == "onnxruntime":
+        ort = require_extra("onnxruntime", "onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = config["intra_op_num_threads"]
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not isinstance(source, bytes):
+            source = graph.path.read_bytes()
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return compile_openvino(source if source is not None and not isinstance(source, bytes) else graph.path, config)
+
+
+def compile_openvino(source: Any, config: dict):
+    """An OpenVINO model (an openvino.Model, or the path of a .xml / .onnx file) compiled for the CPU."""
+    ov = require_extra("openvino", "openvino")
+    return ov.Core().compile_model(source if not isinstance(source, Path) else str(source), "CPU", config)
 
 
 # --------------------------------------------------------------------------------------
@@ -221,7 +282,8 @@ def graph_description(graph: ExportedGraph) -> DescribedModel:
     return DescribedModel(model=graph, kind=graph.kind, task=graph.task, image_size=graph.image_size,
                           size_multiple=graph.size_multiple, quality=graph.supports_quality, alpha=graph.default_alpha,
                           fidelity=graph.supports_fidelity, default_fidelity=graph.default_fidelity,
-                          adain=graph.adain, format=graph.format, source=graph.source, refusals=graph.refusals)
+                          adain=graph.adain, format=graph.format, source=graph.source, refusals=graph.refusals,
+                          trained=dict(graph.trained))
 
 
 def describe_official(path: str | Path, use_ema: bool = True) -> DescribedModel:
@@ -239,8 +301,9 @@ def describe_official(path: str | Path, use_ema: bool = True) -> DescribedModel:
     weights = official.OfficialWeights(kind, state, group, Path(path))
     model, cfg = official.build_official(weights)
     weights.state = {}  # the network holds the tensors now (official.load_official does the same)
-    _stage2(model, path)
     source = {"file": str(weights.path), "kind": weights.kind, "licence": official.LICENCE_NOTE}
+    if not hasattr(model, "transformer"):
+        return describe_stage1(model, source)
     return describe_network(model, cfg.model.image_size, kind=weights.kind, task=cfg.model.task, source=source)
 
 
@@ -311,14 +374,17 @@ def is_checkpoint(path: str | Path) -> bool:
 
 def describe_checkpoint(path: str | Path, use_ema: bool = True) -> DescribedModel:
     """An iqpir run folder (its latest checkpoint), checkpoint file or `iqpir convert` folder."""
-    model, cfg = load_model(path, weights="auto" if use_ema else "model")
-    _stage2(model, path)
-    source = load_checkpoint_meta(path).get("source")
+    model, cfg, meta = read_network(path, weights="auto" if use_ema else "model")
+    source = meta.get("source")
+    if not hasattr(model, "transformer"):
+        return describe_stage1(model, source)
     kind = (source or {}).get("kind") or ("codeformer" if cfg.model.quality_embedding == "none" else "iqpir")
     # The w its CFT blocks learnt at is the w it restores at unless told otherwise (a stage-2
-    # run at train.fidelity = 1 restored at w = 0 skips the blocks it trained: issue 25).
+    # run at train.fidelity = 1 restored at w = 0 skips the blocks it trained). A converted
+    # release (it has a `source`) records no training here: its values are the model's defaults.
+    trained = {} if source else {"fidelity": cfg.train.fidelity, "alpha": cfg.model.alpha}
     return describe_network(model, cfg.model.image_size, kind=kind, task=cfg.model.task, source=source,
-                            default_fidelity=cfg.train.fidelity)
+                            default_fidelity=cfg.train.fidelity, trained=trained)
 
 
 # --------------------------------------------------------------------------------------
@@ -383,12 +449,15 @@ DETECTORS: dict[str, Detector] = {
 }
 
 
-def describe(path: str | Path | None = None, use_ema: bool = True) -> DescribedModel:
-    """What `path` holds, loaded and described (see DETECTORS for what is recognised); None:
-    the packaged default model (iqpir/weights).
+def describe(path: str | Path | None = None, use_ema: bool = True, restoring: bool = True) -> DescribedModel:
+    """What `path` holds, read once and described (see DETECTORS for what is recognised); None or
+    "default": the packaged default model (iqpir/weights).
 
     use_ema: an iqpir checkpoint's EMA weights when it has them (else its "model" weights).
+    restoring: refuse a stage-1 autoencoder (False: describe it too, for `iqpir model-info`).
     """
+    if path == DEFAULT_NAME and not Path(path).exists():
+        path = None
     if path is None:
         if not DEFAULT_WEIGHTS.is_file():
             raise FileNotFoundError(f"the packaged default model is missing ({DEFAULT_WEIGHTS}): reinstall iqpir, "
@@ -396,7 +465,10 @@ def describe(path: str | Path | None = None, use_ema: bool = True) -> DescribedM
         path = DEFAULT_WEIGHTS
     for recognises, describe_one in DETECTORS.values():
         if recognises(path):
-            return describe_one(path, use_ema)
+            described = describe_one(path, use_ema)
+            if restoring:
+                _refuse_stage1(described, path)
+            return described
     raise FileNotFoundError(f"--checkpoint {path}: no such run folder or checkpoint file (released IQPIR/CodeFormer "
                             "weights: see the README's 'Use the published weights'; without --checkpoint the "
                             "packaged default model restores)")

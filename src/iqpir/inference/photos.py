@@ -1,11 +1,11 @@
 """File loops: image files and photos with faces in, restored files (and OUT/restore.json) out.
 
-    restore_files(inputs, checkpoint, out, quality=...)        # `iqpir restore` (tiles, --aligned)
-    restore_face_files(inputs, checkpoint, out, quality=...)   # `iqpir restore --faces`
+    restore_files(inputs, restorer, out, quality=...)          # `iqpir restore` (tiles, --aligned)
+    restore_face_files(inputs, restorer, out, quality=...)     # `iqpir restore --faces`
 
-Each loop plans its outputs (iqpir.io: never over an input), loads a Restorer once
-(restorer.load_restorer), reads, restores and writes file by file, and reports what was done,
-skipped and failed. The restoring itself is restorer.py's; faces are iqpir.faces'. `Finish`
+Each loop plans its outputs (iqpir.io: never over an input), takes a ready Restorer (or builds
+one with iqpir.load from a path), reads, restores and writes file by file, records the knobs it
+used and where each came from in OUT/restore.json, and reports what was done, skipped and failed. The restoring itself is restorer.py's; faces are iqpir.faces'. `Finish`
 is what happens between a model's output and the file (blend with the input, grey in -> grey
 out, the output format, a JPEG's tables); `upsampler_fn` puts an upscaler (`--bg-upsampler`)
 behind a photo's background. A video loop (frames in, frames out) is one more module beside
@@ -28,7 +28,8 @@ from iqpir import io
 from iqpir.devices import process_shard, shard_owner
 from iqpir.faces import FACE_SIZE, get_detector, resize_lanczos, restore_photo
 from iqpir.inference import video
-from iqpir.inference.restorer import NonFiniteOutput, Restorer, load_restorer
+from iqpir.inference.loader import load
+from iqpir.inference.restorer import NonFiniteOutput, Restorer
 
 COLOURS = ("auto", "grey", "colour")
 FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif"}
@@ -39,7 +40,8 @@ class Finish:
     """What happens between the model's output and the file (issue 23).
 
     blend: W in [0, 1]: the output is W * restored + (1 - W) * input (inside the pasted face
-        regions with --faces; the whole image otherwise). 1 = the restoration as it is.
+        regions with --faces; the whole image otherwise). 1 = the restoration as it is. None: not
+        given; the file loops put the knob rule's value in its place (`resolved`).
     colour: "auto" = a grey input (a grey file, or colour channels that hold a grey picture,
         `io.is_grey_content`) comes back grey, a colour one in colour; "grey" forces grey
         (`--grayscale`), "colour" keeps the model's colour output even for grey inputs (`--color`).
@@ -50,18 +52,22 @@ class Finish:
         the ICC profile only, which says what the colours mean.
     """
 
-    blend: float = 1.0
+    blend: float | None = 1.0
     colour: str = "auto"
     format: str | None = None
     metadata: bool = True
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.blend) <= 1.0:
+        if self.blend is not None and not 0.0 <= float(self.blend) <= 1.0:
             raise ValueError(f"--blend must be in [0, 1], got {self.blend}")
         if self.colour not in COLOURS:
             raise ValueError(f"colour must be one of {list(COLOURS)}, got {self.colour!r}")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"--format must be one of {list(FORMATS)}, got {self.format!r}")
+
+    def resolved(self, settings: dict) -> Finish:
+        """This finish with the blend the knob rule gave (`Restorer.settings(...)["knobs"]`)."""
+        return replace(self, blend=settings["knobs"]["blend"]["value"])
 
     def mix(self, restored: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
         """W * restored + (1 - W) * original (same shapes); exactly `restored` at W = 1, `original` at 0."""
@@ -144,7 +150,7 @@ def report_name() -> str:
     return "restore.json" if world == 1 else f"restore-{rank}.json"
 
 
-def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) -> str:
+def settings_line(restorer: Restorer, settings: dict, fidelity: float | None = None) -> str:
     """One line: the model and the values a restore runs with, where each came from (for the
     engine, why `--dtype auto` chose it: the same flag gives different paths on different CPUs)."""
     reason = getattr(restorer.engine, "auto_reason", None)
@@ -152,7 +158,9 @@ def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) ->
     if settings["quality"] is not None:
         parts.append(f"quality S = {settings['quality']:g}")
     if settings["fidelity"] is not None:
-        parts.append(f"fidelity w = {settings['fidelity']:g}" + (" (the model's; --fidelity sets it)" if fidelity is None else ""))
+        came = settings["knobs"]["fidelity"]["from"]
+        parts.append(f"fidelity w = {settings['fidelity']:g}" + (f" (the {'checkpoint' if came == 'checkpoint' else 'model'}'s; "
+                                                                 "--fidelity sets it)" if came != "flag" else ""))
     if settings["alpha"] is not None:
         parts.append(f"alpha = {settings['alpha']:g}")
     if settings["adain"] is not None:
@@ -160,13 +168,17 @@ def settings_line(restorer: Restorer, settings: dict, fidelity: float | None) ->
     return f"restoring with the {restorer.kind} model: " + ", ".join(parts)
 
 
-def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str | Path, quality: float | None = None,
-                  alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "auto",
-                  overwrite: bool = False, progress: bool = True, fidelity: float | None = None,
-                  aligned: bool = False, backend: str = "auto", finish: Finish | None = None,
+def restore_files(inputs: Sequence[str], checkpoint: str | Path | Restorer | None, out: str | Path,
+                  quality: float | None = None, alpha: float | None = None, device: str = "auto", batch_size: int = 4,
+                  dtype: str = "auto", overwrite: bool = False, progress: bool = True, fidelity: float | None = None,
+                  aligned: bool = False, engine: str = "auto", finish: Finish | None = None,
                   tile: int | None = None, upscale: int | None = None, crf: int | None = None,
-                  max_frames: int | None = None) -> io.FileReport:
+                  max_frames: int | None = None, **renamed) -> io.FileReport:
     """Restore image files into `out`, named after their inputs; never overwrites an input.
+
+    checkpoint: a ready Restorer (device, dtype, batch_size, engine and tile are then its own), or
+    what iqpir.load takes, loaded with those. OUT/restore.json records the knobs each output was
+    restored with and where each value came from.
 
     Unreadable files are named and skipped; existing outputs are kept unless `overwrite`.
     Grey inputs give grey outputs, 16-bit grey inputs 16-bit outputs.
@@ -186,11 +198,14 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
         raise ValueError(f"--upscale must be a positive integer, got {upscale}")
     out, paths, _, report, targets = _plan(inputs, out, FORMATS.get(finish.format))
     _check_video_options(paths, crf, max_frames)
-    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend, tile=tile)
+    restorer = load(checkpoint, device=device, dtype=dtype, batch_size=batch_size, engine=engine, tile=tile,
+                    fidelity=fidelity, **renamed)
     upscale = restorer.scale if upscale is None else int(upscale)
-    settings = restorer.settings(quality, alpha, fidelity)  # refuses knobs the model lacks, before any work
+    settings = restorer.settings(quality, alpha, fidelity, finish.blend)  # refuses knobs the model lacks, first
+    finish = finish.resolved(settings)
     if progress:
-        print(settings_line(restorer, settings, fidelity), file=sys.stderr)
+        print(settings_line(restorer, settings), file=sys.stderr)
+    entries: list[dict] = []
     it = paths
     if progress:
         it = tqdm(paths, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
@@ -204,6 +219,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
         finish.write(target, img, finish.blended(rescale(restored, (h * upscale, w * upscale)), img.rgb, upscale),
                      upscale, log=log)
         report.done.append(target)
+        entries.append({"input": str(source_of[target]), "output": str(target), "settings": settings})
 
     source_of = {t: p for p, t in targets.items()}
 
@@ -226,7 +242,8 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
                 continue
             if video.is_video(p):  # every frame through the same path, the other streams copied
                 frames = tile_frames(restorer, finish, upscale, quality, alpha, fidelity)
-                _clip(p, target, frames, upscale, crf, max_frames, report, progress, restorer.batch_size, log)
+                if _clip(p, target, frames, upscale, crf, max_frames, report, progress, restorer.batch_size, log):
+                    entries.append({"input": str(p), "output": str(target), "settings": settings})
                 continue
             try:
                 img = io.read_image(p)
@@ -257,6 +274,8 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str
         if progress:
             it.close()
         _stop(report, paths, targets, exc)
+    if entries:
+        io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
     report.announce("restore", "restored", out)
     return report
 
@@ -392,15 +411,17 @@ def _tensor_upscale(alpha: torch.Tensor | None, upscale: int) -> torch.Tensor | 
     return None if alpha is None else resize_lanczos(alpha, upscale)
 
 
-def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out: str | Path, quality: float | None = None,
-                       alpha: float | None = None, device: str = "auto", batch_size: int = 4, dtype: str = "float32",
+def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | Restorer | None, out: str | Path,
+                       quality: float | None = None, alpha: float | None = None, device: str = "auto",
+                       batch_size: int = 4, dtype: str = "auto",
                        overwrite: bool = False, progress: bool = True, detector: str = "hog+cnn", upscale: int = 1,
                        only_center_face: bool = False, min_face: float = 0, save_faces: bool = False,
-                       draw_box: bool = False, bg_checkpoint: str | Path | None = None,
-                       fidelity: float | None = None, backend: str = "auto",
-                       finish: Finish | None = None, bg_upsampler: str | Path | None = None,
+                       draw_box: bool = False, bg_checkpoint: str | Path | Restorer | None = None,
+                       fidelity: float | None = None, engine: str = "auto",
+                       finish: Finish | None = None, bg_upsampler: str | Path | Restorer | None = None,
                        bg_tile: int = 400, face_upsample: bool = False, crf: int | None = None,
-                       max_frames: int | None = None, detect_every: int = 1, smooth: bool = True) -> io.FileReport:
+                       max_frames: int | None = None, detect_every: int = 1, smooth: bool = True,
+                       **renamed) -> io.FileReport:
     """`iqpir restore --faces`: restore the faces of whole photos into `out`, plus OUT/restore.json.
 
     Each photo: faces detected (iqpir.faces detectors), aligned to 512x512, restored with the
@@ -411,6 +432,8 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
     without faces is written as it is (resized) and reported. With `save_faces`, the aligned
     and restored crops go to OUT/faces/. Never overwrites an input. `finish.blend` mixes each
     restored face with its input crop before paste-back, so it acts inside the face regions only.
+    checkpoint, bg_checkpoint, bg_upsampler: ready Restorers, or what iqpir.load takes (loaded
+    with device, dtype, batch_size and engine).
     """
     if quality is not None and not 0.0 <= quality <= 1.0:
         raise ValueError(f"--quality must be in [0, 1], got {quality}")
@@ -421,10 +444,12 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
     finish = finish or Finish()
     out, paths, missing, report, targets = _plan(inputs, out, FORMATS.get(finish.format))
     _check_video_options(paths, crf, max_frames)
-    restorer = load_restorer(checkpoint, device=device, dtype=dtype, batch_size=batch_size, backend=backend)
-    settings = restorer.settings(quality, alpha, fidelity)
+    restorer = load(checkpoint, device=device, dtype=dtype, batch_size=batch_size, engine=engine, fidelity=fidelity,
+                    **renamed)
+    settings = restorer.settings(quality, alpha, fidelity, finish.blend)
+    finish = finish.resolved(settings)
     if progress:
-        print(settings_line(restorer, settings, fidelity), file=sys.stderr)
+        print(settings_line(restorer, settings), file=sys.stderr)
     if restorer.task != "faces" and restorer.image_size not in (None, FACE_SIZE):
         print(f"iqpir restore: warning: --faces with a general {restorer.image_size}-px model: every "
               f"{FACE_SIZE}-px face is shrunk to {restorer.image_size} px and back, losing its detail; use a "
@@ -440,12 +465,12 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                          "--bg-upsampler and --upscale > 1")
     faces_up = None
     if bg_upsampler is not None:
-        upsampler = load_restorer(bg_upsampler, device=device, dtype=dtype, batch_size=batch_size, tile=bg_tile)
+        upsampler = load(bg_upsampler, device=device, dtype=dtype, batch_size=batch_size, tile=bg_tile)
         background = upsampler_fn(upsampler, int(upscale))
         if face_upsample:
             faces_up = lambda crops: torch.stack([upsampler.restore_one(c) for c in crops])
     if bg_checkpoint is not None:
-        background = background_fn(load_restorer(bg_checkpoint, device=device, dtype=dtype, batch_size=batch_size),
+        background = background_fn(load(bg_checkpoint, device=device, dtype=dtype, batch_size=batch_size),
                                    int(upscale), quality)
     face_detector = get_detector(detector)
     entries: list[dict] = [{"input": m, "error": "no such file, folder or matching image"} for m in missing]
@@ -475,7 +500,8 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | None, out
                                         for image in batch])
 
                 ok = _clip(p, target, frames, int(upscale), crf, max_frames, report, progress, log=log)
-                entries.append({"input": str(p), "output": str(target)} if ok else {"input": str(p), "error": report.failed[-1][1]})
+                entries.append({"input": str(p), "output": str(target), "settings": settings} if ok
+                               else {"input": str(p), "error": report.failed[-1][1]})
                 continue
             try:
                 img = io.read_image(p)

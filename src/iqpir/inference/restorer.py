@@ -1,9 +1,10 @@
 """A described model on an engine -> images of any size: knobs, tiles, batches. No file I/O.
 
-    restorer = load_restorer("runs/stage2")         # files.describe -> engines.make_engine -> Restorer
+    restorer = iqpir.load("runs/stage2")             # iqpir.inference.loader: describe, choose the engine
     restored = restorer.restore(image, quality=1.0)  # tensor (3,H,W)/(N,3,H,W) or PIL image
 
-The knobs (quality, alpha, fidelity) are checked against what the described model supports.
+The knobs (quality, alpha, fidelity) get their values by the one rule of iqpir.inference.knobs
+(flag > the checkpoint's trained value > the model's default), which refuses knobs the model lacks.
 Images at a fixed-size model's size (aligned faces) go through whole. Any other size is cut
 into overlapping tiles of the model's size, restored in batches, and blended with a smooth
 window, so the output has the input's size (times the model's scale) without seams and memory
@@ -24,7 +25,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -33,6 +33,7 @@ from iqpir import io
 from iqpir.devices import resolve_device
 from iqpir.inference import files
 from iqpir.inference.engines import make_engine
+from iqpir.inference.knobs import Knob, record, resolve_knobs
 
 
 class NonFiniteOutput(ValueError):
@@ -84,13 +85,13 @@ class Restorer:
             model(lq (N,3,s,s) in [0,1], quality (N,) or None, alpha=..., fidelity=...) and
             returning an object with `.restored` (N,3,s,s)).
         image_size: a bare network's input size s.
-        device, dtype, backend: where and how to run (engines.make_engine: "auto" is the fast
+        device, dtype, engine: where and how to run (engines.make_engine: "auto" is the fast
             bf16 path where the hardware has native bf16, its float32 twin on other CPUs with AVX2,
-            "float32" the exact network).
+            "float32" the exact network). `backend` is the former name of `engine`.
         overlap: tile overlap in pixels (default half a tile: Hann windows; see the module docstring).
         kind: "iqpir" (quality-conditioned) or "codeformer"; task: "faces" | "general".
         source: provenance of official weights (file, sha256, licence), else None.
-        own_model: the network is handed over (load_restorer): the fast path converts it in place.
+        own_model: the network is handed over (iqpir.load): the fast path converts it in place.
         tile: for models that take any size: the tile size (a multiple of the model's
             size_multiple); None restores each image whole.
 
@@ -100,15 +101,18 @@ class Restorer:
 
     def __init__(self, model, image_size: int | None = None, device: str | torch.device = "cpu",
                  dtype: str = "auto", batch_size: int = 4, overlap: int | None = None, *,
-                 kind: str = "iqpir", task: str = "general", source: dict | None = None, backend: str = "auto",
-                 own_model: bool = False, tile: int | None = None):
+                 kind: str = "iqpir", task: str = "general", source: dict | None = None, engine: str = "auto",
+                 own_model: bool = False, tile: int | None = None, backend: str | None = None):
+        if backend is not None:
+            warnings.warn("Restorer(backend=...) is now engine=...", DeprecationWarning, stacklevel=2)
+            engine = backend
         described = files.as_described(model, image_size, kind=kind, task=task, source=source)
         if isinstance(model, files.DescribedModel) and image_size not in (None, described.image_size):
             raise ValueError(f"image_size {image_size} differs from the described model's {described.image_size}")
         self.described = described
         # under torchrun each process takes its own GPU (LOCAL_RANK); alone, the first
         self.device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0") or 0)) if isinstance(device, str) else device
-        self.engine = make_engine(described, self.device, dtype, backend, own=own_model)
+        self.engine = make_engine(described, self.device, dtype, engine, own=own_model)
         self.model = self.engine.model  # the network (None for a graph; bf16 parts where own_model and fast)
         self.dtype = self.engine.dtype
         if dtype == "float16" and self.device.type == "cpu":
@@ -137,40 +141,28 @@ class Restorer:
     default_fidelity = property(lambda self: self.described.default_fidelity)
     adain = property(lambda self: self.described.adain)
 
-    def fidelity_for(self, fidelity: float | None) -> float:
-        """The w a restore runs at: the given one, else the model's own (`default_fidelity`)."""
-        return self.described.default_fidelity if fidelity is None else float(fidelity)
+    def knobs(self, quality: float | None = None, alpha: float | None = None, fidelity: float | None = None,
+              blend: float | None = None) -> dict[str, Knob]:
+        """Each knob's value and where it came from (iqpir.inference.knobs: flag > the checkpoint's
+        trained value > the model's default); ValueError for a flag the model or engine cannot take."""
+        resolved = resolve_knobs(self.described, quality, alpha, fidelity, blend)
+        self.engine.check(resolved["fidelity"].value or 0.0)
+        return resolved
 
     def settings(self, quality: float | None = None, alpha: float | None = None,
-                 fidelity: float | None = None) -> dict:
-        """The values a restore with these arguments uses (None: the model has no such knob), for
-        the CLI's line, restore.json and the app."""
-        q = self.check_knobs(quality, alpha, fidelity)
-        return {"quality": q, "alpha": (self.default_alpha if alpha is None else float(alpha)) if self.supports_alpha
-                else None, "fidelity": self.fidelity_for(fidelity) if self.supports_fidelity else None,
-                "adain": self.adain, "dtype": str(self.dtype).replace("torch.", ""), "engine": self.engine.describe()}
+                 fidelity: float | None = None, blend: float | None = None) -> dict:
+        """The values a restore with these arguments uses (None: the model has no such knob), and
+        under "knobs" where each came from, for the CLI's line, restore.json and the app."""
+        k = self.knobs(quality, alpha, fidelity, blend)
+        return {"quality": k["quality"].value, "alpha": k["alpha"].value, "fidelity": k["fidelity"].value,
+                "adain": self.adain, "dtype": str(self.dtype).replace("torch.", ""), "engine": self.engine.describe(),
+                "knobs": record(k)}
 
-    def check_knobs(self, quality: float | None, alpha: float | None, fidelity: float | None = None) -> float | None:
-        """Validate the inference settings for this model; -> the quality to feed (None when the
-        model has no quality condition). fidelity None: the model's default."""
-        d = self.described
-        fidelity = self.fidelity_for(fidelity)
-        if quality is not None and not 0.0 <= float(quality) <= 1.0:
-            raise ValueError(f"quality must be in [0, 1], got {quality}")
-        if not 0.0 <= float(fidelity) <= 1.0:
-            raise ValueError(f"fidelity must be in [0, 1], got {fidelity}")
-        if fidelity and not d.fidelity:
-            raise ValueError(d.refusal("fidelity"))
-        self.engine.check(fidelity)
-        if alpha is not None and d.alpha is None:
-            raise ValueError(d.refusal("alpha"))
-        if alpha is not None and not 0.0 <= float(alpha) <= 2.0:
-            raise ValueError(f"alpha must be in [0, 2], got {alpha}")
-        if not d.quality:
-            if quality is not None:
-                raise ValueError(d.refusal("quality"))
-            return None
-        return 1.0 if quality is None else float(quality)
+    def _values(self, quality: float | None, alpha: float | None,
+                fidelity: float | None) -> tuple[float | None, float | None, float]:
+        """(quality, alpha, fidelity) as fed to the engine: the knob rule's values (w = 0 without CFT blocks)."""
+        k = self.knobs(quality, alpha, fidelity)
+        return k["quality"].value, k["alpha"].value, k["fidelity"].value or 0.0
 
     def _run(self, tiles: torch.Tensor, quality: float | None, alpha: float | None,
              fidelity: float = 0.0) -> torch.Tensor:
@@ -186,8 +178,7 @@ class Restorer:
                     fidelity: float | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """(3, H, W) in [0, 1] -> (3, kH, kW) in [0, 1] (k = scale); any size (tiles when it is
         not the model's size s x s). progress(done, total) is called after each batch of tiles."""
-        quality = self.check_knobs(quality, alpha, fidelity)
-        fidelity = self.fidelity_for(fidelity)
+        quality, alpha, fidelity = self._values(quality, alpha, fidelity)
         _, h, w = image.shape
         s, k = self.tile, self.scale
         whole = s is None or (self.described.image_size is None and h <= s and w <= s)
@@ -226,10 +217,9 @@ class Restorer:
         Returns the same kind as given. `quality` is the target S in [0, 1] (default 1.0, the
         highest; None for models without a quality condition), `alpha` the HQ+ fusion weight
         (default: the model's), `fidelity` CodeFormer's w (models with CFT blocks; default: the
-        w the model was trained at, `default_fidelity`).
+        w the model was trained at, `default_fidelity`). Defaults come from the knob rule (`knobs`).
         """
-        self.check_knobs(quality, alpha, fidelity)
-        fidelity = self.fidelity_for(fidelity)
+        quality, alpha, fidelity = self._values(quality, alpha, fidelity)
         if isinstance(images, Image.Image):  # grey in, grey out; 16-bit grey in, 16-bit out
             grey, bits = io.pil_kind(images)
             return io.to_pil(self.restore_one(io.from_pil(images), quality, alpha, fidelity), grey=grey, bits=bits)
@@ -245,26 +235,10 @@ class Restorer:
         if (h == self.image_size and w == self.image_size) or (self.image_size is None and fits):
             # whole batches: aligned crops at the model's size, or images of one size (video
             # frames) for a model that takes any size, padded to its multiple
-            q = self.check_knobs(quality, alpha, fidelity)
             m, k = self.described.size_multiple, self.scale
             padded = torch.cat([_pad(im, 0, -w % m, 0, -h % m)[None] for im in images.float().cpu()])
-            outs = [self._run(padded[i : i + self.batch_size], q, alpha, fidelity) for i in range(0, n, self.batch_size)]
+            outs = [self._run(padded[i : i + self.batch_size], quality, alpha, fidelity)
+                    for i in range(0, n, self.batch_size)]
             return torch.cat(outs)[:, :, : k * h, : k * w]
         return torch.stack([self.restore_one(im.float().cpu(), quality, alpha, fidelity) for im in images])
 
-
-def load_restorer(path: str | Path | None = None, device: str = "auto", dtype: str = "auto", batch_size: int = 4,
-                  use_ema: bool = True, backend: str = "auto", tile: int | None = None) -> Restorer:
-    """Build a Restorer from a stage-2 run folder (its latest checkpoint), a checkpoint file, a
-    folder written by `iqpir convert`, a released IQPIR/CodeFormer `.pth` file, a quality-
-    conditioned U-Net (.safetensors), or a graph written by `iqpir export` (.onnx, .xml); None:
-    the packaged default model. files.describe -> engines.make_engine -> Restorer.
-    dtype/backend: see iqpir.inference.engines. tile: for models that take any size, restore
-    through tiles of this size (rounded up to the model's multiple) instead of whole images."""
-    described = files.describe(path, use_ema=use_ema)
-    if device == "auto" and described.format in files.GRAPH_FORMATS:
-        device = "cpu"  # graphs run on the CPU here
-    if tile is not None and described.image_size is None:
-        tile = -(-tile // described.size_multiple) * described.size_multiple
-    return Restorer(described, device=device, dtype=dtype, batch_size=batch_size, backend=backend, own_model=True,
-                    tile=tile if described.image_size is None else None)

@@ -66,10 +66,10 @@ _SHIFTS = ((0, 1), (1, 0), (1, 1), (1, -1))  # circshift offsets of computefeatu
 
 def load_pristine_params() -> tuple[torch.Tensor, torch.Tensor]:
     """LIVE's NIQE pristine model: (mu (36,), cov (36, 36)) float64. See data/README.md."""
-    from safetensors.torch import load as load_safetensors
+    from iqpir.checkpoint import read_tensor_bytes
 
     data = resources.files("iqpir.iqa").joinpath("data/niqe_pristine.safetensors").read_bytes()
-    tensors = load_safetensors(data)
+    tensors = read_tensor_bytes(data)
     return tensors["mu_prisparam"].to(torch.float64), tensors["cov_prisparam"].to(torch.float64)
 
 
