@@ -102,7 +102,7 @@ def restore_on(path: str, setup, dtype: str, flags: dict, monkeypatch, tmp_path)
         return restorer.restore(image, **flags), restorer.settings(**flags)["knobs"]
     if path == "cli":
         write = photos.Finish.write
-        monkeypatch.setattr(photos.Finish, "write", lambda self, t, img, r, *a: seen.append(r) or write(self, t, img, r, *a))
+        monkeypatch.setattr(photos.Finish, "write", lambda self, t, img, r, *a, **k: seen.append(r) or write(self, t, img, r, *a, **k))
         assert main(["restore", str(setup["photo"]), *common]) == 0
     elif path == "video":
         encode = video._encode

@@ -46,8 +46,9 @@ def _restore(run_dir, *args: str) -> int:
 
 
 def _files(folder: Path) -> list[str]:
-    """The files under `folder` a user sees (not the hidden ones)."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """The restored files under `folder` (not the hidden log, not the restore.json report)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and p.name != "restore.json")
 
 
 # --------------------------------------------------------------------------------------

@@ -144,6 +144,16 @@ def _stop(report: io.FileReport, paths: Sequence[Path], targets: dict[Path, Path
     report.left = sum(p not in handled for p in paths)
 
 
+def _write_report(out: Path, entries: list[dict], report: io.FileReport) -> None:
+    """restore.json (what each output was restored from and with); a write that fails is a
+    failure of the run, unless a full disk stopped the run already and is named."""
+    try:
+        io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
+    except io.WriteError as exc:
+        if not report.left:
+            report.failed.append((str(out / report_name()), str(exc)))
+
+
 def report_name() -> str:
     """restore.json, or restore-RANK.json in a torchrun job (each process writes its own)."""
     rank, world = process_shard()
@@ -275,7 +285,7 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | Restorer | Non
             it.close()
         _stop(report, paths, targets, exc)
     if entries:
-        io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
+        _write_report(out, entries, report)
     report.announce("restore", "restored", out)
     return report
 
@@ -543,11 +553,7 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | Restorer 
             bar.close()
         _stop(report, paths, targets, exc)
         entries.append({"input": report.failed[-1][0], "error": report.failed[-1][1]})
-    try:
-        io.atomic_write_text(out / report_name(), json.dumps(entries, indent=1) + "\n")
-    except io.WriteError as exc:
-        if not report.left:  # else the disk that stopped the run is named already
-            report.failed.append((str(out / report_name()), str(exc)))
+    _write_report(out, entries, report)
     seconds = time.perf_counter() - start
     msg = (f"{len(report.done)} photos, {n_faces} faces restored, {n_without} without faces, "
            f"{len(report.skipped)} skipped, {len(report.failed)} failed{report.ignored_note()}, {seconds:.1f} s")
