@@ -164,6 +164,36 @@ def test_batches_are_a_pure_function_of_seed_and_step(tmp_path):
     assert all(float(v) in scores.flatten().tolist() for v in s)  # S is a target's own score
 
 
+def test_clean_inputs_come_back_as_themselves_at_any_s(tmp_path):
+    """data.clean_inputs = 1: every pair is (clean crop, the same crop, S uniform); at 0 the batches
+    are the ones the recipe always drew (the clean draws come after the rest)."""
+    images, scores = small_work(tmp_path)
+    plain = dm.sample_batch(images, scores, small_recipe("train.batch_size=4"), 3)
+    lq, target, s = dm.sample_batch(images, scores, small_recipe("train.batch_size=4", "data.clean_inputs=1"), 3)
+    assert torch.equal(lq, target) and not torch.equal(lq, plain[0])
+    assert not any(float(v) in scores.flatten().tolist() for v in s) and bool(((s >= 0) & (s <= 1)).all())
+    half = dm.sample_batch(images, scores, small_recipe("train.batch_size=4", "data.clean_inputs=0.5"), 3)
+    kept = [bool(torch.equal(half[0][i], half[1][i])) for i in range(4)]
+    assert all(torch.equal(half[0][i], plain[0][i]) for i in range(4) if not kept[i])
+    with pytest.raises(C.ConfigError, match="conditioned_unet"):
+        C.load(preset="tiny", overrides=["data.clean_inputs=0.5"])
+
+
+def test_a_sitting_warm_starts_from_weights_and_its_card_counts_all_steps(tmp_path):
+    """--init: a new run starts from the given weights (lr 0 keeps them), init.json records the
+    file and the steps its card had, and the written card adds this run's steps to those."""
+    small_work(tmp_path / "work")
+    cfg = small_recipe("train.steps=1", "train.lr=0", "train.min_lr=0")
+    start = {k: v + 0.5 for k, v in dm.build_network(cfg.model.unet).state_dict().items()}  # no init gives these
+    ckpt.save_tensors(tmp_path / "start.safetensors", start)
+    (tmp_path / "start.json").write_text(json.dumps({"training": {"cumulative_steps": 500}}))
+    assert dm.train(tmp_path / "work", cfg, threads=1, init=tmp_path / "start.safetensors").completed
+    after, _ = ckpt.load_checkpoint(tmp_path / "work")
+    assert all(torch.equal(after["model"][k], v) for k, v in start.items())
+    assert json.loads((tmp_path / "work" / "init.json").read_text())["steps_before"] == 500
+    assert dm._warm_start(tmp_path / "work", 1)["cumulative_steps"] == 501
+
+
 def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     """4 steps straight equal 2 steps, a stop, and 2 resumed steps: the same weights, Adam moments
     and logged losses; the work folder holds the loop's checkpoint layout (safetensors + JSON)."""

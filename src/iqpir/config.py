@@ -186,6 +186,10 @@ class DataConfig:
     hflip: bool = True
     num_workers: int = 0
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    # The conditioned U-Net's recipe only: the fraction of training pairs whose input is the clean
+    # crop itself and whose target is that crop at any S (drawn uniformly), so that an input
+    # already better than the S asked for comes back unchanged instead of degraded to S.
+    clean_inputs: float = 0.0
 
 
 @dataclass
@@ -356,6 +360,11 @@ def validate(cfg: RunConfig) -> None:
         _validate_unet(cfg)
     else:
         _validate_iqpir_model(cfg.model)
+        if cfg.data.clean_inputs:
+            raise ConfigError("data.clean_inputs is a setting of the conditioned U-Net's recipe (model.arch="
+                              "conditioned_unet); the IQPIR stages take their pairs from the data folders")
+    if not 0.0 <= cfg.data.clean_inputs <= 1.0:
+        raise ConfigError(f"data.clean_inputs={cfg.data.clean_inputs} must be in [0, 1]")
     t = cfg.train
     if t.stage not in (1, 2):
         raise ConfigError(f"train.stage={t.stage} must be 1 or 2")

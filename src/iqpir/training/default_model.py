@@ -29,6 +29,7 @@ The work folder holds the crops and their scores, and is the loop's run folder: 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import shutil
@@ -48,6 +49,7 @@ from iqpir.plugin import PluginRecipe, QualityConditioned, conditioned_unet
 from iqpir.training.data import to_device
 from iqpir.training.loop import TrainOptions, TrainResult, run
 from iqpir.training.tasks import RecipeTask
+from iqpir.weights import DEFAULT_WEIGHTS
 
 # Photos from Debian packages, fetched by package name (apt-get download + dpkg -x): (package,
 # path inside the package, the file's licence in the package's debian/copyright; the lomiri
@@ -271,7 +273,8 @@ def sample_batch(images: torch.Tensor, scores: torch.Tensor, cfg: C.RunConfig,
 
     train.batch_size crops of model.image_size px, each from a random crop and a target level
     drawn with LEVEL_WEIGHTS, flipped half the time; the input is a fresh draw of
-    data.degradation applied to the crop's clean level, S the target's score.
+    data.degradation applied to the crop's clean level, S the target's score. With
+    data.clean_inputs > 0, that fraction of the pairs is (clean, clean, S uniform in [0, 1]).
     """
     n_batch, patch, degradation = cfg.train.batch_size, cfg.model.image_size, cfg.data.degradation
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
@@ -289,7 +292,13 @@ def sample_batch(images: torch.Tensor, scores: torch.Tensor, cfg: C.RunConfig,
         clean.append(pair[0])
         target.append(pair[1])
     lq = degrade(torch.stack(clean), degradation, generator=g)
-    return lq, torch.stack(target), scores[idx, lvl]
+    target, s = torch.stack(target), scores[idx, lvl]
+    if cfg.data.clean_inputs > 0:  # drawn after the rest, so that 0 gives the batches it always gave
+        keep = torch.rand(n_batch, generator=g) < cfg.data.clean_inputs
+        lq, target = torch.where(keep[:, None, None, None], torch.stack(clean), lq), \
+            torch.where(keep[:, None, None, None], torch.stack(clean), target)
+        s = torch.where(keep, torch.rand(n_batch, generator=g), s)
+    return lq, target, s
 
 
 class CropBatches:
@@ -349,12 +358,15 @@ def build_task(cfg: C.RunConfig) -> RecipeTask:
     return RecipeTask(recipe, arch="conditioned_unet", meta={"threads": torch.get_num_threads()})
 
 
-def train(work: Path, cfg: C.RunConfig, threads: int = 2, stop_after: int | None = None) -> TrainResult:
+def train(work: Path, cfg: C.RunConfig, threads: int = 2, stop_after: int | None = None,
+          init: Path | None = None) -> TrainResult:
     """Train (or resume from the work folder's latest checkpoint) to train.steps.
 
     The work folder is the run folder of the loop (config.yaml, metrics.csv, checkpoints/).
     stop_after: stop (with a checkpoint) after this step, as an interruption would; the schedule
     is still train.steps long, so a resumed run equals an uninterrupted one.
+    init: a new run starts from these weights (a sitting warm-started from the packaged model:
+    `write` then adds the steps its card had); work/init.json records them.
     """
     if cfg.model.arch != "conditioned_unet":
         raise ValueError(f"the default model is a conditioned_unet, not model.arch={cfg.model.arch}")
@@ -368,14 +380,27 @@ def train(work: Path, cfg: C.RunConfig, threads: int = 2, stop_after: int | None
     if existing:
         log(f"resuming at step {start}")
     curve = _Curve(work, cfg, start)
+    if init is not None and not existing:
+        io.atomic_write_text(work / "init.json", json.dumps(_init_record(Path(init))) + "\n")
 
     def setup(info):
         task = build_task(cfg)
+        if init is not None and not existing:  # a resumed run takes its own checkpoint's weights
+            task.generator.load_state_dict(ckpt.load_tensors(init), strict=True)
         curve.model = task.generator
         return task, CropBatches(data["images"], data["scores"], cfg, info)
 
     opts = TrainOptions(device="cpu", resume=bool(existing), progress=False, stop_at_step=stop_after, on_step=curve)
     return run(cfg, setup, work, opts)
+
+
+def _init_record(init: Path) -> dict:
+    """What a warm start began from: the weights' file, its SHA-256 and the steps its card (the
+    .json beside it, as the packaged model has) says they had had."""
+    card = init.with_suffix(".json")
+    training = json.loads(card.read_text()).get("training", {}) if card.exists() else {}
+    return {"weights": init.name, "sha256": hashlib.sha256(init.read_bytes()).hexdigest(),
+            "steps_before": int(training.get("cumulative_steps", training.get("steps", 0)))}
 
 
 @torch.no_grad()
@@ -467,6 +492,14 @@ def _training_card(cfg: C.RunConfig, meta: dict, machine: str | None) -> dict:
             "train_degradation": asdict(cfg.data.degradation.bfr), "level_weights": list(LEVEL_WEIGHTS)}
 
 
+def _warm_start(work: Path, steps: int) -> dict:
+    """The card's record of a warm-started sitting: where it began and the steps in all."""
+    if not (work / "init.json").exists():
+        return {}
+    init = json.loads((work / "init.json").read_text())
+    return {"warm_start": init, "cumulative_steps": init["steps_before"] + steps}
+
+
 def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
     """The trained network -> out/default.safetensors (float32 + metadata) and out/default.json (model card)."""
     model, cfg, state = trained_network(work)
@@ -497,7 +530,7 @@ def write_model(work: Path, out: Path, machine: str | None = None) -> dict:
         "data": {**{k: data[k] for k in ("crops", "crop", "sides", "levels", "metrics", "normalization", "constants",
                                           "mean_score_per_level", "held_out")},
                  "photos": photo_licences(), "crops_per_photo": data["crops_per_photo"]},
-        "training": _training_card(cfg, state, machine),
+        "training": _training_card(cfg, state, machine) | _warm_start(work, state["step"]),
         "recipe": "make default-model (python -m iqpir.training.default_model data|train|write --work WORK)",
         "results": {"held_out": sorted(refs), "eval_degradation": EVAL_DEGRADATION, "eval_side": EVAL_SIDE,
                     "judge": "mean of fixed-normalised NIQE and PIQE (higher is better)", **results},
@@ -526,6 +559,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("float32", "bf16", "auto"), default=defaults.precision,
                    help="train: the forward pass's arithmetic (train.precision; auto: bf16 where the CPU has it natively)")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="train: a new run starts from these weights ('default': the packaged model's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="train: any other setting of the default-model preset (iqpir.config), e.g. train.lr=3e-4")
     args = p.parse_args(argv)
@@ -541,7 +576,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cfg = recipe_config(f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
                             f"train.seed={args.seed}", f"train.precision={args.precision}", *args.overrides)
-        train(args.work, cfg, threads=args.threads)
+        init = DEFAULT_WEIGHTS if args.init == "default" else args.init
+        train(args.work, cfg, threads=args.threads, init=None if init is None else Path(init))
 
 
 if __name__ == "__main__":
