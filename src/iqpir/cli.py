@@ -295,10 +295,9 @@ def _add_restore(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles or faces per forward pass (default 4)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "int8"], default="auto",
                    help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32 "
-                        "(restructured, channels-last, on CPUs with AVX2), or the cached int8 graph (see int8) "
-                        "where it is within its fidelity bar and the CPU has VNNI/AMX; float32: the exact network; "
-                        "float16 on GPUs only (emulated on CPUs, very slow); int8: OpenVINO int8 convolutions, "
-                        "calibrated once per weights file and cached (extra int8)")
+                        "(restructured, channels-last, on CPUs with AVX2), the same on every run; float32: the "
+                        "exact network; float16 on GPUs only (emulated on CPUs, very slow); int8: OpenVINO int8 "
+                        "convolutions, calibrated once per weights file and cached (extra int8; auto never runs it)")
     _add_engine(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_verbose(p)
@@ -623,9 +622,8 @@ def _add_app(p: argparse.ArgumentParser) -> None:
     _add_device(p)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "int8"], default="auto",
                    help="auto (default): bf16 convolutions where the CPU/GPU has native bf16, else float32 "
-                        "(restructured, channels-last, on CPUs with AVX2), or the cached int8 graph where it is "
-                        "within its bar (see `iqpir restore --help`); float32: the exact network; int8: OpenVINO "
-                        "int8 convolutions (extra int8)")
+                        "(restructured, channels-last, on CPUs with AVX2); float32: the exact network; int8: "
+                        "OpenVINO int8 convolutions (extra int8; see `iqpir restore --help`)")
     p.add_argument("--queue", type=int, default=8,
                    help="requests that may wait behind the one being restored; more are answered 503 (default 8)")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest upload in MB (default 25)")

@@ -141,16 +141,6 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
     return "BF16" in capability or "AMX" in capability
 
 
-def cpu_has_int8_dot(flags: frozenset[str] | None = None) -> bool:
-    """True where int8 dot products are instructions (AVX512-VNNI, AVX-VNNI, AMX-INT8): where
-    an int8 convolution can beat a bf16 or float32 one (oneDNN's u8s8 kernels)."""
-    flags = cpu_flags() if flags is None else flags
-    if flags:
-        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
-    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
-    return "VNNI" in capability or "AMX" in capability
-
-
 def cpu_has_avx2_fma(flags: frozenset[str] | None = None) -> bool:
     """True where the CPU has 256-bit FMA vectors (AVX2 and FMA: x86 since 2013-2015), the ISA
     on which the float32 fast path measured faster than the exact network (docs/performance.md).

@@ -387,44 +387,22 @@ def int8_graph(checkpoint: str | Path | None, cft: bool = False, calibration: st
 
 
 
-def int8_for(checkpoint: str | Path | None, dtype: str, engine: str = "auto", fidelity: float | None = None,
+def int8_for(checkpoint: str | Path | None, engine: str = "auto", fidelity: float | None = None,
              log: Callable[[str], None] | None = None, described: DescribedModel | None = None) -> ExportedGraph | None:
-    """The int8 graph a restore of `checkpoint` (not a graph file) runs, or None for the torch path;
-    iqpir.load asks it, with the file's description (`described`: its weights are then not read again).
-
-    dtype "int8": this checkpoint's int8 graph, made and cached the first time (`int8_graph`).
-    dtype "auto": its cached int8 graph when one is there, was within BARS when it was made, and
-    this CPU has int8 dot-product instructions (VNNI, AMX); `auto` never calibrates by itself
-    (minutes, and a dependency): `--dtype int8` once, or `iqpir export --int8`, makes the graph.
-    The graph holds the CFT blocks when the restore's fidelity w (the model's own when None) is > 0.
+    """The int8 graph a `--dtype int8` restore of `checkpoint` runs (None for a graph file: it runs
+    as it is): made and cached the first time (`int8_graph`). iqpir.load asks it, with the file's
+    description (`described`: its weights are then not read again). The graph holds the CFT
+    blocks when the restore's fidelity w (the model's own when None) is > 0.
     """
-    from iqpir.devices import cpu_has_int8_dot
     from iqpir.inference.files import describe, is_graph_file
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     if checkpoint is not None and is_graph_file(checkpoint):
         return None
-    if dtype == "int8":
-        if engine not in ("auto", "openvino"):
-            raise ValueError(f"--dtype int8 runs an OpenVINO graph: leave --engine {engine} out")
-        _import_nncf()
-    elif (dtype != "auto" or engine != "auto" or not cpu_has_int8_dot()
-          or importlib.util.find_spec("openvino") is None):
-        return None
-    elif not all(p.is_file() for p in weights_file(checkpoint)):
-        return None  # a mistyped path: the torch path's loader names what it looked for
-    elif not any(cache_dir().glob(f"*-r{RECIPE}*.xml")):
-        return None  # nothing cached at all: no need to hash the weights (a large file: most of a second)
-    elif not any(cached_graph_path(checkpoint, cft)[0].is_file() for cft in (False, True)):
-        return None
+    if engine not in ("auto", "openvino"):
+        raise ValueError(f"--dtype int8 runs an OpenVINO graph: leave --engine {engine} out")
+    _import_nncf()
     described = described if described is not None else describe(checkpoint)
     w = described.default_fidelity if fidelity is None else fidelity
     cft = bool(described.fidelity) and bool(w)
-    if dtype == "int8":
-        return int8_graph(checkpoint, cft, log=log, described=described)
-    graph = cached_int8_graph(checkpoint, cft)
-    if graph is None or not graph.int8.get("passes"):
-        return None
-    log(f"iqpir: auto: the cached int8 graph of these weights, as this CPU has int8 dot products "
-        f"({describe_fidelity(graph.int8)})")
-    return graph
+    return int8_graph(checkpoint, cft, log=log, described=described)

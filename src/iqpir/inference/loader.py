@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from iqpir.devices import resolve_device
 from iqpir.inference import files
 from iqpir.inference.knobs import record, resolve_knobs
 from iqpir.inference.restorer import Restorer
@@ -87,17 +86,16 @@ def choose(described: files.DescribedModel, path: str | Path | None, device: str
            fidelity: float | None = None,
            log: Callable[[str], None] | None = None) -> tuple[files.DescribedModel, str, str]:
     """The int8 part of the engine choice: (what runs, dtype, engine). A torch model asked for
-    in int8, or in `auto` where a sound int8 graph of its weights is cached and the CPU has int8
-    dot products, becomes that graph (iqpir.quantize.int8_for, given this description so that
-    the weights are not read again); anything else is left to engines.make_engine (which refuses
-    int8 for a model no int8 graph is made of)."""
-    if dtype not in ("int8", "auto") or files.exports(described) is None:
+    in int8 becomes its int8 graph (iqpir.quantize.int8_for, given this description so that the
+    weights are not read again); anything else is left to engines.make_engine (which refuses int8
+    for a model no int8 graph is made of). `auto` never runs an int8 graph: what it runs must not
+    depend on what an earlier `--dtype int8` left in the cache (the same command, the same
+    pixels), and it never calibrates by itself (minutes, and an extra)."""
+    if dtype != "int8" or files.exports(described) is None:
         return described, dtype, engine  # a graph already, or a model no int8 graph is made of
-    if dtype == "auto" and resolve_device(device).type != "cpu":
-        return described, dtype, engine
     from iqpir import quantize  # deferred: OpenVINO and NNCF are imported only where int8 is used
 
-    graph = quantize.int8_for(path, dtype, engine, fidelity, log=log, described=described)
+    graph = quantize.int8_for(path, engine, fidelity, log=log, described=described)
     if graph is None:
         return described, dtype, engine
     return files.graph_description(graph), "int8", "openvino"
