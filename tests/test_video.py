@@ -192,8 +192,11 @@ def test_the_web_page_says_it_takes_photos_only(clips):
     assert r.status_code == 415 and "photos only" in r.json()["detail"]
 
 
-def test_faces_in_a_clip(clips, tmp_path):
-    """--faces on a clip: each frame through the photo path; the frames and their times kept."""
+def test_faces_in_a_clip(clips, tmp_path, capsys):
+    """--faces on a clip: each frame through the photo path; the frames and their times kept; the
+    faces restored are counted in the summary and in restore.json."""
+    import json
+
     import matplotlib.cbook
     from PIL import Image
 
@@ -212,6 +215,9 @@ def test_faces_in_a_clip(clips, tmp_path):
     times_in, frames_in = frames_of(src)
     times_out, frames_out = frames_of(tmp_path / "out" / "face.mp4")
     assert times_out == times_in
+    entry = json.loads((tmp_path / "out" / "restore.json").read_text())[0]
+    assert entry["frames"] == 6 and entry["frames_with_faces"] >= 5 and entry["faces"] >= 5, entry
+    assert f"0 photos, 1 clip, {entry['faces']} faces restored" in capsys.readouterr().err
     assert np.abs(frames_out[3].astype(float) - frames_in[3]).mean() > 1.0, "no face was restored"
     # the background is kept as it is (no background model): the right-hand strip, far from the face
     assert np.abs(frames_out[3][:, 184:].astype(float) - frames_in[3][:, 184:]).max() <= 6

@@ -500,18 +500,25 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | Restorer 
                 continue
             if video.is_video(p):  # each frame through the photo path, the faces tracked across frames
                 tracker = _tracker(p, face_detector, detect_every, smooth)
+                per_frame: list[int] = []  # faces restored in each frame, in order
 
-                def frames(batch: torch.Tensor, tracker=tracker) -> torch.Tensor:  # one frame at a time: tracked in order
-                    return torch.stack([colour.frame(restore_photo(image, restore_faces, detector=tracker,
-                                                                   upscale=int(upscale), only_center_face=only_center_face,
-                                                                   min_face=min_face, background=background,
-                                                                   draw_box=draw_box, face_upsample=faces_up)[0],
-                                                     image, int(upscale))
-                                        for image in batch])
+                def frame(image: torch.Tensor, tracker=tracker, per_frame=per_frame) -> torch.Tensor:
+                    restored, rep = restore_photo(image, restore_faces, detector=tracker, upscale=int(upscale),
+                                                  only_center_face=only_center_face, min_face=min_face,
+                                                  background=background, draw_box=draw_box, face_upsample=faces_up)
+                    per_frame.append(len(rep["faces"]))
+                    return colour.frame(restored, image, int(upscale))
+
+                def frames(batch: torch.Tensor, frame=frame) -> torch.Tensor:  # one at a time: tracked in order
+                    return torch.stack([frame(image) for image in batch])
 
                 ok = _clip(p, target, frames, int(upscale), crf, max_frames, report, progress, log=log)
-                entries.append({"input": str(p), "output": str(target), "settings": settings} if ok
+                entries.append({"input": str(p), "output": str(target), "settings": settings, "frames": len(per_frame),
+                                "faces": sum(per_frame), "frames_with_faces": sum(n > 0 for n in per_frame)} if ok
                                else {"input": str(p), "error": report.failed[-1][1]})
+                if ok:
+                    n_faces += sum(per_frame)
+                    n_without += not any(per_frame)
                 continue
             try:
                 img = io.read_image(p)
@@ -555,7 +562,10 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | Restorer 
         entries.append({"input": report.failed[-1][0], "error": report.failed[-1][1]})
     _write_report(out, entries, report)
     seconds = time.perf_counter() - start
-    msg = (f"{len(report.done)} photos, {n_faces} faces restored, {n_without} without faces, "
+    clips = sum(video.is_video(Path(t)) for t in report.done)
+    files = f"{len(report.done) - clips} photos" + (f", {clips} clip{'s' * (clips != 1)}" if clips else "")
+    msg = (f"{files}, {n_faces} faces restored{' (one per frame where a face is)' if clips else ''}, "
+           f"{n_without} without faces, "
            f"{len(report.skipped)} skipped, {len(report.failed)} failed{report.ignored_note()}, {seconds:.1f} s")
     if report.skipped:
         msg += " (skipped outputs already exist; pass --overwrite to replace them)"
