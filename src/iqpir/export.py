@@ -222,7 +222,9 @@ def _trace_onnx(graph: InferenceGraph, example: tuple, names: list[str], outputs
 def _onnx_to_openvino(onnx_path: Path, out: Path, metadata: dict) -> None:
     import openvino as ov
 
-    model = ov.convert_model(str(onnx_path))
+    from iqpir.inference.files import openvino_from_onnx
+
+    model = openvino_from_onnx(onnx_path)
     model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
     # compress_to_fp16 would store the weights in half precision: the graph must stay float32.
     ov.save_model(model, str(out), compress_to_fp16=False)

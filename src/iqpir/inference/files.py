@@ -45,6 +45,15 @@ NO_KNOB = {
 }
 
 
+def openvino_from_onnx(path: str | Path):
+    """An ONNX file as an OpenVINO model, through the runtime's own ONNX reader (Core.read_model)
+    rather than ov.convert_model: the converter reports usage to Google Analytics from a forked
+    process (OpenVINO's telemetry), and on a machine without internet that child hangs on and
+    keeps the process from exiting."""
+    ov = require_extra("openvino", "openvino")
+    return ov.Core().read_model(str(path))
+
+
 def require_extra(module: str, extra: str):
     """Import an optional dependency, or fail with the extra that installs it."""
     try:
