@@ -44,6 +44,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from iqpir import __version__
 from iqpir import io as iio
+from iqpir.devices import release_freed_memory
 from iqpir.inference.photos import Finish, face_restorer_fn
 
 log = logging.getLogger("iqpir.app")
@@ -158,15 +159,20 @@ class RestoreQueue:
     """Runs jobs one at a time on one thread; admits at most `waiting + 1` requests at once.
 
     Thread-safe and independent of any event loop (the test client and uvicorn each run their own).
+    When the last submitted job ends, `on_idle` runs on the worker thread (the app gives the
+    job's freed memory back there, so a server that restored one large photo does not keep its
+    peak; between queued jobs the memory is kept for the next).
     """
 
-    def __init__(self, waiting: int):
+    def __init__(self, waiting: int, on_idle: Callable[[], Any] | None = None):
         self.capacity = waiting + 1
         self._lock = threading.Lock()
         self._admitted = 0
         self._running = 0
+        self._submitted = 0
         self._done = 0
         self._mean_seconds = 1.0
+        self._on_idle = on_idle
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iqpir-restore")
 
     def try_admit(self) -> bool:
@@ -195,15 +201,21 @@ class RestoreQueue:
             self._running += 1
         t0 = time.perf_counter()
         try:
-            return fn(*args)
+            return fn(*args)  # its locals (the decoded image, the activations) are freed on return
         finally:
             dt = time.perf_counter() - t0
             with self._lock:
                 self._running -= 1
                 self._done += 1
+                self._submitted -= 1
+                idle = self._submitted == 0
                 self._mean_seconds = dt if self._done == 1 else 0.8 * self._mean_seconds + 0.2 * dt
+            if idle and self._on_idle is not None:
+                self._on_idle()
 
     async def run(self, fn: Callable, *args: Any) -> Any:
+        with self._lock:
+            self._submitted += 1
         return await asyncio.wrap_future(self._executor.submit(self._timed, fn, *args))
 
     def shutdown(self) -> None:
@@ -520,7 +532,7 @@ def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | No
         faces_why = "face pipeline not installed"
     model_info = describe_model(restorer, name)
     service = RestoreService(restorer, model_info, face_pipeline)
-    queue = RestoreQueue(limits.queue)
+    queue = RestoreQueue(limits.queue, on_idle=release_freed_memory)
     page = _page()
 
     async def lifespan(app: Any):
