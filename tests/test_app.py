@@ -3,13 +3,17 @@
 import io
 import os
 import re
+import select
+import socket
 import subprocess
 import sys
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -25,7 +29,7 @@ with warnings.catch_warnings():  # Starlette >= 1.x asks for httpx2 and still wo
 import iqpir
 from iqpir import checkpoint as ckpt
 from iqpir import config as C
-from iqpir.app import AppLimits, bind, create_app
+from iqpir.app import AppLimits, HostAllowList, bind, create_app
 from iqpir.cli import main
 from iqpir.models import build_restorer
 from iqpir.inference.files import DescribedModel
@@ -355,6 +359,207 @@ def test_a_full_queue_answers_503_with_retry_after():
 
 
 # --------------------------------------------------------------------------------------
+# Under abuse: names, slow senders, oversized bodies, foreign hosts and origins
+# --------------------------------------------------------------------------------------
+
+DISPOSITION = re.compile(r'inline; filename="([A-Za-z0-9_.-]+)"'
+                         r"(?:; filename\*=UTF-8''([A-Za-z0-9%_.~-]+))?")
+
+
+def download_name(header: str) -> tuple[str, str]:
+    """(the ASCII fallback, the name a browser saves: filename* decoded where present) of a
+    well-formed Content-Disposition; fails on anything else."""
+    match = DISPOSITION.fullmatch(header)
+    assert match, f"malformed Content-Disposition: {header!r}"
+    ascii_name, star = match.groups()
+    return ascii_name, unquote(star, errors="strict") if star else ascii_name
+
+
+def test_a_cyrillic_upload_downloads_under_its_own_name(client):
+    r = post(client, GOOD, name="Фото.png")
+    assert r.status_code == 200, r.text
+    ascii_name, name = download_name(r.headers["content-disposition"])
+    assert name == "Фото-restored.png"
+    assert ascii_name == "image-restored.png"
+    r = post(client, GOOD, name="Café au lait.jpg")
+    assert download_name(r.headers["content-disposition"]) == ("Cafe_au_lait-restored.png",
+                                                               "Café_au_lait-restored.png")
+
+
+@pytest.mark.parametrize("name", ['a"b;c.png', "line\r\nbreak\n.png", 'x"; filename="evil.exe',
+                                  "../../etc/x;y.png", 'Фото "1"; 2\n.png', "tab\there\x00.png", ";", '"'])
+def test_names_with_quotes_semicolons_and_newlines_give_one_well_formed_header(client, name):
+    """Each name sent as httpx and browsers send it (quotes and newlines percent-encoded) and,
+    where a part header can hold it (no CR/LF), raw with backslash-escaped quotes."""
+    responses = [post(client, GOOD, name=name)]
+    if "\r" not in name and "\n" not in name:
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        body = (b'--b0undary\r\nContent-Disposition: form-data; name="image"; filename="' + quoted.encode("utf-8")
+                + b'"\r\nContent-Type: image/png\r\n\r\n' + GOOD + b"\r\n--b0undary--\r\n")
+        responses.append(client.post("/api/restore", content=body,
+                                     headers={"content-type": "multipart/form-data; boundary=b0undary"}))
+    for r in responses:
+        assert r.status_code == 200, r.text
+        assert len(r.headers.get_list("content-disposition")) == 1
+        _, saved = download_name(r.headers["content-disposition"])
+        assert saved.endswith("-restored.png") and len(saved) > len("-restored.png")
+        assert not set(saved) & set('"\\/;:%\r\n\t\x00'), saved
+
+
+def test_a_foreign_host_is_refused_and_loopback_names_are_answered():
+    hosts = HostAllowList.for_bind("127.0.0.1", ["photos.example:8443"])
+    stub = StubRestorer()
+    with TestClient(create_app(stub, face_pipeline=None, allowed_hosts=hosts), base_url="http://127.0.0.1:7860") as c:
+        for host in ("127.0.0.1:7860", "localhost:7860", "LOCALHOST", "localhost.:9", "[::1]:7860", "[::1]",
+                     "photos.example", "photos.example:80"):
+            assert c.get("/api/health", headers={"host": host}).status_code == 200, host
+        for host in ("rebind.example", "rebind.example:7860", "localhost.rebind.example", "127.0.0.1.rebind.example",
+                     "evil@localhost", "", "[::1]x", "10.0.0.7"):
+            r = c.get("/api/health", headers={"host": host})
+            assert r.status_code == 421 and "--allowed-host" in r.json()["detail"], host
+        r = c.post("/api/restore", files={"image": ("a.png", GOOD)}, headers={"host": "rebind.example:7860"})
+        assert r.status_code == 421 and c.get("/").status_code == 200
+        assert c.get("/", headers={"host": "rebind.example"}).status_code == 421
+    assert stub.calls == []
+
+
+def test_the_host_allow_list_follows_the_address_bound():
+    lan = HostAllowList.for_bind("192.168.1.5", ["nas.local"])
+    assert lan.allows_host("192.168.1.5:7860") and lan.allows_host("nas.local:7860")
+    assert not lan.allows_host("rebind.example") and not lan.allows_host("192.168.1.6")
+    named = HostAllowList.for_bind("photos.lan")
+    assert named.allows_host("Photos.LAN:7860") and not named.allows_host("rebind.example")
+    for wildcard in ("0.0.0.0", "::"):
+        anywhere = HostAllowList.for_bind(wildcard)
+        assert anywhere.allows_host("10.1.2.3:7860") and anywhere.allows_host("[fe80::1]:7860")
+        assert anywhere.allows_host("localhost:7860") and not anywhere.allows_host("rebind.example:7860")
+    v6 = HostAllowList.for_bind("::1")
+    assert v6.allows_host("[::1]:7860") and v6.allows_host("localhost") and not v6.allows_host("rebind.example")
+    with pytest.raises(ValueError, match="not a host name"):
+        HostAllowList.for_bind("127.0.0.1", ["a b"])
+
+
+def test_a_post_from_another_origin_is_refused_and_one_without_origin_is_served():
+    hosts = HostAllowList.for_bind("127.0.0.1", ["photos.example"])
+    stub = StubRestorer()
+    with TestClient(create_app(stub, face_pipeline=None, allowed_hosts=hosts), base_url="http://127.0.0.1:7860") as c:
+        def send(origin, host="127.0.0.1:7860"):
+            headers = {"host": host} | ({"origin": origin} if origin is not None else {})
+            return c.post("/api/restore", files={"image": ("a.png", GOOD)}, headers=headers)
+
+        for origin in ("http://evil.example", "http://127.0.0.1:8888", "http://localhost:7860", "null", "file://",
+                       "http://127.0.0.1:7860.evil.example"):
+            r = send(origin)
+            assert r.status_code == 403 and "may not post" in r.json()["detail"], origin
+        assert stub.calls == []
+        assert send(None).status_code == 200  # curl, scripts
+        assert send("http://127.0.0.1:7860").status_code == 200  # the page this server serves
+        assert send("http://localhost:7860", host="localhost:7860").status_code == 200
+        assert send("https://photos.example").status_code == 200  # behind a proxy named with --allowed-host
+    assert len(stub.calls) == 4
+
+
+@contextmanager
+def served(app):
+    """The app under uvicorn on 127.0.0.1 (any free port) in a thread of this process -> its port."""
+    import uvicorn
+
+    sock = bind("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="error", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert _wait_for(lambda: srv.started or not thread.is_alive(), 30) and srv.started, "the server did not start"
+        yield sock.getsockname()[1]
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+def _request_head(port: int, length: int | None) -> bytes:
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (f"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary=b0undary\r\n{framing}\r\n\r\n").encode()
+
+
+def test_slow_senders_are_dropped_after_the_body_timeout_and_never_hold_a_slot():
+    """Ten clients trickle their bodies a byte at a time beside one normal request. Every slot
+    (queue 1: two) would be theirs if a request were admitted before its body had arrived."""
+    timeout = 1.5
+    app = create_app(StubRestorer(), face_pipeline=None, limits=AppLimits(queue=1), body_timeout=timeout)
+    with served(app) as port:
+        slow, dropped, answers = [], {}, {}
+        for _ in range(10):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(_request_head(port, 50_000) + b"--b0undary\r\n")
+            slow.append(s)
+        t0 = time.monotonic()
+        normal = {}
+
+        def normal_request():
+            time.sleep(0.3)  # the slow ones are inside the app by now, reading their bodies
+            t = time.monotonic()
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                normal["status"] = http.post("/api/restore", files={"image": ("a.png", GOOD)}).status_code
+            normal["seconds"], normal["done_at"] = time.monotonic() - t, time.monotonic() - t0
+
+        thread = threading.Thread(target=normal_request)
+        thread.start()
+        try:
+            while len(dropped) < len(slow) and time.monotonic() - t0 < timeout + 5:
+                for i, s in enumerate(slow):
+                    if i in dropped:
+                        continue
+                    try:
+                        if select.select([s], [], [], 0)[0]:
+                            answers[i] = s.recv(200)
+                            dropped[i] = time.monotonic() - t0
+                        else:
+                            s.send(b"x")
+                    except OSError:
+                        dropped[i] = time.monotonic() - t0
+                time.sleep(0.05)
+            for i in answers:  # answered, then disconnected: the rest of the body is not waited for
+                slow[i].settimeout(2)
+                while slow[i].recv(4096):
+                    pass
+        finally:
+            thread.join(timeout=30)
+            for s in slow:
+                s.close()
+    assert normal["status"] == 200, normal
+    assert normal["seconds"] < timeout / 2, normal  # served at once, not after the slow ones left
+    assert min(dropped.values(), default=0) > normal["done_at"], "the slow clients were gone before the test"
+    assert sorted(dropped) == list(range(10)), f"slow clients still connected after {timeout + 5} s: {dropped}"
+    assert all(timeout - 0.2 <= t <= timeout + 2.0 for t in dropped.values()), dropped
+    assert all(a == b"" or a.startswith(b"HTTP/1.1 408") for a in answers.values()), answers
+
+
+def test_an_oversized_body_is_refused_while_it_streams_in():
+    """413 long before the client is done: the body is neither waited for nor kept whole."""
+    limit = 20_000
+    with served(create_app(StubRestorer(), face_pipeline=None, limits=AppLimits(max_bytes=limit),
+                           body_timeout=10)) as port:
+        for length in (None, 10**12):  # chunked, then a declared length far over the limit
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            try:
+                part = b'--b0undary\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n\r\n'
+                s.sendall(_request_head(port, length) + (b"%x\r\n%s\r\n" % (len(part), part) if length is None else part))
+                sent, answer, chunk = 0, b"", bytes(8192)
+                while sent < 200 * limit and not answer:
+                    if select.select([s], [], [], 0.005)[0]:
+                        answer = s.recv(200)
+                        break
+                    s.sendall(b"2000\r\n" + chunk + b"\r\n" if length is None else chunk)
+                    sent += len(chunk)
+            finally:
+                s.close()
+            assert answer.startswith(b"HTTP/1.1 413"), (length, sent, answer)
+            assert sent < 50 * limit, (length, sent)
+
+
+# --------------------------------------------------------------------------------------
 # What the model supports: fidelity (CodeFormer), faces
 # --------------------------------------------------------------------------------------
 
@@ -454,26 +659,57 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
     assert "--port must be in 0..65535" in capsys.readouterr().err
 
 
-def _rss_kib(pid: int) -> int:
+def test_cli_app_flags_reach_the_server(monkeypatch, capsys):
+    import iqpir.app
+
+    served_with = {}
+    monkeypatch.setattr("iqpir.cli.keep_freed_memory", lambda: False)  # malloc stays as this process has it
+    monkeypatch.setattr(iqpir.app, "serve", lambda checkpoint, **kw: served_with.update(kw) or 0)
+    assert main(["app", "--checkpoint", "run", "--dtype", "float32", "--allowed-host", "photos.example",
+                 "--allowed-host", "nas.local:8443", "--body-timeout", "7.5"]) == 0
+    assert served_with["allowed_hosts"] == ["photos.example", "nas.local:8443"]
+    assert served_with["body_timeout"] == 7.5
+    assert main(["app", "--checkpoint", "run", "--dtype", "float32"]) == 0
+    assert served_with["allowed_hosts"] == [] and served_with["body_timeout"] == 120
+
+
+def _rss_kib(pid: int, key: str = "VmRSS") -> int:
+    """The process's resident memory (VmRSS), its peak so far (VmHWM) or the part of it that is
+    allocated memory (RssAnon: not the pages of libraries and files), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {key}")
+
+
+@contextmanager
+def app_process(checkpoint: Path | None, *flags: str):
+    """`iqpir app [--checkpoint C] --port 0 --device cpu FLAGS` in its own process -> (process, base URL)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(iqpir.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    model = [] if checkpoint is None else ["--checkpoint", str(checkpoint)]
+    proc = subprocess.Popen([sys.executable, "-m", "iqpir", "app", *model, "--port", "0", "--device", "cpu", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # printed once the model is loaded and the port is bound
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, f"no URL from iqpir app: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        yield proc, f"http://127.0.0.1:{match.group(1)}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow  # ~6 s of CPU: a server process of its own (importing torch) and 20 restorations
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's memory from /proc")
 def test_load_20_requests_from_4_clients_against_127_0_0_1(checkpoint, restorer):
-    """`iqpir app` in its own process: all 20 succeed; its memory after them is within 10% of after the first."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(iqpir.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "iqpir", "app", "--checkpoint", str(checkpoint), "--port", "0",
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()  # printed once the model is loaded and the port is bound
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-        assert match, f"no URL from iqpir app: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
-        base = f"http://127.0.0.1:{match.group(1)}"
+    """`iqpir app` in its own process: all 20 succeed; its memory after them is within 10% of after the first.
+    It answers its own loopback names only (a DNS-rebinding page's Host gets 421)."""
+    with app_process(checkpoint) as (proc, base):
         img = photo(64, 64, seed=7)
         data = png_bytes(img)
         want = expected(restorer, img, quality=0.7)
@@ -492,10 +728,25 @@ def test_load_20_requests_from_4_clients_against_127_0_0_1(checkpoint, restorer)
         for _, content in results:
             assert np.abs(decode(content).astype(int) - want).max() <= 1
         assert rss_after <= 1.10 * rss_first, f"server memory grew from {rss_first} KiB to {rss_after} KiB"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with httpx.Client(base_url=base, timeout=30) as http:
+            assert http.get("/api/health").status_code == 200
+            assert http.get("/api/health", headers={"host": "rebind.example"}).status_code == 421
+
+
+@pytest.mark.slow  # ~15 s on 2 cores: a server process of its own restoring a 3-megapixel photo
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's memory from /proc")
+def test_the_app_gives_its_memory_back_after_a_request():
+    """`iqpir app` (the packaged default model) keeps freed memory for speed
+    (iqpir.devices.keep_freed_memory); once its queue is empty it hands back what a large photo
+    took, instead of holding that peak for good: its memory is again within 300 MB of idle."""
+    with app_process(None, "--dtype", "float32") as (proc, base), httpx.Client(base_url=base, timeout=600) as http:
+        assert http.post("/api/restore", files={"image": ("small.png", GOOD)}).status_code == 200
+        idle, idle_anon = _rss_kib(proc.pid), _rss_kib(proc.pid, "RssAnon")
+        big = png_bytes(photo(1500, 2000, seed=8))
+        assert http.post("/api/restore", files={"image": ("big.png", big)}).status_code == 200
+        peak, after = _rss_kib(proc.pid, "VmHWM") - idle, _rss_kib(proc.pid) - idle
+        # Allocated memory only: the first large photo also pages in library code it had not run yet.
+        after_anon = _rss_kib(proc.pid, "RssAnon") - idle_anon
+    assert peak > 300_000, f"the request took only {peak} KiB: nothing to give back, the test proves nothing"
+    assert after <= 300_000, f"{after} KiB more than idle after the request (its peak: {peak} KiB)"
+    assert after_anon <= 0.25 * peak, f"{after_anon} KiB of the request's {peak} KiB peak still allocated after it"

@@ -24,7 +24,7 @@ from PIL import Image
 from test_app import expected, make_tiny_checkpoint, png_bytes
 
 import iqpir
-from iqpir.app import bind, create_app
+from iqpir.app import HostAllowList, bind, create_app
 
 # Flags for a machine without a display, a GPU or an internet connection (no background calls home).
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -45,13 +45,15 @@ def find_chromium() -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`iqpir app` on 127.0.0.1 (any free port) in a thread of this process, with a tiny random model."""
+    """`iqpir app` on 127.0.0.1 (any free port) in a thread of this process, with a tiny random model,
+    its Host allow-list and Origin check on (the page's own requests must pass them)."""
     import uvicorn
 
     checkpoint = os.environ.get("IQPIR_APP_CHECKPOINT") or make_tiny_checkpoint(
         tmp_path_factory.mktemp("browser") / "tiny-random")
     restorer = iqpir.load(checkpoint, device="cpu")
-    app = create_app(restorer, name=Path(checkpoint).name, face_pipeline=None)
+    app = create_app(restorer, name=Path(checkpoint).name, face_pipeline=None,
+                     allowed_hosts=HostAllowList.for_bind("127.0.0.1"))
     sock = bind("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -129,9 +131,9 @@ def test_the_page_restores_a_photo_in_chromium(server, browser, tmp_path):
         document.getElementById("stage").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
     }""", ["dropped.png", base64.b64encode(upload).decode()])
     expect(page.locator("#file-name")).to_contain_text("dropped.png")
-    # The file picker.
-    page.set_input_files("#file", files=[{"name": "astronaut.png", "mimeType": "image/png", "buffer": upload}])
-    expect(page.locator("#file-name")).to_contain_text("astronaut.png")
+    # The file picker, with a name in Cyrillic (the download keeps it: RFC 5987 filename*).
+    page.set_input_files("#file", files=[{"name": "астронавт.png", "mimeType": "image/png", "buffer": upload}])
+    expect(page.locator("#file-name")).to_contain_text("астронавт.png")
     expect(page.locator("#before")).to_be_visible()
 
     # Move the Quality slider from 1.00 down to 0.60 with the keyboard, as a user can.
@@ -183,7 +185,7 @@ def test_the_page_restores_a_photo_in_chromium(server, browser, tmp_path):
     # Download gives the image shown.
     with page.expect_download() as dl:
         page.click("#download")
-    assert dl.value.suggested_filename == "astronaut-restored.png"
+    assert dl.value.suggested_filename == "астронавт-restored.png"
     got = np.asarray(Image.open(io.BytesIO(Path(dl.value.path()).read_bytes())).convert("RGB")).astype(int)
     assert np.array_equal(got, shown)
 

@@ -17,6 +17,12 @@ What bad input and load get:
 - Empty, truncated, corrupt -> 400; not an image -> 415; a bad field -> 400; each names the problem.
 - One model in memory; one worker thread restores one image at a time; at most `queue`
   requests wait behind it, and further ones get 503 with Retry-After (the expected wait).
+  A request takes its place in that queue only once its whole body has arrived and passed the
+  size checks: a client that sends its body slowly holds a connection, never a restore slot,
+  and is answered 408 (and disconnected) when the body is not in within `body_timeout`.
+- A Host header outside the allow-list -> 421 (a page on another site that rebinds its DNS
+  name to 127.0.0.1 cannot reach the app); a POST whose Origin is another site's -> 403.
+- After the last queued request the worker hands freed memory back to the system (glibc).
 - Output PNGs carry no EXIF from the upload unless `keep_exif` is true (the ICC colour
   profile is kept: it only says how to show the colours).
 """
@@ -25,6 +31,7 @@ What bad input and load get:
 # (Request, defined inside create_app) when they are defined.
 
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -32,18 +39,21 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+import unicodedata
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from iqpir import __version__
 from iqpir import io as iio
+from iqpir.devices import release_freed_memory
 from iqpir.inference.photos import Finish, face_restorer_fn
 
 log = logging.getLogger("iqpir.app")
@@ -158,15 +168,20 @@ class RestoreQueue:
     """Runs jobs one at a time on one thread; admits at most `waiting + 1` requests at once.
 
     Thread-safe and independent of any event loop (the test client and uvicorn each run their own).
+    When the last submitted job ends, `on_idle` runs on the worker thread (the app gives the
+    job's freed memory back there, so a server that restored one large photo does not keep its
+    peak; between queued jobs the memory is kept for the next).
     """
 
-    def __init__(self, waiting: int):
+    def __init__(self, waiting: int, on_idle: Callable[[], Any] | None = None):
         self.capacity = waiting + 1
         self._lock = threading.Lock()
         self._admitted = 0
         self._running = 0
+        self._submitted = 0
         self._done = 0
         self._mean_seconds = 1.0
+        self._on_idle = on_idle
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iqpir-restore")
 
     def try_admit(self) -> bool:
@@ -195,19 +210,132 @@ class RestoreQueue:
             self._running += 1
         t0 = time.perf_counter()
         try:
-            return fn(*args)
+            return fn(*args)  # its locals (the decoded image, the activations) are freed on return
         finally:
             dt = time.perf_counter() - t0
             with self._lock:
                 self._running -= 1
                 self._done += 1
+                self._submitted -= 1
+                idle = self._submitted == 0
                 self._mean_seconds = dt if self._done == 1 else 0.8 * self._mean_seconds + 0.2 * dt
+            if idle and self._on_idle is not None:
+                self._on_idle()
 
     async def run(self, fn: Callable, *args: Any) -> Any:
+        with self._lock:
+            self._submitted += 1
         return await asyncio.wrap_future(self._executor.submit(self._timed, fn, *args))
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------
+# Who may ask: the Host and Origin headers
+# --------------------------------------------------------------------------------------
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def host_name(authority: str) -> str | None:
+    """'Example.COM:7860' -> 'example.com', '[::1]:7860' -> '::1'; None when it is no host name.
+
+    The port is dropped (any port is the same app behind a forwarded port); a trailing dot is
+    dropped ('localhost.' is 'localhost').
+    """
+    text = authority.strip().lower()
+    if text.startswith("["):  # an IPv6 literal: [addr] or [addr]:port
+        end = text.find("]")
+        rest = text[end + 1:]
+        if end < 0 or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return text[1:end] or None
+    name, _, port = text.partition(":") if text.count(":") == 1 else (text, "", "")
+    if port and not port.isdigit():
+        return None
+    name = name.rstrip(".")
+    if not name or any(c in name for c in "/\\@?#% \t\r\n"):
+        return None
+    return name
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class HostAllowList:
+    """The names (Host headers, without port) this app answers to.
+
+    DNS rebinding: a page on another site re-points its own DNS name at 127.0.0.1, and the
+    browser then lets it read this app, on this machine, as "its own" site, with that name in
+    the Host header. Answering only the names the app was bound to closes that.
+
+    names: host names and addresses, normalised by `host_name`; trusted: the names added with
+    `--allowed-host` (a reverse proxy's public name, say), also accepted as a POST's Origin
+    whatever Host the proxy forwards; any_address: every IP-literal Host is accepted too, as
+    on a wildcard bind (0.0.0.0, ::) where clients use whichever address reaches the machine
+    (a rebinding page has a DNS name, never an address, in its Host header).
+    """
+
+    names: frozenset[str]
+    trusted: frozenset[str] = frozenset()
+    any_address: bool = False
+
+    @classmethod
+    def for_bind(cls, host: str, extra: Iterable[str] = ()) -> "HostAllowList":
+        """The allow-list of an app listening on `host`: the loopback names when it is a loopback
+        address or 'localhost'; every address and this machine's name on a wildcard bind;
+        otherwise `host` itself. Plus `extra` (names with or without a port) in each case."""
+        trusted = set()
+        for name in extra:
+            parsed = host_name(name)
+            if parsed is None:
+                raise ValueError(f"--allowed-host {name!r} is not a host name")
+            trusted.add(parsed)
+        bound = host_name(host if ":" not in host or host.startswith("[") else f"[{host}]") or host.lower()
+        names = {bound}
+        wildcard = bound in ("", "0.0.0.0", "::")
+        if _is_loopback(bound) or wildcard:
+            names.update(LOOPBACK_NAMES)
+        if wildcard:
+            names.update(n for n in (socket.gethostname().lower(), socket.getfqdn().lower()) if n)
+        names.discard("")
+        return cls(frozenset(names | trusted), frozenset(trusted), any_address=wildcard)
+
+    def allows_host(self, header: str | None) -> bool:
+        name = host_name(header or "")
+        if name is None:
+            return False
+        return name in self.names or (self.any_address and _is_ip(name))
+
+    def describe(self) -> str:
+        shown = sorted(self.names) + (["any IP address"] if self.any_address else [])
+        return ", ".join(shown)
+
+
+def origin_allowed(origin: str | None, host: str | None, hosts: HostAllowList | None) -> bool:
+    """Whether a POST may come from `origin` (its Origin header) to this app reached as `host`.
+
+    No Origin (curl, scripts, a same-origin form in some browsers): allowed; browsers always
+    send it on a cross-site request, where it is the other site's. Otherwise its host[:port]
+    must be the Host the request came to (the page served by this app posting to it), or one
+    of the trusted --allowed-host names. 'null' (sandboxed frames, file:// pages) is refused.
+    """
+    if origin is None:
+        return True
+    parts = urlsplit(origin.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False
+    if host is not None and parts.netloc.lower() == host.strip().lower():
+        return True
+    name = host_name(parts.netloc)
+    return hosts is not None and name is not None and name in hosts.trusted
 
 
 # --------------------------------------------------------------------------------------
@@ -346,9 +474,28 @@ def _resize(image: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def _safe_stem(filename: str | None) -> str:
-    stem = Path(filename or "image").stem
+    """The upload's name without folder or extension, kept to letters and digits of any script
+    and '-_.' (everything else, quotes, ';', control characters, separators, becomes '_')."""
+    return _clean(unicodedata.normalize("NFC", Path(filename or "image").stem))
+
+
+def _clean(stem: str) -> str:
     clean = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80].strip("._")
     return clean or "image"
+
+
+def content_disposition(filename: str | None, suffix: str = "-restored.png") -> str:
+    """The download's Content-Disposition (RFC 6266): `filename="..."` in ASCII for every client,
+    and, when the name is not ASCII, `filename*=UTF-8''...` (RFC 5987, percent-encoded UTF-8),
+    which browsers prefer. A header is Latin-1 on the wire, so the name itself never goes in raw.
+    """
+    stem = _safe_stem(filename)
+    # 'Café' -> 'Cafe'; a name with no ASCII letters at all ('Фото') -> 'image'
+    ascii_stem = _clean(unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii"))
+    value = f'inline; filename="{ascii_stem}{suffix}"'
+    if not stem.isascii():
+        value += f"; filename*=UTF-8''{quote(stem + suffix, safe='')}"
+    return value
 
 
 # --------------------------------------------------------------------------------------
@@ -415,23 +562,41 @@ class RestoreService:
         return png, headers
 
 
-async def _read_form(request: Any, limits: AppLimits) -> tuple[dict[str, str], tuple[str | None, bytes] | None]:
-    """Stream a multipart body into memory (never to disk), stopping at the size limit.
+async def _chunks(request: Any, deadline: float):
+    """The request body's chunks as they arrive, until `deadline` (the event loop's clock):
+    past it, TimeoutError, however steadily a slow sender keeps the connection alive."""
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            return
+        yield chunk
+
+
+async def _read_form(request: Any, limits: AppLimits,
+                     deadline: float) -> tuple[dict[str, str], tuple[str | None, bytes] | None]:
+    """Stream a multipart body into memory (never to disk), stopping at the size limit, and
+    at `deadline` (the event loop's clock): a body not in by then is a 408.
 
     Returns (fields, (filename, bytes) of the part 'image' or None).
     """
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import FormParser, parse_options_header
+    from starlette.requests import ClientDisconnect
 
     mime, options = parse_options_header(request.headers.get("content-type", ""))
     if mime != b"multipart/form-data":
         shown = mime.decode("latin-1")[:60] or "none"
         raise RequestError(415, f"send multipart/form-data with the image in the field 'image' (got Content-Type {shown})")
     body_limit = limits.max_bytes + _MULTIPART_OVERHEAD
-    too_large = RequestError(413, f"the upload is over the limit of {limits.max_bytes / 1e6:g} MB")
+    # The client may still be sending what is left: this connection cannot carry another request.
+    too_large = RequestError(413, f"the upload is over the limit of {limits.max_bytes / 1e6:g} MB",
+                             {"Connection": "close"})
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > body_limit:
-        await _drain(request, _drain_limit(limits))
+        await _drain(request, _drain_limit(limits), deadline)
         raise too_large
     fields: dict[str, str] = {}
     files: list[Any] = []
@@ -443,12 +608,12 @@ async def _read_form(request: Any, limits: AppLimits) -> tuple[dict[str, str], t
     def on_file(file: Any) -> None:
         files.append(file)
 
+    received = 0
     try:
         # MAX_MEMORY_FILE_SIZE: infinity keeps every part in a BytesIO (the body size is bounded here).
         parser = FormParser("multipart/form-data", on_field, on_file, boundary=options.get(b"boundary"),
                             config={"MAX_MEMORY_FILE_SIZE": float("inf")})
-        received = 0
-        async for chunk in request.stream():
+        async for chunk in _chunks(request, deadline):
             received += len(chunk)
             if received > body_limit:  # keep reading (and dropping) a while: see _drain
                 if received > _drain_limit(limits):
@@ -460,6 +625,13 @@ async def _read_form(request: Any, limits: AppLimits) -> tuple[dict[str, str], t
         parser.finalize()
     except (FormParserError, ValueError) as exc:
         raise RequestError(400, f"the multipart body is malformed: {exc}") from None
+    except ClientDisconnect:
+        raise RequestError(400, "the client went away before sending the whole body") from None
+    except TimeoutError:
+        if received > body_limit:
+            raise too_large from None
+        raise RequestError(408, "the request body did not arrive in time; send it at once",
+                           {"Connection": "close"}) from None
     image = None
     for f in files:
         name = (f.field_name or b"").decode("utf-8", "replace")
@@ -480,16 +652,17 @@ def _drain_limit(limits: AppLimits) -> int:
     return 2 * (limits.max_bytes + _MULTIPART_OVERHEAD)
 
 
-async def _drain(request: Any, limit: int) -> None:
-    """Read and drop what is left of a refused request's body (up to `limit` bytes), so that
-    the client, still sending, gets to read the answer instead of a reset connection."""
+async def _drain(request: Any, limit: int, deadline: float) -> None:
+    """Read and drop what is left of a refused request's body (up to `limit` bytes, until
+    `deadline` on the event loop's clock), so that the client, still sending, gets to read
+    the answer instead of a reset connection."""
     seen = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in _chunks(request, deadline):
             seen += len(chunk)
             if seen > limit:
                 return
-    except Exception:  # noqa: BLE001 - already consumed or the client went away: nothing left to do
+    except Exception:  # noqa: BLE001 - consumed, the client went away or too slow: nothing left to do
         return
 
 
@@ -500,12 +673,18 @@ def _page() -> str:
 
 
 def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | None = None,
-               face_pipeline: Callable | None | str = "auto"):
+               face_pipeline: Callable | None | str = "auto", allowed_hosts: HostAllowList | None = None,
+               body_timeout: float = 120.0):
     """The ASGI application around one restorer.
 
     face_pipeline: "auto" (iqpir.faces.restore_photo when it imports), None (no faces), or a
-    function with restore_photo's signature.
+    function with restore_photo's signature. allowed_hosts: the Host names answered (others
+    get 421); None answers any Host, for an app mounted where the listening address is not
+    known here (`serve` passes `HostAllowList.for_bind` of the address it listens on).
+    body_timeout: seconds from a POST's headers to the end of its body; later -> 408.
     """
+    if not body_timeout > 0:
+        raise ValueError(f"the body timeout must be > 0 seconds, got {body_timeout}")
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -520,7 +699,7 @@ def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | No
         faces_why = "face pipeline not installed"
     model_info = describe_model(restorer, name)
     service = RestoreService(restorer, model_info, face_pipeline)
-    queue = RestoreQueue(limits.queue)
+    queue = RestoreQueue(limits.queue, on_idle=release_freed_memory)
     page = _page()
 
     async def lifespan(app: Any):
@@ -534,7 +713,15 @@ def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | No
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Callable):
-        response = await call_next(request)
+        if allowed_hosts is not None and not allowed_hosts.allows_host(request.headers.get("host")):
+            shown = (request.headers.get("host") or "none")[:80]
+            # The names it does answer to are not listed: a rebinding page could read them.
+            response = JSONResponse(
+                {"detail": f"this server does not answer to the host {shown!r} "
+                           "(`iqpir app --allowed-host NAME` adds a name)"},
+                status_code=421, headers={"Connection": "close"})
+        else:
+            response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
@@ -551,7 +738,8 @@ def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | No
             "faces": {"available": face_pipeline is not None, "reason": faces_why},
             "queue": queue.snapshot(),
             "limits": {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels,
-                       "max_upscale": limits.max_upscale, "queue": limits.queue},
+                       "max_upscale": limits.max_upscale, "queue": limits.queue,
+                       "body_timeout": body_timeout},
         }
 
     def error(exc: RequestError) -> JSONResponse:
@@ -569,20 +757,30 @@ def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | No
                       "upscale": {"type": "integer", "minimum": 1, "maximum": limits.max_upscale, "default": 1},
                       "keep_exif": {"type": "boolean", "default": False}}}}}}})
     async def restore(request: Request) -> Response:
-        if not queue.try_admit():
-            await _drain(request, _drain_limit(limits))
-            wait = queue.retry_after()
-            return error(RequestError(503, f"the server is busy ({queue.capacity} requests queued); retry in {wait} s",
-                                      {"Retry-After": str(wait)}))
+        t_arrived = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + body_timeout
+        if not origin_allowed(request.headers.get("origin"), request.headers.get("host"), allowed_hosts):
+            await _drain(request, _drain_limit(limits), deadline)
+            shown = request.headers["origin"][:80]
+            return error(RequestError(403, f"a page from {shown!r} may not post to this server; "
+                                           "use the page it serves", {"Connection": "close"}))
+        # The whole body first, checked, and only then a place in the queue: a client that
+        # sends slowly (or never finishes) holds its own connection, not a restore slot.
         try:
-            t_arrived = time.perf_counter()
-            fields, image = await _read_form(request, limits)
+            fields, image = await _read_form(request, limits, deadline)
             if image is None:
                 raise RequestError(400, "no file in the field 'image'")
             params = parse_params(fields, model_info, limits)
             if params.faces and face_pipeline is None:
                 raise RequestError(400, "face pipeline not installed (pip install 'iqpir[faces]')")
             probe_image(image[1], params.upscale, limits)
+        except RequestError as exc:
+            return error(exc)
+        if not queue.try_admit():
+            wait = queue.retry_after()
+            return error(RequestError(503, f"the server is busy ({queue.capacity} requests queued); retry in {wait} s",
+                                      {"Retry-After": str(wait)}))
+        try:
             png, headers = await queue.run(service.restore, image[1], params)
         except RequestError as exc:
             return error(exc)
@@ -596,7 +794,7 @@ def create_app(restorer: Any, *, limits: AppLimits | None = None, name: str | No
         finally:
             queue.release()
         headers["X-Total-Seconds"] = f"{time.perf_counter() - t_arrived:.3f}"
-        headers["Content-Disposition"] = f'inline; filename="{_safe_stem(image[0])}-restored.png"'
+        headers["Content-Disposition"] = content_disposition(image[0])
         headers["Cache-Control"] = "no-store"
         return Response(png, media_type="image/png", headers=headers)
 
@@ -641,21 +839,29 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(checkpoint: str | Path | Any | None = None, host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
-          dtype: str = "auto", limits: AppLimits | None = None) -> int:
+          dtype: str = "auto", limits: AppLimits | None = None, allowed_hosts: Iterable[str] = (),
+          body_timeout: float = 120.0) -> int:
     """Load the model once (iqpir.load; or take a ready Restorer), then serve the page and the API
-    until interrupted."""
+    until interrupted.
+
+    allowed_hosts: Host names answered besides those of `host` (see HostAllowList.for_bind).
+    """
     try:
         import uvicorn
     except ImportError as exc:
         raise ImportError(f"the web app needs uvicorn: {_EXTRA} ({exc})") from exc
     from iqpir.inference import Restorer, load
 
+    hosts = HostAllowList.for_bind(host, allowed_hosts)  # a bad name fails before anything starts
+    if not body_timeout > 0:
+        raise ValueError(f"--body-timeout must be > 0 seconds, got {body_timeout}")
     sock = bind(host, port)  # first: a taken port fails before the model is loaded
     try:
         restorer = load(checkpoint, device=device, dtype=dtype)
         if isinstance(checkpoint, Restorer):
             checkpoint = checkpoint.source.get("file") if checkpoint.source else None
-        app = create_app(restorer, limits=limits, name="iqpir/weights" if checkpoint is None else Path(checkpoint).name)
+        name = "iqpir/weights" if checkpoint is None else Path(checkpoint).name
+        app = create_app(restorer, limits=limits, name=name, allowed_hosts=hosts, body_timeout=body_timeout)
     except BaseException:
         sock.close()
         raise
@@ -667,6 +873,8 @@ def serve(checkpoint: str | Path | Any | None = None, host: str = "127.0.0.1", p
           f"{info['device']}, {info['dtype']}; Ctrl+C stops)", flush=True)
     if not _is_loopback(host):
         print(f"iqpir app: warning: listening on {host}, reachable from other machines; the app has no login",
+              file=sys.stderr, flush=True)
+        print(f"iqpir app: answering the host names {hosts.describe()}; add others with --allowed-host NAME",
               file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -10,7 +10,7 @@
     iqpir export CHECKPOINT --format onnx|openvino --out FILE
     iqpir evaluate RESTORED_DIR [--reference DIR] --out results.csv
     iqpir demo [--out DIR] [--train [--quick]]
-    iqpir app [--checkpoint RUN] [--host 127.0.0.1] [--port 7860]
+    iqpir app [--checkpoint RUN] [--host 127.0.0.1] [--port 7860] [--allowed-host NAME] [--body-timeout S]
 
 Library modules are imported inside the handlers so that `iqpir --help` stays fast.
 """
@@ -628,6 +628,16 @@ def _add_app(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait behind the one being restored; more are answered 503 (default 8)")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest upload in MB (default 25)")
     p.add_argument("--max-megapixels", type=float, default=40.0, help="largest image, in or out (default 40)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests for this host name (repeatable; e.g. a reverse proxy's "
+                        "name). By default the app answers only the names of --host (on loopback: "
+                        "localhost, 127.0.0.1, [::1]); other Host headers get 421, which stops "
+                        "DNS-rebinding pages. A POST from a page of another origin (its Origin header) "
+                        "gets 403")
+    p.add_argument("--body-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="seconds a client has to send a request's whole body; slower ones get 408 and "
+                        "are disconnected. A request joins the restore queue only once its body is in "
+                        "(default 120)")
 
 
 def _run_app(args: argparse.Namespace) -> int:
@@ -637,7 +647,8 @@ def _run_app(args: argparse.Namespace) -> int:
     limits = AppLimits(max_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6),
                        queue=args.queue)
     # iqpir.load (inside serve, after the port is bound) makes the int8 choice as for `iqpir restore`
-    return serve(args.checkpoint, host=args.host, port=args.port, device=args.device, dtype=args.dtype, limits=limits)
+    return serve(args.checkpoint, host=args.host, port=args.port, device=args.device, dtype=args.dtype, limits=limits,
+                 allowed_hosts=args.allowed_host, body_timeout=args.body_timeout)
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {

@@ -191,6 +191,22 @@ def keep_freed_memory() -> bool:
     return _kept
 
 
+def release_freed_memory() -> bool:
+    """Hand the free memory inside glibc's heaps back to the kernel: malloc_trim(0).
+
+    For a long-running process between jobs (the web app when its queue is empty): with
+    `keep_freed_memory()` the heap otherwise stays at the largest request's peak for good. The
+    next job faults its pages in once more, but its own buffers are still reused within it.
+    Returns whether anything was released; False off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+
+
 @contextmanager
 def weights_outside_the_heap():
     """Inside, large blocks are mmapped again even after `keep_freed_memory()`: for reading a
