@@ -77,6 +77,21 @@ def test_same_names_under_a_glob_are_mirrored_and_resumed_by_path(run_dir, tmp_p
     assert "0 restored, 2 skipped" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("faces", [False, True])
+def test_the_progress_bar_counts_only_the_files_restored(run_dir, tmp_path, capsys, faces):
+    """A rerun that finds 2 of 3 outputs done restores 1: its bar (and so its rate) is over 1 file."""
+    flags = ["--faces", "--detector", "hog"] if faces else []
+    for i in range(2):
+        _photo(tmp_path / "in" / f"{i}.png", i)
+    assert _restore(run_dir, str(tmp_path / "in"), "--out", str(tmp_path / "out"), *flags) == 0
+    _photo(tmp_path / "in" / "2.png", 2)
+    capsys.readouterr()
+    assert _restore(run_dir, str(tmp_path / "in"), "--out", str(tmp_path / "out"), *flags) == 0
+    err = capsys.readouterr().err
+    assert "1/1 [" in err and "/3 [" not in err, err
+    assert "2 skipped" in err
+
+
 def test_files_given_by_name_keep_the_structure_they_share(run_dir, tmp_path):
     """What a shell makes of an unquoted glob: many files, mirrored below the folder they share."""
     srcs = [_photo(tmp_path / "in" / year / "IMG_0001.png", i) for i, year in enumerate(("2019", "2020"))]

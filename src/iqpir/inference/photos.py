@@ -144,6 +144,17 @@ def _stop(report: io.FileReport, paths: Sequence[Path], targets: dict[Path, Path
     report.left = sum(p not in handled for p in paths)
 
 
+def _to_do(paths: Sequence[Path], targets: dict[Path, Path], log: io.OutputLog, overwrite: bool,
+           report: io.FileReport) -> list[Path]:
+    """The inputs to restore: those whose output is not complete already (or all, with
+    `overwrite`); the others are counted as skipped before any work, so that the progress bar
+    and its rate count only the files restored."""
+    todo = [p for p in paths if overwrite or not log.complete(targets[p])]
+    left = set(todo)
+    report.skipped.extend(p for p in paths if p not in left)
+    return todo
+
+
 def _write_report(out: Path, entries: list[dict], report: io.FileReport) -> None:
     """restore.json (what each output was restored from and with); a write that fails is a
     failure of the run, unless a full disk stopped the run already and is named."""
@@ -216,13 +227,14 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | Restorer | Non
     if progress:
         print(settings_line(restorer, settings), file=sys.stderr)
     entries: list[dict] = []
-    it = paths
+    log = io.OutputLog(out)
+    todo = _to_do(paths, targets, log, overwrite, report)
+    it = todo
     if progress:
-        it = tqdm(paths, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
+        it = tqdm(todo, desc="restore", unit="img", file=sys.stderr, dynamic_ncols=True)
     s = restorer.image_size
     warned = False
     pending: list[tuple[Path, io.LoadedImage]] = []  # aligned faces waiting for a full batch
-    log = io.OutputLog(out)
 
     def write(target: Path, img: io.LoadedImage, restored: torch.Tensor) -> None:
         h, w = img.rgb.shape[1:]
@@ -247,9 +259,6 @@ def restore_files(inputs: Sequence[str], checkpoint: str | Path | Restorer | Non
     try:
         for p in it:
             target = targets[p]
-            if not overwrite and log.complete(target):
-                report.skipped.append(p)
-                continue
             if video.is_video(p):  # every frame through the same path, the other streams copied
                 frames = tile_frames(restorer, finish, upscale, quality, alpha, fidelity)
                 if _clip(p, target, frames, upscale, crf, max_frames, report, progress, restorer.batch_size, log):
@@ -486,18 +495,17 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | Restorer 
     entries: list[dict] = [{"input": m, "error": "no such file, folder or matching image"} for m in missing]
     n_faces = n_without = 0
     start = time.perf_counter()
-    it = paths
+    log = io.OutputLog(out)
+    todo = _to_do(paths, targets, log, overwrite, report)
+    entries += [{"input": str(p), "output": str(targets[p]), "skipped": "output exists (--overwrite replaces it)"}
+                for p in report.skipped]
+    it = todo
     bar = None
     if progress:
-        it = bar = tqdm(paths, desc="restore", unit="photo", file=sys.stderr, dynamic_ncols=True)
-    log = io.OutputLog(out)
+        it = bar = tqdm(todo, desc="restore", unit="photo", file=sys.stderr, dynamic_ncols=True)
     try:
         for p in it:
             target = targets[p]
-            if not overwrite and log.complete(target):
-                report.skipped.append(p)
-                entries.append({"input": str(p), "output": str(target), "skipped": "output exists (--overwrite replaces it)"})
-                continue
             if video.is_video(p):  # each frame through the photo path, the faces tracked across frames
                 tracker = _tracker(p, face_detector, detect_every, smooth)
                 per_frame: list[int] = []  # faces restored in each frame, in order
