@@ -67,11 +67,11 @@ def test_auto_means_bf16_only_where_the_cpu_has_it(monkeypatch):
 # CPUs as /proc/cpuinfo names them: (flags, the engine `auto` gives, its dtype, the reason it prints).
 CPUS = {
     "avx512-bf16": ({"sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16"}, engines.MixedEngine,
-                    "bfloat16", "native bf16, avx512_bf16"),
+                    "bfloat16", "this CPU computes in bf16 natively (avx512_bf16)"),
     "avx2-only": ({"sse4_2", "avx", "avx2", "fma", "f16c"}, engines.MixedEngine, "float32",
-                  "this CPU has no native bf16: avx2 fma f16c"),
+                  "this CPU has no native bf16 (avx2 fma f16c)"),
     "sse-only": ({"sse2", "ssse3", "sse4_1", "sse4_2"}, engines.TorchEngine, "float32",
-                 "this CPU has no native bf16: sse4_2; no AVX2 with FMA: the exact network"),
+                 "this CPU has no native bf16 (sse4_2); without AVX2 and FMA the faster path is slower here, so the network runs as trained"),
 }
 
 
@@ -92,7 +92,8 @@ def test_auto_takes_the_fastest_path_each_cpu_has(cpu_name, monkeypatch):
     unet = DescribedModel(model=nn.Conv2d(3, 3, 3, padding=1), kind="unet", size_multiple=1, call="image")
     plain = engines.make_engine(unet, cpu, "auto")
     assert type(plain) is engines.TorchEngine and plain.dtype == "float32"
-    assert plain.auto_reason.endswith("; the fast path does not know this unet model's parts")
+    assert plain.auto_reason.endswith("; the faster path is built for IQPIR and CodeFormer networks, so this unet model "
+                                      "runs as trained")
 
 
 def test_the_float32_fast_path_is_the_network_up_to_rounding():

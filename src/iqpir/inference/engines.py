@@ -505,14 +505,14 @@ def auto_reason(device: torch.device, described: DescribedModel, engine: Engine)
     flags = devices.cpu_flags()
     if cpu_has_native_bf16():
         found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-        why = "native bf16, "
+        why = "this CPU computes in bf16 natively"
     else:
         found = ([f for f in ("avx512f", "avx2", "fma", "f16c") if f in flags]
                  or [f for f in ("avx", "sse4_2") if f in flags])
-        why = "this CPU has no native bf16: "
-    why += " ".join(found) or str(torch.backends.cpu.get_cpu_capability()).lower()
+        why = "this CPU has no native bf16"
+    why += f" ({' '.join(found) or str(torch.backends.cpu.get_cpu_capability()).lower()})"
     if not described.bf16:
-        why += f"; the fast path does not know this {described.kind} model's parts"
+        why += f"; the faster path is built for IQPIR and CodeFormer networks, so this {described.kind} model runs as trained"
     elif type(engine) is TorchEngine and engine.dtype == "float32":
-        why += "; no AVX2 with FMA: the exact network"
+        why += "; without AVX2 and FMA the faster path is slower here, so the network runs as trained"
     return why
