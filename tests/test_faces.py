@@ -461,6 +461,7 @@ def test_cli_restores_faces_and_writes_a_report(tmp_path, face_checkpoint, capsy
     assert rc == 0
     err = capsys.readouterr().err
     assert "3 photos, 2 faces restored, 1 without faces" in err
+    assert "--bg-checkpoint default restores the background" in err  # the seam a Lanczos background gives
     entries = {e["input"].rsplit("/", 1)[-1]: e for e in json.loads((out / "restore.json").read_text())}
     assert set(entries) == {"astronaut.png", "coffee.png", "grace.jpg"}
     for e in entries.values():

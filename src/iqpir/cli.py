@@ -354,7 +354,8 @@ def _add_restore_faces(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-faces", action="store_true", help="also write the aligned and restored crops to OUT/faces/")
     g.add_argument("--draw-box", action="store_true", help="draw the face boxes and landmarks on the output")
     g.add_argument("--bg-checkpoint", default=None,
-                   help="a general model that restores the rest of the photo through tiles (default: kept as is)")
+                   help="a general model that restores the rest of the photo through tiles ('default': the "
+                        "packaged model; without it the rest is kept as is, enlarged with Lanczos at --upscale > 1)")
     g.add_argument("--bg-upsampler", default=None, metavar="FILE",
                    help="an image model spandrel loads (Real-ESRGAN, SwinIR, HAT, ... .pth or .safetensors; extra "
                         "upscale) that restores and upscales the rest of the photo to --upscale; without --faces, "

@@ -491,6 +491,11 @@ def restore_face_files(inputs: Sequence[str], checkpoint: str | Path | Restorer 
     if bg_checkpoint is not None:
         background = background_fn(load(bg_checkpoint, device=device, dtype=dtype, batch_size=batch_size),
                                    int(upscale), quality)
+    elif background is None and int(upscale) > 1 and progress:
+        print(f"iqpir restore: the photos are enlarged {int(upscale)}x around the restored faces as they are "
+              "(Lanczos), JPEG blocks and noise included, so the faces may look sharper than what surrounds "
+              "them; --bg-checkpoint default restores the background with the packaged model first, "
+              "--bg-upsampler FILE with an upscaler", file=sys.stderr)
     face_detector = get_detector(detector)
     entries: list[dict] = [{"input": m, "error": "no such file, folder or matching image"} for m in missing]
     n_faces = n_without = 0
