@@ -160,7 +160,7 @@ def run_demo(out: str | Path = "demo-output", seed: int = 0, quick: bool = False
         trained = None
         from iqpir.training.default_model import EVAL_DEGRADATION, bfr_config
 
-        degradation = bfr_config(**EVAL_DEGRADATION)  # the default model's evaluation (issue 21)
+        degradation = bfr_config(**EVAL_DEGRADATION)  # the default model's evaluation
         restorer = load(None, device="cpu", dtype="float32")
         fidelity = 0.0
     _log("restoring the held-out images")

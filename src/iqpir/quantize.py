@@ -1,4 +1,4 @@
-"""int8 graphs: post-training quantisation of an exported model's convolutions (issue 24).
+"""int8 graphs: post-training quantisation of an exported model's convolutions.
 
 `quantize_graph` takes a float32 OpenVINO graph written by `iqpir.export` and writes an int8
 one: NNCF (`nncf.quantize`) calibrates the inputs of every convolution (encoder, decoder, CFT
@@ -50,7 +50,7 @@ from iqpir.inference.files import METADATA_KEY, DescribedModel, ExportedGraph, c
 # Bump when the calibration images, the quantised operations or NNCF's settings change: every
 # cached graph made by another recipe is then stale.
 RECIPE = 2
-# The fidelity an int8 graph must keep against the float32 graph (issue 24): for a network with
+# The fidelity an int8 graph must keep against the float32 graph: for a network with
 # codes, the share of code tokens equal to float32's (a flipped code redraws its region of the
 # image, so the PSNR of such networks is reported, not barred: the bf16 path's is 20-30 dB on the
 # fixtures); for one without (the default model), the PSNR of the restored images (dB). Below its

@@ -1,4 +1,4 @@
-"""Faces in whole photos: detection backends, 5-point alignment, paste-back (issue 12).
+"""Faces in whole photos: detection backends, 5-point alignment, paste-back.
 
 `import iqpir.faces` loads no optional dependency: dlib (extra `faces`) and facexlib are
 imported when a detector is built.

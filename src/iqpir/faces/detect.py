@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 # Where five landmarks go in a 512x512 aligned face: the templates of the face-restoration
-# tools (facexlib's FaceRestoreHelper, used by GFPGAN and CodeFormer), numbers from issue 12.
+# tools (facexlib's FaceRestoreHelper, used by GFPGAN and CodeFormer).
 # RetinaFace-style points: eye centres (image left, image right), nose tip, mouth corners.
 TEMPLATE_RETINAFACE_512 = np.array([
     [192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],

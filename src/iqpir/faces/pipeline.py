@@ -1,4 +1,4 @@
-"""Whole-photo face restoration: detect, align, restore, paste back (issue 12).
+"""Whole-photo face restoration: detect, align, restore, paste back.
 
     from iqpir.faces import restore_photo
     restorer = iqpir.load("runs/faces")

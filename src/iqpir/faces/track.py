@@ -1,4 +1,4 @@
-"""Faces across the frames of a clip (issue 22): tracks, smoothed landmarks, detection on a stride.
+"""Faces across the frames of a clip: tracks, smoothed landmarks, detection on a stride.
 
     detector = TrackingDetector(get_detector("hog+cnn"), stride=3, smooth=True, rate=25)
     for frame in frames:

@@ -37,7 +37,7 @@ FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif"}
 
 @dataclass(frozen=True)
 class Finish:
-    """What happens between the model's output and the file (issue 23).
+    """What happens between the model's output and the file.
 
     blend: W in [0, 1]: the output is W * restored + (1 - W) * input (inside the pasted face
         regions with --faces; the whole image otherwise). 1 = the restoration as it is. None: not
@@ -373,7 +373,7 @@ def restore_aligned_batch(restorer: Restorer, images: Sequence[torch.Tensor], qu
     return [resize(out, tuple(image.shape[1:]), antialias=True) for image, out in zip(images, outs)]
 
 # --------------------------------------------------------------------------------------
-# Whole photos with faces (issue 12): detect, align, restore, paste back
+# Whole photos with faces: detect, align, restore, paste back
 # --------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Videos: frames in, restored frames out, everything else copied (issue 22).
+"""Videos: frames in, restored frames out, everything else copied.
 
     restore_video(src, dst, restore_frame)     # `iqpir restore clip.mp4 --out OUT/`
 

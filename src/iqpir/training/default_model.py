@@ -86,7 +86,7 @@ SIDES = (1024, 512)  # each photo is resized (antialiased) to these long sides b
 # Ground-truth quality levels (blur sigma, downsampling, noise sigma /255, JPEG quality); level 0 is clean.
 GT_LEVELS = ((1.0, 1.0, 3.0, 75), (1.8, 2.0, 6.0, 50), (2.8, 3.0, 10.0, 30))
 LEVEL_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # how often each level is the target (the clean one most)
-# The evaluation's (issue 21): the default model's card, benchmarks/default_model.py and `make demo`.
+# The evaluation's: the default model's card, benchmarks/default_model.py and `make demo`.
 EVAL_DEGRADATION = {"kernel_size": 21, "blur_sigma": [1.0, 3.0], "downsample": [2.0, 4.0], "noise": [0.0, 10.0],
                     "jpeg_quality": [50, 80]}
 METRICS = ("niqe", "piqe")
