@@ -10,8 +10,8 @@ install: $(STAMP)
 
 # Re-installs when pyproject.toml changes; the editable install keeps src/ live.
 $(STAMP): pyproject.toml
-	@echo "make: installing iqpir with its dev and demo extras into $(VENV) (PyTorch, the face detectors, ONNX"
-	@echo "      Runtime, OpenVINO, scikit-image: about 1.5 GB; a few minutes on a fresh machine)"
+	@echo "make: installing iqpir with its dev and demo extras into $(VENV) (PyTorch with its CUDA libraries, the"
+	@echo "      face detectors, ONNX Runtime, OpenVINO, NNCF, scikit-image: 6.6 GB; a few minutes on a fresh machine)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,demo]'

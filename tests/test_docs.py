@@ -1,4 +1,5 @@
-"""The README as a new user reads it: its commands parse, its paths exist, its extras exist."""
+"""The README (and docs/usage.md, its long form) as a new user reads them: the commands parse, the
+paths and extras exist, the README fits a newcomer's sitting, and its quick start runs as written."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from iqpir.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = README + (ROOT / "docs" / "usage.md").read_text()
 
 
 def _commands() -> list[list[str]]:
     """Every `iqpir ...` command in the README's bash blocks, continuation lines joined."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", DOCS, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("#", 1)[0].strip()
             words = shlex.split(line)
@@ -34,7 +36,35 @@ COMMANDS = _commands()
 def test_the_readme_has_commands_to_check():
     assert len(COMMANDS) >= 15
     assert ["restore", "photo.jpg", "--out", "restored/"] in COMMANDS  # the first example: the packaged model
-    assert ["demo", "--train", "--quick", "--out", "demo-quick"] in COMMANDS
+    assert ["restore", "photo.jpg", "--out", "restored-s05/", "--quality", "0.5"] in COMMANDS
+
+
+def test_the_readme_is_a_newcomers_page():
+    """What it does, install, run, test and the main jobs on one page; the rest in docs/."""
+    assert len(README.splitlines()) <= 250
+    assert "make demo" in README and "make test" in README
+
+
+def test_the_quick_start_runs_as_written_twice(tmp_path, monkeypatch, capsys):
+    """Its commands in a fresh folder: the photo line, then both restores; run again, each restore
+    skips what the first run finished (nothing is skipped the first time)."""
+    import subprocess
+    import sys
+
+    from iqpir.cli import main
+
+    block = re.search(r"## Quick start\n\n```bash\n(.*?)```", README, re.S).group(1)
+    lines = [line.split("  #", 1)[0].strip() for line in block.splitlines()]
+    python = [line for line in lines if line.startswith(".venv/bin/python -c ")]
+    restores = [shlex.split(line)[1:] for line in lines if line.startswith(".venv/bin/iqpir restore ")]
+    assert len(python) == 1 and len(restores) == 2
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, *shlex.split(python[0])[1:]], check=True)
+    for attempt, want in enumerate(("1 restored, 0 skipped", "0 restored, 1 skipped")):
+        for argv in restores:
+            assert main([*argv, "--device", "cpu"]) == 0, (attempt, argv)
+            assert want in capsys.readouterr().err, (attempt, argv)
+    assert all(Path(argv[argv.index("--out") + 1], "photo.jpg").is_file() for argv in restores)
 
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
@@ -43,7 +73,7 @@ def test_every_readme_command_parses(argv):
 
 
 def test_every_source_path_in_the_readme_exists():
-    paths = re.findall(r"`((?:src/)?iqpir/[\w/.]*)`", README)
+    paths = re.findall(r"`((?:src/)?iqpir/[\w/.]*)`", DOCS)
     assert paths
     for p in paths:
         assert p.startswith("src/"), f"{p}: the package lives under src/"
@@ -53,7 +83,7 @@ def test_every_source_path_in_the_readme_exists():
 def test_every_extra_the_readme_names_exists():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    named = set(re.findall(r"iqpir\[(\w+)\]", README))
+    named = set(re.findall(r"iqpir\[(\w+)\]", DOCS))
     assert {"fid", "perceptual", "iqa"} <= named
     assert named <= set(extras), named - set(extras)
     assert any(d.startswith("torch-fidelity") for d in extras["fid"])

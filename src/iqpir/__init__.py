@@ -9,7 +9,7 @@ inside the functions that need them.
 
 __version__ = "0.2.0"
 
-__all__ = ["Restorer", "__version__", "load", "load_restorer"]
+__all__ = ["Restorer", "__version__", "load", "load_restorer", "model_info"]
 
 
 def __getattr__(name: str):
@@ -18,4 +18,8 @@ def __getattr__(name: str):
         from iqpir import inference
 
         return getattr(inference, name)
+    if name == "model_info":
+        from iqpir.inference.loader import model_info
+
+        return model_info
     raise AttributeError(f"module 'iqpir' has no attribute {name!r}")

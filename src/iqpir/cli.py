@@ -742,8 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     # OpenMP threads that wait sleep instead of spinning (before torch loads libgomp; an explicit
-    # OMP_WAIT_POLICY wins). benchmarks/bench_busy.py, 768-px restore on 2 cores: beside a busy
-    # process 2.93 s sleeping against 3.48 s spinning; idle 2.57 s against 2.51 s (README).
+    # OMP_WAIT_POLICY wins): on a shared machine spinning threads wait out a scheduler slice
+    # (docs/performance.md, "A busy machine": benchmarks/bench_busy.py).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     if args.command in ("train", "restore", "demo", "score", "evaluate", "export"):

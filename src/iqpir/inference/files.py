@@ -479,5 +479,5 @@ def describe(path: str | Path | None = None, use_ema: bool = True, restoring: bo
                 _refuse_stage1(described, path)
             return described
     raise FileNotFoundError(f"--checkpoint {path}: no such run folder or checkpoint file (released IQPIR/CodeFormer "
-                            "weights: see the README's 'Use the published weights'; without --checkpoint the "
+                            "weights: see docs/usage.md, 'Use the published weights'; without --checkpoint the "
                             "packaged default model restores)")
