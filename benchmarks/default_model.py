@@ -11,8 +11,9 @@ sigma 1-3, 2-4x down-sampling, noise <= 10/255, JPEG 50-80) and `iqpir degrade`'
 preset. Every restorer goes through `iqpir.load_restorer` (no path: the packaged model) at float32.
 Prints one Markdown table per degradation: PSNR / SSIM at S = 1 and the judge's quality (mean of
 fixed-normalised NIQE and PIQE) at S = 0, 0.5, 1, its raw NIQE and PIQE, and the detail (mean
-|Laplacian| of the luma over the clean reference's); with --speed, seconds per megapixel at `auto`.
-For IQPIR checkpoints it also restores with AdaIN on and off (issue 21: which is right per model).
+|Laplacian| of the luma over the clean reference's); then the clean photos restored as they are at
+S = 0, 0.3, 0.5, 1 (PSNR to the input); with --speed, seconds per megapixel at `auto`.
+For IQPIR checkpoints it also restores with AdaIN on and off (which is right per model).
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def scores(restore, refs: dict, lqs: dict, judge) -> dict:
     return {"psnr": mean[1.0][0], "ssim": mean[1.0][1], **{f"q{s:g}": mean[s][2] for s in SWEEP},
             **{f"niqe{s:g}": mean[s][3] for s in SWEEP}, **{f"piqe{s:g}": mean[s][4] for s in SWEEP},
             **{f"detail{s:g}": mean[s][5] for s in SWEEP}}
+
+
+CLEAN_SWEEP = (0.0, 0.3, 0.5, 1.0)
+
+
+def clean_scores(restore, refs: dict) -> dict:
+    """The clean held-out photos themselves restored at each S: PSNR to the input (an input already
+    better than S should come back as it is)."""
+    from iqpir.metrics import psnr
+
+    return {s: sum(float(psnr(restore(ref[None], s).clamp(0, 1), ref[None])) for ref in refs.values()) / len(refs)
+            for s in CLEAN_SWEEP}
 
 
 def input_scores(refs: dict, lqs: dict, judge) -> dict:
@@ -141,6 +154,16 @@ def main() -> None:
             det = " / ".join(f"{r[f'detail{s:g}']:.2f}" for s in SWEEP)
             print(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['q0']:.4f} | {r['q0.5']:.4f} | {r['q1']:.4f} | "
                   f"{niqe} | {piqe} | {det} |", flush=True)
+    print(f"\n### clean inputs ({len(refs)} held-out photos, undegraded): PSNR to the input\n")
+    print("| restorer | " + " | ".join(f"S={s:g}" for s in CLEAN_SWEEP) + " |")
+    print("|---|" + "---:|" * len(CLEAN_SWEEP))
+    for name, restorer, kw in arms:
+        if not restorer.supports_quality:
+            continue
+        with torch.no_grad():
+            c = clean_scores(lambda x, s, r=restorer, kw=kw: r.restore(x, quality=s, **kw), refs)
+        results.setdefault("clean", {})[name] = c
+        print(f"| {name} | " + " | ".join(f"{c[s]:.2f}" for s in CLEAN_SWEEP) + " |", flush=True)
     print(f"\nclean references: NIQE {refs_row['reference (clean)']['niqe']:.2f}, "
           f"PIQE {refs_row['reference (clean)']['piqe']:.1f} (lower is better)")
     if args.speed:
