@@ -87,3 +87,31 @@ def test_every_extra_the_readme_names_exists():
     assert {"fid", "perceptual", "iqa"} <= named
     assert named <= set(extras), named - set(extras)
     assert any(d.startswith("torch-fidelity") for d in extras["fid"])
+
+
+def test_make_test_finds_or_installs_chromium_itself():
+    """A fresh machine: `make test` (not only .ci/run) runs the step that finds or installs the
+    browser test's Chromium, and .ci/run is `make test`."""
+    makefile = (ROOT / "Makefile").read_text()
+    test_rule = re.search(r"^test: (.*)$", makefile, re.M).group(1).split()
+    assert "chromium" in test_rule
+    assert re.search(r"^chromium:\n\t@?bash tools/ensure_chromium.sh$", makefile, re.M)
+    script = (ROOT / "tools" / "ensure_chromium.sh").read_text()
+    assert "apt-get install" in script and "IQPIR_CHROMIUM" in script
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_benchmarks_default_photos_are_in_the_wheels():
+    """bench_paths with no arguments reads photos that scikit-image's wheel holds (no pooch download)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_paths
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    try:
+        images = bench_paths.photos(None, 8)
+    except pytest.skip.Exception as exc:  # scikit-image skips the test where it would download
+        pytest.fail(f"a default photo of bench_paths is not in the wheel: {exc}")
+    assert len(images) == len(bench_paths.HELD_OUT) and all(x.shape[-1] % 8 == 0 for x in images)
