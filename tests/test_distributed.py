@@ -23,6 +23,10 @@ from iqpir import config as C
 from iqpir.training import distributed as D
 from iqpir.training.loop import train
 
+# Two spawned processes and four training runs (about 6 s idle, 12 s on a busy machine): with the
+# slow tests (`make test-all`, and `make mutants`, whose DDP plants run them by name).
+pytestmark = pytest.mark.slow
+
 
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]

@@ -193,6 +193,7 @@ def test_torchrun_restore_two_processes_write_what_one_does(tmp_path):
     assert all((tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes() for n in one)
 
 
+@pytest.mark.slow  # a real 2-process torchrun job: seconds of process start-up
 def test_torchrun_score_merges_into_the_one_process_table(tmp_path):
     src = tmp_path / "in"
     n = len(_images(src))
@@ -233,6 +234,7 @@ def test_torchrun_a_rank_with_a_bad_file_names_it_the_other_finishes_and_a_rerun
     _same_table(tmp_path / "one.csv", tmp_path / "two.csv")
 
 
+@pytest.mark.slow  # a real 2-process torchrun job: seconds of process start-up
 def test_torchrun_restore_a_rank_with_a_bad_file_names_it_and_the_other_finishes(tmp_path):
     unet, _ = tiny_file(tmp_path)
     src = tmp_path / "in"
