@@ -424,3 +424,22 @@ def test_exif_icc_and_xmp_travel_to_the_output_with_the_orientation_reset(run_di
                 assert (got[0x010F], got[0x0110]) == ("Camera maker", "Model 1")
                 assert got.get_ifd(0x8769)[0x9003] == "2019:07:01 12:00:00"
                 assert img.info.get("xmp") == xmp
+
+
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, capsys):
+    """A checkpoint whose weights hold NaN (a diverged run, a damaged file) is refused in one line
+    naming the tensor, before any output: it would write black photos and report them done."""
+    cfg = C.load(preset="tiny", overrides=[*SMALL_MODEL, "train.stage=2"])
+    model = build_restorer(cfg.model)
+    state = model.state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 4)
+    state[name] = state[name].clone()
+    state[name].view(-1)[3] = float("nan")
+    run = tmp_path / "run"
+    ckpt.save_checkpoint(ckpt.checkpoint_stem(run, 1), {"model": state},
+                         {"config": C.to_dict(cfg), "step": 1, "arch": "restorer"})
+    _photo(tmp_path / "in" / "a.png", 0)
+    assert _restore(run, str(tmp_path / "in"), "--out", str(tmp_path / "out")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and repr(name) in err[0] and "NaN" in err[0], err
+    assert not (tmp_path / "out").exists() or _files(tmp_path / "out") == []

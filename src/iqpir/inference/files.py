@@ -458,6 +458,18 @@ DETECTORS: dict[str, Detector] = {
 }
 
 
+def _refuse_non_finite(described: DescribedModel, path: str | Path) -> None:
+    """A torch network with a NaN or infinite weight is refused, naming the tensor: it would
+    restore every photo black (or as NaN) and report it done."""
+    if not isinstance(described.model, nn.Module):
+        return  # a graph: its outputs are checked per file (Restorer)
+    for name, tensor in described.model.state_dict().items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            bad = int((~tensor.isfinite()).sum())
+            raise ValueError(f"{path}: the weight {name!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                             "the file is damaged or its training diverged")
+
+
 def describe(path: str | Path | None = None, use_ema: bool = True, restoring: bool = True) -> DescribedModel:
     """What `path` holds, read once and described (see DETECTORS for what is recognised); None or
     "default": the packaged default model (iqpir/weights).
@@ -477,6 +489,7 @@ def describe(path: str | Path | None = None, use_ema: bool = True, restoring: bo
             described = describe_one(path, use_ema)
             if restoring:
                 _refuse_stage1(described, path)
+            _refuse_non_finite(described, path)
             return described
     raise FileNotFoundError(f"--checkpoint {path}: no such run folder or checkpoint file (released IQPIR/CodeFormer "
                             "weights: see docs/usage.md, 'Use the published weights'; without --checkpoint the "
