@@ -458,6 +458,33 @@ DETECTORS: dict[str, Detector] = {
 }
 
 
+def _read(describe_one: Callable, path: str | Path, use_ema: bool) -> Any:
+    """describe_one(path, use_ema), with what a damaged or unreadable file raises in the readers
+    (safetensors, protobuf, OpenVINO, JSON metadata, a missing key) turned into one line naming
+    the file; our own refusals (ValueError, FileNotFoundError, ImportError) pass as they are."""
+    try:
+        return describe_one(path, use_ema)
+    except PermissionError as exc:
+        raise ValueError(f"{path}: permission denied ({exc.filename or path})") from exc
+    except (FileNotFoundError, ImportError, TypeError, AttributeError, NameError):
+        raise
+    except ValueError as exc:
+        if str(path) in str(exc) or Path(path).name in str(exc):
+            raise
+        raise ValueError(f"{path}: cannot read this model file ({_first_line(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - each reader raises its own kind for a damaged file
+        raise ValueError(f"{path}: cannot read this model file: it is cut short or damaged "
+                         f"({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """The line of an exception's text that says what is wrong (OpenVINO's first lines name its
+    own source file)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    said = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
+    return (said or lines or [type(exc).__name__])[0]
+
+
 def _refuse_non_finite(described: DescribedModel, path: str | Path) -> None:
     """A torch network with a NaN or infinite weight is refused, naming the tensor: it would
     restore every photo black (or as NaN) and report it done."""
@@ -485,8 +512,8 @@ def describe(path: str | Path | None = None, use_ema: bool = True, restoring: bo
                                     "or give --checkpoint")
         path = DEFAULT_WEIGHTS
     for recognises, describe_one in DETECTORS.values():
-        if recognises(path):
-            described = describe_one(path, use_ema)
+        if _read(lambda p, _: recognises(p), path, use_ema):
+            described = _read(describe_one, path, use_ema)
             if restoring:
                 _refuse_stage1(described, path)
             _refuse_non_finite(described, path)
