@@ -105,6 +105,38 @@ def seconds_per_megapixel(restorer, side: int = 1024, repeats: int = 2) -> float
     return min(times) / (side * side / 1e6)
 
 
+def write_strip(path: Path, arms: list, refs: dict, lqs: dict, name: str, height: int = 192) -> None:
+    """Rows per restorer: a degraded photo and the same photo clean, each as input | S=0 | S=0.5 | S=1."""
+    from PIL import Image, ImageDraw
+
+    from iqpir import io
+
+    def cell(x: torch.Tensor) -> Image.Image:
+        img = io.to_pil(x.clamp(0, 1))
+        return img.resize((round(img.width * height / img.height), height), Image.LANCZOS)
+
+    rows = []
+    for label, restorer, kw in arms:
+        for kind, x in (("degraded", lqs[name]), ("clean", refs[name])):
+            with torch.no_grad():
+                cells = [cell(x)] + [cell(restorer.restore(x, quality=s, **kw)) for s in SWEEP]
+            row = Image.new("RGB", (sum(c.width for c in cells) + 4 * len(cells), height + 18), "white")
+            draw = ImageDraw.Draw(row)
+            for i, c in enumerate(cells):
+                row.paste(c, (i * (c.width + 4), 18))
+                draw.text((i * (c.width + 4) + 2, 3), f"{kind} input" if i == 0 else f"S = {SWEEP[i - 1]:g}",
+                          fill="black")
+            draw.text((row.width - 6 * len(label) - 4, 3), label, fill="black")
+            rows.append(row)
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 6 for r in rows)), "white")
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height + 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, quality=90)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="the recipe's work folder (held-out photos)")
@@ -113,6 +145,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--speed", action="store_true", help="also time a 1024x1024 restore at dtype auto")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    p.add_argument("--strip", type=Path, default=None,
+                   help="also write a picture: per restorer, a degraded and a clean photo at S = 0, 0.5, 1")
+    p.add_argument("--strip-photo", default="astronaut", help="the held-out photo of the strip")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from iqpir.inference import load
@@ -123,8 +158,7 @@ def main() -> None:
     refs = dm.held_out(args.work)
     sets = {"moderate": dm.degraded_held_out(args.work, refs), "heavy": dm.heavy_held_out(args.work, refs)}
     refs_row = {"reference (clean)": {k: v[0] for k, v in _mean_raw(judge, refs.values()).items()}}
-    arms: list[tuple[str, object, dict]] = [("default model (packaged)", load(None, device="cpu",
-                                                                                      dtype="float32"), {})]
+    arms: list[tuple[str, object, dict]] = [("packaged", load(None, device="cpu", dtype="float32"), {})]
     for ckpt in args.checkpoint:
         r = load(ckpt, device="cpu", dtype="float32")
         kw = {"fidelity": args.fidelity} if r.supports_fidelity else {}
@@ -166,6 +200,9 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(f"{c[s]:.2f}" for s in CLEAN_SWEEP) + " |", flush=True)
     print(f"\nclean references: NIQE {refs_row['reference (clean)']['niqe']:.2f}, "
           f"PIQE {refs_row['reference (clean)']['piqe']:.1f} (lower is better)")
+    if args.strip:
+        write_strip(args.strip, [a for a in arms if a[1].supports_quality], refs, sets["moderate"], args.strip_photo)
+        print(f"\nstrip: {args.strip}")
     if args.speed:
         r = load(None, device="cpu", dtype="auto")
         spm = seconds_per_megapixel(r)
