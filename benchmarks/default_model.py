@@ -124,9 +124,8 @@ def write_strip(path: Path, arms: list, refs: dict, lqs: dict, name: str, height
             draw = ImageDraw.Draw(row)
             for i, c in enumerate(cells):
                 row.paste(c, (i * (c.width + 4), 18))
-                draw.text((i * (c.width + 4) + 2, 3), f"{kind} input" if i == 0 else f"S = {SWEEP[i - 1]:g}",
+                draw.text((i * (c.width + 4) + 2, 3), f"{label}: {kind} input" if i == 0 else f"S = {SWEEP[i - 1]:g}",
                           fill="black")
-            draw.text((row.width - 6 * len(label) - 4, 3), label, fill="black")
             rows.append(row)
     sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 6 for r in rows)), "white")
     y = 0
@@ -162,7 +161,7 @@ def main() -> None:
     for ckpt in args.checkpoint:
         r = load(ckpt, device="cpu", dtype="float32")
         kw = {"fidelity": args.fidelity} if r.supports_fidelity else {}
-        arms.append((f"{ckpt}", r, kw))
+        arms.append((f"{Path(ckpt).parent.name or ckpt}/{Path(ckpt).name}", r, kw))
         if r.model is not None and hasattr(r.model, "cfg") and hasattr(r.model.cfg, "adain"):
             other = load(ckpt, device="cpu", dtype="float32")
             other.model.cfg.adain = not other.model.cfg.adain

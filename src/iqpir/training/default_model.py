@@ -489,7 +489,8 @@ def _training_card(cfg: C.RunConfig, meta: dict, machine: str | None) -> dict:
             **{k: getattr(tc, k) for k in settings}, "steps": meta["step"], "scheduled_steps": tc.steps,
             "wall_s": round(elapsed.get("wall_s", 0.0)), "cpu_s": round(elapsed.get("cpu_s", 0.0)),
             "machine": machine or f"{cpu_name()}, {threads} torch thread(s)",
-            "train_degradation": asdict(cfg.data.degradation.bfr), "level_weights": list(LEVEL_WEIGHTS)}
+            "train_degradation": asdict(cfg.data.degradation.bfr), "level_weights": list(LEVEL_WEIGHTS),
+            "clean_inputs": cfg.data.clean_inputs}
 
 
 def _warm_start(work: Path, steps: int) -> dict:
