@@ -32,7 +32,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from iqpir.inference.files import METADATA_KEY, DescribedModel, ExportedGraph, describe, exports, require_extra
+from iqpir.inference.files import (
+    METADATA_KEY,
+    DescribedModel,
+    ExportedGraph,
+    describe,
+    exports,
+    openvino_from_onnx,
+    require_extra,
+)
 from iqpir.models.restorer import adaptive_instance_norm
 
 FORMATS = ("onnx", "openvino")
@@ -221,8 +229,6 @@ def _trace_onnx(graph: InferenceGraph, example: tuple, names: list[str], outputs
 
 def _onnx_to_openvino(onnx_path: Path, out: Path, metadata: dict) -> None:
     import openvino as ov
-
-    from iqpir.inference.files import openvino_from_onnx
 
     model = openvino_from_onnx(onnx_path)
     model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
