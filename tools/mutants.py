@@ -414,7 +414,10 @@ MUTANTS = [
            [T + "test_flag_matrix.py::test_every_option_on_every_path[batch-size-aligned]"],
            "--aligned restores one file per forward pass whatever --batch-size says"),
     Mutant("faces-center-dropped", "src/iqpir/inference/photos.py",
-           [("only_center_face=only_center_face, min_face=min_face", "only_center_face=False, min_face=min_face")],
+           [("                                              only_center_face=only_center_face, min_face=min_face,\n"
+             "                                              background=background,\n",
+             "                                              only_center_face=False, min_face=min_face,\n"
+             "                                              background=background,\n")],
            [T + "test_flag_matrix.py::test_every_option_on_every_path[only-center-face-faces]"],
            "--only-center-face parsed, then dropped on its way to the face pipeline"),
     Mutant("app-upscale-dropped", "src/iqpir/app.py",
@@ -557,7 +560,7 @@ MUTANTS = [
            [T + "test_knob_rule.py::test_the_same_restore_on_every_path"],
            "the CLI records a blend nobody gave as a flag"),
     Mutant("int8-python-refused", "src/iqpir/inference/loader.py",
-           [('    if dtype not in ("int8", "auto") or files.exports', '    if dtype != "auto" or files.exports')],
+           [('    if dtype != "int8" or files.exports', '    if dtype != "auto" or files.exports')],
            [T + "test_int8.py::test_int8_works_from_python_as_from_the_cli"],
            "iqpir.load(dtype='int8') raises (only the CLI knew how to make the int8 graph)"),
     Mutant("int8-fresh-graph-runs-float32", "src/iqpir/quantize.py",
