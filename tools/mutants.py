@@ -387,9 +387,10 @@ MUTANTS = [
            [T + "test_inference_defaults.py"],
            "the page's face path restores at w = 0 when the form leaves fidelity out"),
     Mutant("graph-w-forgotten", "src/iqpir/export.py",
-           [("default_fidelity=described.default_fidelity if fidelity else 0.0", "default_fidelity=0.0")],
+           [('trained={k: v for k, v in described.trained.items() if k != "fidelity" or fidelity})',
+             'trained={k: v for k, v in described.trained.items() if k != "fidelity"})')],
            [T + "test_inference_defaults.py"],
-           "an exported graph forgets the w its checkpoint was trained at"),
+           "an exported graph forgets the w its checkpoint was trained at (the knob rule reads `trained`)"),
     Mutant("metric-typo-imports-pyiqa", "src/iqpir/iqa/registry.py",
            [(("    if difflib.get_close_matches(base, [*BUILTIN_SCORERS, *known], n=1, cutoff=0.75):\n"
               "        raise unknown_metric_error(name, known)\n"), "")],
