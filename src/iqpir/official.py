@@ -38,9 +38,7 @@ from iqpir import models
 from iqpir.checkpoint import (
     checkpoint_stem,
     list_checkpoints,
-    load_checkpoint,
     read_pickled_tensors,
-    resolve_checkpoint,
     save_checkpoint,
 )
 from iqpir.io import atomic_write_text
